@@ -1,0 +1,41 @@
+# Finds the optional dependencies. Nothing here is downloaded: CUDA and NCCL come from the CUDA
+# toolkit on the machine, MPI from Debian's OpenMPI packages.
+find_package(Threads REQUIRED)
+
+set(FPDT_HAVE_CUDA OFF)
+if(FPDT_ENABLE_CUDA)
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    # Ampere and Hopper at least (DESIGN.md, issue "CUDA backend"); callers may override.
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)
+    endif()
+    if(NOT DEFINED CMAKE_CUDA_HOST_COMPILER)
+      set(CMAKE_CUDA_HOST_COMPILER "${CMAKE_CXX_COMPILER}")
+    endif()
+    enable_language(CUDA)
+    find_package(CUDAToolkit)
+    if(CUDAToolkit_FOUND)
+      set(FPDT_HAVE_CUDA ON)
+    endif()
+  endif()
+endif()
+
+set(FPDT_HAVE_MPI OFF)
+if(FPDT_ENABLE_MPI)
+  # fpdt uses MPI's C API from C++: the CXX component without the deprecated C++ bindings.
+  set(MPI_CXX_SKIP_MPICXX ON)
+  find_package(MPI COMPONENTS CXX)
+  if(MPI_CXX_FOUND)
+    set(FPDT_HAVE_MPI ON)
+  endif()
+endif()
+
+set(FPDT_HAVE_NCCL OFF)
+if(FPDT_ENABLE_NCCL AND FPDT_HAVE_CUDA)
+  find_package(NCCL)
+  if(NCCL_FOUND)
+    set(FPDT_HAVE_NCCL ON)
+  endif()
+endif()

@@ -1,0 +1,108 @@
+//! \file
+//! \brief `host::event`: a completion marker that host streams record and wait on.
+//!
+//! Semantics follow `cudaEvent_t`: `record` on a stream marks the point after the stream's work
+//! so far; a `wait` (by a stream or by the host) waits for the latest record made before the wait
+//! was issued; an event never recorded is complete. Because a wait only ever refers to a record
+//! issued earlier, FIFO streams ordered by events cannot deadlock.
+#pragma once
+
+#include "../../config.hpp"
+#include "../../core/status.hpp"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+
+FPDT_NAMESPACE_BEGIN
+
+namespace host {
+
+class stream;
+
+//! Copyable handle to an event; copies refer to the same event.
+class event {
+public:
+  //! A new event, never recorded (so already complete).
+  event() : state_(std::make_shared<state>()) {}
+
+  //! True when every record issued so far has completed (`cudaEventQuery` without the error).
+  [[nodiscard]] bool query() const {
+    std::lock_guard lock(state_->mutex);
+    return state_->pending.empty();
+  }
+
+  //! Blocks the calling thread until the latest record issued before this call has completed.
+  //! Returns the error the recording stream had when it reached the record, or ok.
+  [[nodiscard]] status synchronize() const { return wait_for(issued()); }
+
+  //! Seconds between the completions of `start`'s and `end`'s latest records (may be negative).
+  //! Errors: `errc::invalid_argument` when either has not completed a record.
+  [[nodiscard]] friend result<double> elapsed_seconds(event const& start, event const& end) {
+    auto const t0 = start.completion_time();
+    auto const t1 = end.completion_time();
+    if (!t0.ok() || !t1.ok())
+      return make_error(errc::invalid_argument,
+                        "elapsed_seconds: both events must have completed a record");
+    return std::chrono::duration<double>(*t1 - *t0).count();
+  }
+
+private:
+  friend class stream;
+  using clock = std::chrono::steady_clock;
+
+  struct state {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::uint64_t issued = 0;          // generation of the latest record issued
+    std::set<std::uint64_t> pending;   // generations issued but not completed
+    bool completed_once = false;
+    clock::time_point completed_at{};  // completion time of the latest completed record
+    status error;                      // error carried by the latest completed record
+  };
+
+  // Called by stream::record at issue time; returns the generation to complete later.
+  [[nodiscard]] std::uint64_t issue() const {
+    std::lock_guard lock(state_->mutex);
+    std::uint64_t const g = ++state_->issued;
+    state_->pending.insert(g);
+    return g;
+  }
+  // The generation a wait issued now must wait for (0: nothing to wait for).
+  [[nodiscard]] std::uint64_t issued() const {
+    std::lock_guard lock(state_->mutex);
+    return state_->issued;
+  }
+  void complete(std::uint64_t g, status const& error) const {
+    {
+      std::lock_guard lock(state_->mutex);
+      state_->pending.erase(g);
+      if (g == state_->issued || !state_->completed_once) {
+        state_->completed_at = clock::now();
+        state_->completed_once = true;
+      }
+      state_->error = error;
+    }
+    state_->cv.notify_all();
+  }
+  [[nodiscard]] status wait_for(std::uint64_t g) const {
+    if (g == 0) return {};
+    std::unique_lock lock(state_->mutex);
+    state_->cv.wait(lock, [&] { return state_->pending.count(g) == 0; });
+    return state_->error;
+  }
+  [[nodiscard]] result<clock::time_point> completion_time() const {
+    std::lock_guard lock(state_->mutex);
+    if (!state_->completed_once) return make_error(errc::invalid_argument, "event not completed");
+    return state_->completed_at;
+  }
+
+  std::shared_ptr<state> state_;
+};
+
+} // namespace host
+
+FPDT_NAMESPACE_END

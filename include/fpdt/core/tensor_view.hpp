@@ -1,0 +1,244 @@
+//! \file
+//! \brief `tensor_view<T, Rank>`: a non-owning strided view of rank 1 to 4, checked at creation.
+//!
+//! Extents and strides are in elements (not bytes). fpdt's attention tensors are written
+//! `[S, H, D]` (tokens, heads, head dimension), row-major by default, so the last index is the
+//! fastest-moving one. A view is built through `make_tensor_view` (checked: returns an error that
+//! names the offending extent, stride or capacity) or `contiguous_view` (row-major strides); once
+//! built it is a plain pointer plus two small arrays, trivially copyable into kernels.
+#pragma once
+
+#include "../config.hpp"
+#include "status.hpp"
+
+#include <array>
+#include <cassert>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+FPDT_NAMESPACE_BEGIN
+
+//! Signed index type of extents, strides and element offsets.
+using index_t = std::int64_t;
+
+//! Wildcard extent for `check_extents`: any extent is accepted in that dimension.
+inline constexpr index_t any_extent = -1;
+
+namespace detail {
+template <std::size_t Rank> std::string shape_string(std::array<index_t, Rank> const& a) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < Rank; ++i) {
+    if (i) s += ", ";
+    s += a[i] == any_extent ? std::string("*") : std::to_string(a[i]);
+  }
+  return s + "]";
+}
+} // namespace detail
+
+//! Non-owning view of `T` elements with `Rank` (1..4) extents and strides in elements.
+//!
+//! \tparam T element type (const-qualified for read-only views); `tensor_view<T, R>` converts
+//!           implicitly to `tensor_view<const T, R>`.
+//! \tparam Rank number of dimensions, 1 to 4.
+template <class T, std::size_t Rank> class tensor_view {
+  static_assert(Rank >= 1 && Rank <= 4, "fpdt::tensor_view supports ranks 1 to 4");
+
+public:
+  using element_type = T;                           //!< element type, possibly const
+  using extents_type = std::array<index_t, Rank>;   //!< extents, in elements per dimension
+  using strides_type = std::array<index_t, Rank>;   //!< strides, in elements per dimension
+  static constexpr std::size_t rank = Rank;         //!< number of dimensions
+
+  //! An empty view: null data, all extents 0.
+  constexpr tensor_view() noexcept = default;
+
+  //! Unchecked construction; prefer `make_tensor_view`, which validates the arguments.
+  FPDT_HOST_DEVICE constexpr tensor_view(T* data, extents_type const& extents,
+                                         strides_type const& strides) noexcept
+      : data_(data), extents_(extents), strides_(strides) {}
+
+  //! Read-only view of the same elements.
+  template <class U = T, class = std::enable_if_t<!std::is_const_v<U>>>
+  FPDT_HOST_DEVICE constexpr operator tensor_view<U const, Rank>() const noexcept {
+    return {data_, extents_, strides_};
+  }
+
+  //! Pointer to element (0, ..., 0).
+  FPDT_HOST_DEVICE constexpr T* data() const noexcept { return data_; }
+  //! Extent of dimension `d`, in elements.
+  FPDT_HOST_DEVICE constexpr index_t extent(std::size_t d) const noexcept { return extents_[d]; }
+  //! Stride of dimension `d`, in elements.
+  FPDT_HOST_DEVICE constexpr index_t stride(std::size_t d) const noexcept { return strides_[d]; }
+  //! All extents.
+  constexpr extents_type const& extents() const noexcept { return extents_; }
+  //! All strides.
+  constexpr strides_type const& strides() const noexcept { return strides_; }
+  //! Number of elements (product of extents).
+  FPDT_HOST_DEVICE constexpr index_t size() const noexcept {
+    index_t n = 1;
+    for (std::size_t d = 0; d < Rank; ++d) n *= extents_[d];
+    return n;
+  }
+  //! True when the view has no element.
+  FPDT_HOST_DEVICE constexpr bool empty() const noexcept { return size() == 0; }
+  //! Bytes the elements occupy if packed (size() * sizeof(T)).
+  constexpr std::size_t size_bytes() const noexcept {
+    return static_cast<std::size_t>(size()) * sizeof(T);
+  }
+  //! True when strides are the row-major strides of the extents (dimensions of extent 1 ignored).
+  constexpr bool is_contiguous() const noexcept {
+    index_t expect = 1;
+    for (std::size_t i = Rank; i-- > 0;) {
+      if (extents_[i] != 1 && strides_[i] != expect) return false;
+      expect *= extents_[i];
+    }
+    return true;
+  }
+
+  //! Element at the given indices (one per dimension); bounds asserted in debug builds.
+  template <class... I>
+    requires(sizeof...(I) == Rank && (std::is_integral_v<I> && ...))
+  FPDT_HOST_DEVICE constexpr T& operator()(I... idx) const noexcept {
+    index_t const i[Rank] = {static_cast<index_t>(idx)...};
+    index_t off = 0;
+    for (std::size_t d = 0; d < Rank; ++d) {
+      assert(i[d] >= 0 && i[d] < extents_[d] && "fpdt::tensor_view index out of bounds");
+      off += i[d] * strides_[d];
+    }
+    return data_[off];
+  }
+
+  //! Sub-view of indices [begin, end) along dimension `dim`, same rank.
+  //!
+  //! Errors: `errc::invalid_argument` naming dim, begin, end and the extent when
+  //! `dim >= Rank` or not `0 <= begin <= end <= extent(dim)`.
+  [[nodiscard]] result<tensor_view> slice(std::size_t dim, index_t begin, index_t end) const {
+    if (dim >= Rank)
+      return make_error(errc::invalid_argument, "tensor_view::slice: dim ", dim,
+                        " is out of range for rank ", Rank);
+    if (begin < 0 || begin > end || end > extents_[dim])
+      return make_error(errc::invalid_argument, "tensor_view::slice: range [", begin, ", ", end,
+                        ") of dim ", dim, " must satisfy 0 <= begin <= end <= extent ",
+                        extents_[dim]);
+    extents_type e = extents_;
+    e[dim] = end - begin;
+    T* p = (end > begin) ? data_ + begin * strides_[dim] : data_;
+    return tensor_view(p, e, strides_);
+  }
+
+private:
+  T* data_ = nullptr;
+  extents_type extents_{};
+  strides_type strides_{};
+};
+
+//! Row-major strides of `extents` (last dimension contiguous), in elements.
+template <std::size_t Rank>
+[[nodiscard]] constexpr std::array<index_t, Rank>
+row_major_strides(std::array<index_t, Rank> const& extents) noexcept {
+  std::array<index_t, Rank> s{};
+  index_t acc = 1;
+  for (std::size_t i = Rank; i-- > 0;) {
+    s[i] = acc;
+    acc *= extents[i] > 0 ? extents[i] : 1;
+  }
+  return s;
+}
+
+//! Builds a checked view of `data` with `extents` and `strides` (elements).
+//!
+//! \param data     first element; may be null only when some extent is 0.
+//! \param extents  extents per dimension, each >= 0.
+//! \param strides  strides per dimension, each >= 1 where the extent is > 1; the dimensions may
+//!                 be in any order of stride but must not overlap: taken by increasing stride,
+//!                 each stride must exceed the furthest offset reached by the dimensions before
+//!                 it (a view never aliases itself).
+//! \param capacity elements available from `data`, or -1 when unknown; when given, the furthest
+//!                 element the view reaches must lie below it.
+//! Errors: `errc::shape_mismatch` naming the dimension, extent, stride or capacity at fault.
+template <class T, std::size_t Rank>
+[[nodiscard]] result<tensor_view<T, Rank>>
+make_tensor_view(T* data, std::array<index_t, Rank> const& extents,
+                 std::array<index_t, Rank> const& strides, index_t capacity = -1) {
+  using detail::shape_string;
+  bool any_zero = false;
+  for (std::size_t d = 0; d < Rank; ++d) {
+    if (extents[d] < 0)
+      return make_error(errc::shape_mismatch, "tensor view with extents ", shape_string(extents),
+                        ": extent ", extents[d], " of dim ", d, " is negative");
+    any_zero = any_zero || extents[d] == 0;
+  }
+  if (any_zero) return tensor_view<T, Rank>(data, extents, strides);
+  if (data == nullptr)
+    return make_error(errc::shape_mismatch, "tensor view with extents ", shape_string(extents),
+                      " has a null data pointer");
+  // Sort the dimensions that matter (extent > 1) by stride, then require each to start past the
+  // end of the previous one: sufficient for no two index tuples to share an element.
+  std::array<std::size_t, Rank> order{};
+  std::size_t n = 0;
+  for (std::size_t d = 0; d < Rank; ++d) {
+    if (extents[d] == 1) continue;
+    if (strides[d] < 1)
+      return make_error(errc::shape_mismatch, "tensor view with extents ", shape_string(extents),
+                        " and strides ", shape_string(strides), ": stride ", strides[d],
+                        " of dim ", d, " (extent ", extents[d],
+                        ") must be >= 1 (zero or negative strides would alias or run backwards)");
+    order[n++] = d;
+  }
+  // Insertion sort of at most 4 entries (std::sort trips GCC 12's -Warray-bounds here).
+  for (std::size_t k = 1; k < n; ++k)
+    for (std::size_t m = k; m > 0 && strides[order[m]] < strides[order[m - 1]]; --m)
+      std::swap(order[m], order[m - 1]);
+  constexpr index_t max_index = std::numeric_limits<index_t>::max();
+  index_t reach = 0; // offset of the furthest element
+  for (std::size_t k = 0; k < n; ++k) {
+    std::size_t const d = order[k];
+    if (k > 0) {
+      std::size_t const p = order[k - 1];
+      if (strides[d] <= reach)
+        return make_error(errc::shape_mismatch, "tensor view with extents ",
+                          shape_string(extents), " and strides ", shape_string(strides),
+                          ": dim ", d, " (stride ", strides[d], ") overlaps dim ", p,
+                          " (extent ", extents[p], ", stride ", strides[p],
+                          "); each stride must exceed the furthest offset ", reach,
+                          " of the dimensions with smaller strides");
+    }
+    if (strides[d] > (max_index - reach) / (extents[d] - 1))
+      return make_error(errc::shape_mismatch, "tensor view with extents ", shape_string(extents),
+                        " and strides ", shape_string(strides), " overflows a 64-bit offset");
+    reach += (extents[d] - 1) * strides[d];
+  }
+  if (capacity >= 0 && reach >= capacity)
+    return make_error(errc::shape_mismatch, "tensor view with extents ", shape_string(extents),
+                      " and strides ", shape_string(strides), " reaches element ", reach,
+                      " but the buffer holds only ", capacity, " elements");
+  return tensor_view<T, Rank>(data, extents, strides);
+}
+
+//! Builds a checked row-major view of `data` with `extents`; `capacity` as in make_tensor_view.
+template <class T, std::size_t Rank>
+[[nodiscard]] result<tensor_view<T, Rank>>
+contiguous_view(T* data, std::array<index_t, Rank> const& extents, index_t capacity = -1) {
+  return make_tensor_view(data, extents, row_major_strides(extents), capacity);
+}
+
+//! Checks that `view` has the `expected` extents (`any_extent` matches anything).
+//!
+//! \param name the tensor's name in the message, e.g. "q".
+//! Errors: `errc::shape_mismatch`, e.g. "q: expected extents [8, 4, 2], got [8, 4, 3]".
+template <class T, std::size_t Rank>
+[[nodiscard]] status check_extents(tensor_view<T, Rank> const& view,
+                                   std::array<index_t, Rank> const& expected, char const* name) {
+  for (std::size_t d = 0; d < Rank; ++d)
+    if (expected[d] != any_extent && expected[d] != view.extent(d))
+      return make_error(errc::shape_mismatch, name, ": expected extents ",
+                        detail::shape_string(expected), ", got ",
+                        detail::shape_string(view.extents()));
+  return {};
+}
+
+FPDT_NAMESPACE_END

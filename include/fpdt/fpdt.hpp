@@ -1,0 +1,12 @@
+//! \file
+//! \brief Umbrella header: every host-safe fpdt header (compiles with any C++20 compiler).
+//!
+//! CUDA headers are gathered in `fpdt/fpdt.cuh`; MPI and NCCL headers are included on their own
+//! (`fpdt/comm/mpi/...`, `fpdt/comm/nccl/...`) since they need those libraries.
+#pragma once
+
+#include "config.hpp"
+#include "core/core.hpp"
+#include "memory/memory.hpp"
+#include "backend/backend.hpp"
+#include "backend/host/host.hpp"

@@ -1,0 +1,120 @@
+// Tests of include/fpdt/core/tensor_view.hpp: checked creation, indexing, slicing, shape checks.
+#include <fpdt/core/tensor_view.hpp>
+
+#include <doctest/doctest.h>
+
+#include <array>
+#include <numeric>
+#include <string>
+#include <vector>
+
+using fpdt::index_t;
+
+namespace {
+bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
+} // namespace
+
+TEST_CASE("tensor_view: row-major [S, H, D] indexing with distinct extents") {
+  // Extents all differ (CASES.md A13): a transposed index would read a different element.
+  constexpr index_t S = 5, H = 3, D = 4;
+  std::vector<float> buf(S * H * D);
+  std::iota(buf.begin(), buf.end(), 0.0f);
+  auto v = fpdt::contiguous_view(buf.data(), std::array<index_t, 3>{S, H, D},
+                                 static_cast<index_t>(buf.size()));
+  REQUIRE(v.ok());
+  CHECK(v->size() == S * H * D);
+  CHECK(v->is_contiguous());
+  CHECK(v->stride(0) == H * D);
+  CHECK(v->stride(1) == D);
+  CHECK(v->stride(2) == 1);
+  for (index_t s = 0; s < S; ++s)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t d = 0; d < D; ++d) CHECK((*v)(s, h, d) == static_cast<float>((s * H + h) * D + d));
+  fpdt::tensor_view<float const, 3> cv = *v; // read-only conversion
+  CHECK(cv(4, 2, 3) == buf.back());
+}
+
+TEST_CASE("tensor_view: transposed strides are accepted and index correctly") {
+  // A [H, S] view of [S, H] data (the LSE layout question): strides {1, H}.
+  constexpr index_t S = 6, H = 2;
+  std::vector<int> buf(S * H);
+  std::iota(buf.begin(), buf.end(), 0);
+  auto t = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{H, S}, std::array<index_t, 2>{1, H},
+                                  static_cast<index_t>(buf.size()));
+  REQUIRE(t.ok());
+  CHECK_FALSE(t->is_contiguous());
+  for (index_t h = 0; h < H; ++h)
+    for (index_t s = 0; s < S; ++s) CHECK((*t)(h, s) == s * H + h);
+}
+
+TEST_CASE("tensor_view: bad shapes give errors naming the values") {
+  std::vector<float> buf(24);
+  auto neg = fpdt::contiguous_view(buf.data(), std::array<index_t, 2>{4, -6});
+  REQUIRE_FALSE(neg.ok());
+  CHECK(neg.error().code() == fpdt::errc::shape_mismatch);
+  CHECK(contains(neg.error().message(), "extent -6 of dim 1 is negative"));
+
+  auto null = fpdt::contiguous_view(static_cast<float*>(nullptr), std::array<index_t, 2>{4, 6});
+  REQUIRE_FALSE(null.ok());
+  CHECK(contains(null.error().message(), "null data pointer"));
+
+  auto small = fpdt::contiguous_view(buf.data(), std::array<index_t, 3>{2, 3, 5}, 24);
+  REQUIRE_FALSE(small.ok());
+  CHECK(contains(small.error().message(), "reaches element 29"));
+  CHECK(contains(small.error().message(), "holds only 24"));
+
+  auto zero_stride = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{4, 6},
+                                            std::array<index_t, 2>{0, 1});
+  REQUIRE_FALSE(zero_stride.ok());
+  CHECK(contains(zero_stride.error().message(), "stride 0 of dim 0 (extent 4)"));
+
+  auto overlap = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{4, 6},
+                                        std::array<index_t, 2>{3, 1});
+  REQUIRE_FALSE(overlap.ok());
+  CHECK(contains(overlap.error().message(), "overlaps"));
+
+  auto huge = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{index_t{1} << 40, index_t{1} << 40},
+                                     std::array<index_t, 2>{index_t{1} << 40, 1});
+  REQUIRE_FALSE(huge.ok());
+  CHECK(contains(huge.error().message(), "overflows"));
+
+  // Empty views are fine, even with a null pointer; extent-1 dimensions may have any stride.
+  CHECK(fpdt::contiguous_view(static_cast<float*>(nullptr), std::array<index_t, 2>{0, 6}).ok());
+  CHECK(fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{1, 6}, std::array<index_t, 2>{0, 1}, 24).ok());
+}
+
+TEST_CASE("tensor_view: slice along a dimension") {
+  constexpr index_t S = 8, H = 2, D = 3;
+  std::vector<float> buf(S * H * D);
+  std::iota(buf.begin(), buf.end(), 0.0f);
+  auto v = fpdt::contiguous_view(buf.data(), std::array<index_t, 3>{S, H, D});
+  REQUIRE(v.ok());
+  auto chunk = v->slice(0, 4, 6); // tokens [4, 6): one chunk
+  REQUIRE(chunk.ok());
+  CHECK(chunk->extent(0) == 2);
+  CHECK((*chunk)(0, 0, 0) == (*v)(4, 0, 0));
+  CHECK((*chunk)(1, 1, 2) == (*v)(5, 1, 2));
+  auto head = v->slice(1, 1, 2);
+  REQUIRE(head.ok());
+  CHECK((*head)(3, 0, 1) == (*v)(3, 1, 1));
+  CHECK_FALSE(head->is_contiguous());
+  auto bad = v->slice(0, 6, 9);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(contains(bad.error().message(), "range [6, 9) of dim 0"));
+  CHECK(contains(bad.error().message(), "extent 8"));
+  CHECK_FALSE(v->slice(3, 0, 1).ok());
+  auto empty = v->slice(0, 8, 8);
+  REQUIRE(empty.ok());
+  CHECK(empty->empty());
+}
+
+TEST_CASE("tensor_view: check_extents names the tensor and both shapes") {
+  std::vector<float> buf(8 * 4 * 3);
+  auto q = fpdt::contiguous_view(buf.data(), std::array<index_t, 3>{8, 4, 3});
+  REQUIRE(q.ok());
+  CHECK(fpdt::check_extents(*q, {8, 4, 3}, "q").ok());
+  CHECK(fpdt::check_extents(*q, {fpdt::any_extent, 4, 3}, "q").ok());
+  fpdt::status s = fpdt::check_extents(*q, {8, 4, 2}, "q");
+  CHECK(s.code() == fpdt::errc::shape_mismatch);
+  CHECK(s.message() == "q: expected extents [8, 4, 2], got [8, 4, 3]");
+}
