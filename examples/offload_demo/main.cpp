@@ -9,6 +9,7 @@
 //   fpdt-offload-demo [--chunks N] [--chunk-kib K] [--slots R] [--work W]
 #include <fpdt/fpdt.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -27,38 +28,53 @@ struct options {
   std::size_t work = 4; // compute passes over each chunk (makes compute comparable to copies)
 };
 
-void usage() {
-  std::printf("usage: fpdt-offload-demo [--chunks N>=1] [--chunk-kib K>=1] [--slots R>=2] [--work W>=1]\n"
-              "  Produces N chunks of K KiB into R device staging slots, offloads them to pinned\n"
-              "  memory while computing, fetches them back in reverse and checks every value.\n");
+constexpr std::size_t max_pinned_bytes = std::size_t{8} << 30; // keeps the demo safe to run
+
+void usage(std::FILE* to) {
+  std::fprintf(to, "usage: fpdt-offload-demo [--chunks N] [--chunk-kib K] [--slots R] [--work W]\n"
+                   "  Produces N chunks (1..1048576) of K KiB (1..4194304) into R device staging slots\n"
+                   "  (2..64), offloads them to pinned memory while computing (W passes, 1..1000),\n"
+                   "  fetches them back in reverse and checks every value. N x K must stay within 8 GiB.\n");
 }
 
 fpdt::result<options> parse(int argc, char** argv) {
   options o;
+  struct spec {
+    char const* name;
+    std::size_t* value;
+    std::size_t lo, hi;
+  } const specs[] = {{"--chunks", &o.chunks, 1, std::size_t{1} << 20},
+                     {"--chunk-kib", &o.chunk_kib, 1, std::size_t{1} << 22},
+                     {"--slots", &o.slots, 2, 64},
+                     {"--work", &o.work, 1, 1000}};
   for (int i = 1; i < argc; ++i) {
     std::string const a = argv[i];
     if (a == "--help" || a == "-h") {
-      usage();
+      usage(stdout);
       std::exit(0);
     }
+    spec const* sp = nullptr;
+    for (auto const& x : specs)
+      if (a == x.name) sp = &x;
+    if (sp == nullptr) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a);
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
+    char const* text = argv[++i];
     char* end = nullptr;
-    unsigned long long const v = std::strtoull(argv[i + 1], &end, 10);
-    if (end == argv[i + 1] || *end != '\0')
-      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, ": '", argv[i + 1], "' is not a number");
-    ++i;
-    if (a == "--chunks") o.chunks = v;
-    else if (a == "--chunk-kib") o.chunk_kib = v;
-    else if (a == "--slots") o.slots = v;
-    else if (a == "--work") o.work = v;
-    else return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a);
+    errno = 0;
+    unsigned long long const v = std::strtoull(text, &end, 10);
+    if (text[0] < '0' || text[0] > '9' || end == text || *end != '\0' || errno == ERANGE)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, ": '", text,
+                              "' is not a non-negative integer");
+    if (v < sp->lo || v > sp->hi)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " ", v, " is outside [",
+                              sp->lo, ", ", sp->hi, "]",
+                              a == "--slots" ? " (one slot computes while another is copied)" : "");
+    *sp->value = static_cast<std::size_t>(v);
   }
-  if (o.chunks < 1) return fpdt::make_error(fpdt::errc::invalid_argument, "--chunks ", o.chunks, " must be >= 1");
-  if (o.chunk_kib < 1) return fpdt::make_error(fpdt::errc::invalid_argument, "--chunk-kib ", o.chunk_kib, " must be >= 1");
-  if (o.slots < 2)
-    return fpdt::make_error(fpdt::errc::invalid_argument, "--slots ", o.slots,
-                            " must be >= 2 (one slot computes while another is copied)");
-  if (o.work < 1) return fpdt::make_error(fpdt::errc::invalid_argument, "--work ", o.work, " must be >= 1");
+  if (o.chunks * o.chunk_kib * 1024 > max_pinned_bytes) // no overflow: both are bounded above
+    return fpdt::make_error(fpdt::errc::invalid_argument, "--chunks ", o.chunks, " x --chunk-kib ",
+                            o.chunk_kib, " needs ", o.chunks * o.chunk_kib, " KiB of pinned memory, over the demo's ",
+                            max_pinned_bytes >> 10, " KiB");
   return o;
 }
 
@@ -81,7 +97,8 @@ struct run_result {
 fpdt::result<run_result> run(options const& o, bool overlap) {
   std::size_t const elems = o.chunk_kib * 1024 / sizeof(float);
   std::size_t const bytes = elems * sizeof(float);
-  fpdt::host_backend be({.device_budget_bytes = o.slots * fpdt::device_arena::rounded_size(bytes)});
+  fpdt::host_backend be({.device_budget_bytes = o.slots * fpdt::device_arena::rounded_size(bytes),
+                         .pinned_limit_bytes = o.chunks * fpdt::pinned_pool::rounded_size(bytes)});
   auto compute = be.create_stream(fpdt::lane::compute, fpdt::stream_priority::high);
   FPDT_TRY(compute);
   auto d2h_s = be.create_stream(fpdt::lane::d2h);
@@ -151,7 +168,7 @@ int main(int argc, char** argv) {
   auto o = parse(argc, argv);
   if (!o.ok()) {
     std::fprintf(stderr, "fpdt-offload-demo: %s\n", o.error().message().c_str());
-    usage();
+    usage(stderr);
     return 2;
   }
   std::printf("fpdt %s offload demo: %zu chunks of %zu KiB, %zu staging slots (host backend)\n",

@@ -66,7 +66,7 @@ TEST_CASE_TEMPLATE("dtype: to float is exact for all 65536 bit patterns", T, fpd
   CHECK(mismatches == 0);
 }
 
-TEST_CASE_TEMPLATE("dtype: float round trip keeps every value; NaN stays NaN", T, fpdt::bfloat16, fpdt::half) {
+TEST_CASE_TEMPLATE("dtype: float round trip keeps every value and NaN stays NaN", T, fpdt::bfloat16, fpdt::half) {
   constexpr int eb = format<T>::eb, mb = format<T>::mb;
   int mismatches = 0;
   for (std::uint32_t b = 0; b < 65536; ++b) {

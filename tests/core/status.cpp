@@ -62,9 +62,21 @@ TEST_CASE("status: result and FPDT_TRY propagate the first error") {
   fpdt::result<int> nothing{fpdt::status{}};
   CHECK_FALSE(nothing.ok());
   CHECK(nothing.error().code() == fpdt::errc::internal);
+  // value() on an error throws with the error's message instead of a bare variant error.
+  try {
+    (void)bad.value();
+    FAIL("value() on an error must throw");
+  } catch (fpdt::bad_result_access const& ex) {
+    CHECK(std::string(ex.what()).find("sequence length 7") != std::string::npos);
+    CHECK(ex.error().code() == fpdt::errc::invalid_argument);
+  }
   // Move-only values.
   fpdt::result<std::unique_ptr<int>> p{std::make_unique<int>(5)};
   REQUIRE(p.ok());
   std::unique_ptr<int> taken = std::move(p).value();
   CHECK(*taken == 5);
+  fpdt::result<std::unique_ptr<int>> p2{std::make_unique<int>(6)};
+  std::unique_ptr<int> taken2;
+  taken2 = *std::move(p2); // move assignment from the result's value
+  CHECK(*taken2 == 6);
 }

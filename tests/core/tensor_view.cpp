@@ -78,6 +78,15 @@ TEST_CASE("tensor_view: bad shapes give errors naming the values") {
   REQUIRE_FALSE(huge.ok());
   CHECK(contains(huge.error().message(), "overflows"));
 
+  auto too_many = fpdt::contiguous_view(buf.data(), std::array<index_t, 4>{1 << 20, 1 << 20, 1 << 20, 1 << 20});
+  REQUIRE_FALSE(too_many.ok());
+  CHECK(contains(too_many.error().message(), "64-bit"));
+
+  auto negative_stride = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{4, 4},
+                                                std::array<index_t, 2>{-1, 1});
+  REQUIRE_FALSE(negative_stride.ok());
+  CHECK(contains(negative_stride.error().message(), "strides [-1, 1]"));
+
   // Empty views are fine, even with a null pointer; extent-1 dimensions may have any stride.
   CHECK(fpdt::contiguous_view(static_cast<float*>(nullptr), std::array<index_t, 2>{0, 6}).ok());
   CHECK(fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{1, 6}, std::array<index_t, 2>{0, 1}, 24).ok());

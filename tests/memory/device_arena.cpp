@@ -73,6 +73,14 @@ TEST_CASE("device_arena: over-budget allocation is a clear out-of-memory error")
   // A request larger than the whole budget (no overflow in the check).
   auto huge = arena.allocate(~std::size_t{0} - 2 * G);
   CHECK(huge.error().code() == fpdt::errc::out_of_memory);
+  // Sizes so large that rounding would wrap are refused, never rounded to a tiny block.
+  for (std::size_t bad : {~std::size_t{0}, ~std::size_t{0} - 100, fpdt::device_arena::max_request + 1}) {
+    auto wrapped = arena.allocate(bad, "wrapped");
+    REQUIRE_FALSE(wrapped.ok());
+    CHECK(wrapped.error().code() == fpdt::errc::out_of_memory);
+    CHECK(contains(wrapped.error().message(), std::to_string(bad)));
+  }
+  CHECK(arena.current_bytes() == 6 * G);
   // Exactly filling the budget is allowed.
   auto c = arena.allocate(2 * G);
   CHECK(c.ok());

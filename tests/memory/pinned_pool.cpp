@@ -13,7 +13,7 @@ constexpr std::size_t P = fpdt::pinned_pool::granularity;
 constexpr std::size_t MiB = std::size_t{1} << 20;
 } // namespace
 
-TEST_CASE("pinned_pool: released blocks are reused; repeated cycles do not grow the pool") {
+TEST_CASE("pinned_pool: released blocks are reused and repeated cycles do not grow the pool") {
   // CASES.md A19 in miniature: many offload/fetch cycles, the pinned bytes stay flat.
   fpdt::pinned_pool pool(fpdt::host::host_memory_resource("pinned"));
   auto const start = pool.stats();
@@ -72,6 +72,12 @@ TEST_CASE("pinned_pool: the limit trims the cache first, then reports out of mem
   CHECK(c.error().code() == fpdt::errc::out_of_memory);
   CHECK(c.error().message().find("limit of 16384 bytes") != std::string::npos);
   CHECK(pool.stats().in_use_bytes == 4 * P);
+  // A size whose rounding would wrap is refused, even with a block in the cache.
+  b->reset();
+  auto wrapped = pool.acquire(~std::size_t{0});
+  REQUIRE_FALSE(wrapped.ok());
+  CHECK(wrapped.error().code() == fpdt::errc::out_of_memory);
+  CHECK(pool.stats().cached_blocks == 1);
   auto z = pool.acquire(0);
   REQUIRE(z.ok());
   CHECK_FALSE(z->owns());

@@ -9,9 +9,9 @@
 
 #include "../config.hpp"
 
-#include <cassert>
 #include <cstdint>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -102,6 +102,21 @@ template <class... Args> [[nodiscard]] status make_error(errc code, Args const&.
   return {code, detail::concat(args...)};
 }
 
+//! Thrown by `result<T>::value()` on a result that holds an error: a programming error (check
+//! `ok()` first); what() is the status's "code: message".
+class bad_result_access : public std::logic_error {
+public:
+  //! An exception carrying `error`.
+  explicit bad_result_access(status error)
+      : std::logic_error("fpdt::result::value() on an error: " + error.to_string()),
+        error_(std::move(error)) {}
+  //! The status the result held.
+  [[nodiscard]] status const& error() const noexcept { return error_; }
+
+private:
+  status error_;
+};
+
 //! A value of type `T`, or the status that explains why there is none.
 //!
 //! `T` may not be `status`. Access the value only after checking `ok()`; `value()` asserts it.
@@ -123,19 +138,19 @@ public:
   //! Same as ok().
   explicit operator bool() const noexcept { return ok(); }
 
-  //! The held value; requires ok().
+  //! The held value. Throws `bad_result_access` (with the error's message) when there is none.
   [[nodiscard]] T& value() & {
-    assert(ok() && "result::value() on an error");
+    check();
     return std::get<0>(state_);
   }
-  //! The held value; requires ok().
+  //! The held value. Throws `bad_result_access` when there is none.
   [[nodiscard]] T const& value() const& {
-    assert(ok() && "result::value() on an error");
+    check();
     return std::get<0>(state_);
   }
-  //! Moves the held value out; requires ok().
+  //! Moves the held value out. Throws `bad_result_access` when there is none.
   [[nodiscard]] T&& value() && {
-    assert(ok() && "result::value() on an error");
+    check();
     return std::get<0>(std::move(state_));
   }
   //! The held value; requires ok().
@@ -146,6 +161,8 @@ public:
   [[nodiscard]] T& operator*() & { return value(); }
   //! The held value; requires ok().
   [[nodiscard]] T const& operator*() const& { return value(); }
+  //! Moves the held value out; requires ok().
+  [[nodiscard]] T&& operator*() && { return std::move(*this).value(); }
 
   //! The status: ok when a value is held, else the error.
   [[nodiscard]] status error() const {
@@ -154,6 +171,9 @@ public:
   }
 
 private:
+  void check() const {
+    if (!ok()) throw bad_result_access(std::get<1>(state_));
+  }
   std::variant<T, status> state_;
 };
 

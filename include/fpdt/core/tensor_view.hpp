@@ -29,11 +29,13 @@ using index_t = std::int64_t;
 inline constexpr index_t any_extent = -1;
 
 namespace detail {
-template <std::size_t Rank> std::string shape_string(std::array<index_t, Rank> const& a) {
+// "[8, 4, 2]"; with `wildcards`, any_extent prints as "*" (for expected extents).
+template <std::size_t Rank>
+std::string shape_string(std::array<index_t, Rank> const& a, bool wildcards = false) {
   std::string s = "[";
   for (std::size_t i = 0; i < Rank; ++i) {
     if (i) s += ", ";
-    s += a[i] == any_extent ? std::string("*") : std::to_string(a[i]);
+    s += wildcards && a[i] == any_extent ? std::string("*") : std::to_string(a[i]);
   }
   return s + "]";
 }
@@ -220,9 +222,20 @@ make_tensor_view(T* data, std::array<index_t, Rank> const& extents,
 }
 
 //! Builds a checked row-major view of `data` with `extents`; `capacity` as in make_tensor_view.
+//!
+//! Errors: those of make_tensor_view, and `errc::shape_mismatch` when the element count
+//! overflows a 64-bit index.
 template <class T, std::size_t Rank>
 [[nodiscard]] result<tensor_view<T, Rank>>
 contiguous_view(T* data, std::array<index_t, Rank> const& extents, index_t capacity = -1) {
+  index_t count = 1; // check before row_major_strides multiplies the extents
+  for (std::size_t d = 0; d < Rank; ++d) {
+    if (extents[d] < 0) break; // make_tensor_view names the negative extent
+    if (extents[d] > 0 && count > std::numeric_limits<index_t>::max() / extents[d])
+      return make_error(errc::shape_mismatch, "tensor view with extents ",
+                        detail::shape_string(extents), " has more elements than a 64-bit index holds");
+    count *= extents[d] > 0 ? extents[d] : 1;
+  }
   return make_tensor_view(data, extents, row_major_strides(extents), capacity);
 }
 
@@ -236,7 +249,7 @@ template <class T, std::size_t Rank>
   for (std::size_t d = 0; d < Rank; ++d)
     if (expected[d] != any_extent && expected[d] != view.extent(d))
       return make_error(errc::shape_mismatch, name, ": expected extents ",
-                        detail::shape_string(expected), ", got ",
+                        detail::shape_string(expected, true), ", got ",
                         detail::shape_string(view.extents()));
   return {};
 }

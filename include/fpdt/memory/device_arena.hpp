@@ -57,7 +57,11 @@ public:
   device_arena(device_arena const&) = delete;
   device_arena& operator=(device_arena const&) = delete;
 
-  //! `bytes` rounded up to the granularity: what an allocation of `bytes` reserves.
+  //! The largest request the arena accepts (larger ones could not be rounded without wrapping).
+  static constexpr std::size_t max_request = ~std::size_t{0} - granularity + 1;
+
+  //! `bytes` rounded up to the granularity: what an allocation of `bytes` reserves (`bytes` must
+  //! be at most `max_request`).
   [[nodiscard]] static constexpr std::size_t rounded_size(std::size_t bytes) noexcept {
     return (bytes + granularity - 1) / granularity * granularity;
   }
@@ -69,6 +73,10 @@ public:
   [[nodiscard]] result<arena_allocation> allocate(std::size_t bytes,
                                                   std::string_view what = "buffer") {
     if (bytes == 0) return arena_allocation{};
+    if (bytes > max_request)
+      return make_error(errc::out_of_memory, "device arena (", upstream_.name, "): allocating ",
+                        bytes, " bytes for ", what, " exceeds the largest request of ",
+                        max_request, " bytes");
     std::size_t const rounded = rounded_size(bytes);
     // The upstream call stays under the lock: allocation is rare next to compute, and this keeps
     // the budget check, the upstream call and the counters one atomic step (exact peaks).

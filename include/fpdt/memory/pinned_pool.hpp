@@ -55,7 +55,10 @@ public:
   //! Frees the cached blocks (blocks still in use must have been released before).
   ~pinned_pool() { trim(); }
 
-  //! `bytes` rounded up to the granularity.
+  //! The largest request the pool accepts (larger ones could not be rounded without wrapping).
+  static constexpr std::size_t max_request = ~std::size_t{0} - granularity + 1;
+
+  //! `bytes` rounded up to the granularity (`bytes` must be at most `max_request`).
   [[nodiscard]] static constexpr std::size_t rounded_size(std::size_t bytes) noexcept {
     return (bytes + granularity - 1) / granularity * granularity;
   }
@@ -66,6 +69,9 @@ public:
   //! after freeing the cache the pool would hold more than its limit, or when the upstream fails.
   [[nodiscard]] result<pinned_block> acquire(std::size_t bytes) {
     if (bytes == 0) return pinned_block{};
+    if (bytes > max_request)
+      return make_error(errc::out_of_memory, "pinned pool (", upstream_.name, "): acquiring ",
+                        bytes, " bytes exceeds the largest request of ", max_request, " bytes");
     std::size_t const rounded = rounded_size(bytes);
     std::lock_guard lock(mutex_);
     if (auto it = cache_.lower_bound(rounded); it != cache_.end()) {

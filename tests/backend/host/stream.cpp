@@ -98,7 +98,7 @@ TEST_CASE("host stream: errors skip later work, travel through events, and are c
   b.enqueue([&] { b_work_ran = true; });
   fpdt::status sa = a.synchronize();
   CHECK(sa.code() == fpdt::errc::invalid_argument);
-  CHECK(sa.message() == "bad chunk 3");
+  CHECK(sa.message() == "task on stream 'compute': bad chunk 3");
   CHECK_FALSE(skipped_ran);
   fpdt::status sb = b.synchronize();
   CHECK(sb.code() == fpdt::errc::invalid_argument); // carried by the event
@@ -160,4 +160,13 @@ TEST_CASE("host event: elapsed time between two records") {
   auto dt = elapsed_seconds(start, stop);
   REQUIRE(dt.ok());
   CHECK(*dt >= 0.004);
+}
+
+TEST_CASE("host stream: synchronize from one of its own tasks is an error, not a hang") {
+  stream s("self");
+  fpdt::status inner;
+  s.enqueue([&] { inner = s.synchronize(); });
+  CHECK(s.synchronize().ok());
+  CHECK(inner.code() == fpdt::errc::invalid_argument);
+  CHECK(inner.message().find("'self'") != std::string::npos);
 }

@@ -6,13 +6,15 @@
 //! concurrently, ordered only by events. Errors are values: a task that returns a failing status
 //! or throws puts the stream in an error state; later tasks are skipped (records still complete
 //! and carry the error to waiting streams, so nothing hangs) until `synchronize` reports the error
-//! and clears it.
+//! and clears it. An event keeps the error of the record that carried it: waiting on that same
+//! record again raises it again (the data it guards is still bad); a new record clears it.
 #pragma once
 
 #include "../../config.hpp"
 #include "../../core/status.hpp"
 #include "event.hpp"
 
+#include <cassert>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -57,6 +59,7 @@ public:
   //! Queues `task` (callable as `void()` or `status()`) to run after all work queued before it.
   //! A task that returns a failing status or throws puts the stream into its error state.
   template <class F> void enqueue(F&& task) {
+    assert(impl_ && "fpdt::host::stream used after being moved from");
     using R = std::invoke_result_t<F&>;
     static_assert(std::is_void_v<R> || std::is_same_v<R, status>,
                   "host::stream::enqueue: the task must return void or fpdt::status");
@@ -73,6 +76,7 @@ public:
 
   //! Records `e` here: `e` completes once the work queued so far has run.
   void record(event const& e) {
+    assert(impl_ && "fpdt::host::stream used after being moved from");
     std::uint64_t const g = e.issue();
     // Records run even in the error state, carrying the error, so no waiter ever hangs.
     impl_->push(item{[e, g, p = impl_.get()]() -> status {
@@ -85,6 +89,7 @@ public:
   //! Makes later work here wait for the latest record of `e` issued before this call; if that
   //! record carried an error, this stream takes the error too.
   void wait(event const& e) {
+    assert(impl_ && "fpdt::host::stream used after being moved from");
     std::uint64_t const g = e.issued();
     if (g == 0) return; // never recorded: complete, as in CUDA
     impl_->push(item{[e, g]() -> status { return e.wait_for(g); }, true});
@@ -92,7 +97,12 @@ public:
 
   //! Blocks the calling thread until all work queued before this call has run. Returns the first
   //! error raised since the previous synchronize (and clears it), or ok.
-  [[nodiscard]] status synchronize() { return impl_->drain(); }
+  //! Errors: `errc::invalid_argument` when called from a task of this stream (it would wait for
+  //! itself forever).
+  [[nodiscard]] status synchronize() {
+    assert(impl_ && "fpdt::host::stream used after being moved from");
+    return impl_->drain();
+  }
 
   //! True when no queued work remains.
   [[nodiscard]] bool query() const { return impl_->idle(); }
@@ -116,6 +126,10 @@ private:
     }
 
     void run() {
+      {
+        std::lock_guard lock(mutex);
+        worker_id = std::this_thread::get_id();
+      }
       for (;;) {
         item it;
         {
@@ -130,6 +144,7 @@ private:
         if (!skip) {
           try {
             s = it.fn();
+            if (!s.ok()) s = s.with_context(::fpdt::detail::concat("task on stream '", name, "'"));
           } catch (std::exception const& ex) {
             s = make_error(errc::backend_error, "task on stream '", name, "' threw: ", ex.what());
           } catch (...) {
@@ -153,6 +168,10 @@ private:
 
     [[nodiscard]] status drain() {
       std::unique_lock lock(mutex);
+      if (std::this_thread::get_id() == worker_id)
+        return make_error(errc::invalid_argument, "host::stream '", name,
+                          "': synchronize called from a task of the same stream would wait for "
+                          "itself forever");
       std::uint64_t const target = submitted;
       cv.wait(lock, [&] { return done >= target; });
       return std::exchange(error, status{});
@@ -171,6 +190,7 @@ private:
     std::uint64_t done = 0;
     bool stopping = false;
     status error;
+    std::thread::id worker_id; // set by the worker itself (reading `worker` would race)
     std::thread worker;
   };
 
