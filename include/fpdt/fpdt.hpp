@@ -7,6 +7,7 @@
 
 #include "config.hpp"
 #include "core/core.hpp"
+#include "attention/attention.hpp"
 #include "memory/memory.hpp"
 #include "backend/backend.hpp"
 #include "backend/host/host.hpp"

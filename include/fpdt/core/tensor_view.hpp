@@ -59,14 +59,18 @@ public:
   constexpr tensor_view() noexcept = default;
 
   //! Unchecked construction; prefer `make_tensor_view`, which validates the arguments.
-  FPDT_HOST_DEVICE constexpr tensor_view(T* data, extents_type const& extents,
-                                         strides_type const& strides) noexcept
-      : data_(data), extents_(extents), strides_(strides) {}
+  constexpr tensor_view(T* data, extents_type const& extents, strides_type const& strides) noexcept
+      : data_(data) {
+    for (std::size_t d = 0; d < Rank; ++d) {
+      extents_[d] = extents[d];
+      strides_[d] = strides[d];
+    }
+  }
 
   //! Read-only view of the same elements.
   template <class U = T, class = std::enable_if_t<!std::is_const_v<U>>>
-  FPDT_HOST_DEVICE constexpr operator tensor_view<U const, Rank>() const noexcept {
-    return {data_, extents_, strides_};
+  constexpr operator tensor_view<U const, Rank>() const noexcept {
+    return {data_, extents(), strides()};
   }
 
   //! Pointer to element (0, ..., 0).
@@ -76,9 +80,17 @@ public:
   //! Stride of dimension `d`, in elements.
   FPDT_HOST_DEVICE constexpr index_t stride(std::size_t d) const noexcept { return strides_[d]; }
   //! All extents.
-  constexpr extents_type const& extents() const noexcept { return extents_; }
+  constexpr extents_type extents() const noexcept {
+    extents_type e{};
+    for (std::size_t d = 0; d < Rank; ++d) e[d] = extents_[d];
+    return e;
+  }
   //! All strides.
-  constexpr strides_type const& strides() const noexcept { return strides_; }
+  constexpr strides_type strides() const noexcept {
+    strides_type st{};
+    for (std::size_t d = 0; d < Rank; ++d) st[d] = strides_[d];
+    return st;
+  }
   //! Number of elements (product of extents).
   FPDT_HOST_DEVICE constexpr index_t size() const noexcept {
     index_t n = 1;
@@ -126,16 +138,17 @@ public:
       return make_error(errc::invalid_argument, "tensor_view::slice: range [", begin, ", ", end,
                         ") of dim ", dim, " must satisfy 0 <= begin <= end <= extent ",
                         extents_[dim]);
-    extents_type e = extents_;
+    extents_type e = extents();
     e[dim] = end - begin;
     T* p = (end > begin) ? data_ + begin * strides_[dim] : data_;
-    return tensor_view(p, e, strides_);
+    return tensor_view(p, e, strides());
   }
 
 private:
+  // Plain arrays, not std::array: its operator[] is not callable from CUDA device code.
   T* data_ = nullptr;
-  extents_type extents_{};
-  strides_type strides_{};
+  index_t extents_[Rank] = {};
+  index_t strides_[Rank] = {};
 };
 
 //! Row-major strides of `extents` (last dimension contiguous), in elements.

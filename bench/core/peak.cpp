@@ -1,0 +1,42 @@
+// The machine's fp32 FMA ceiling, measured (DESIGN.md 5: "the machine's ceilings, measured once"):
+// independent chains of fused multiply-adds on all host threads, counted as 2 FLOP each. Kernel
+// benchmarks divide their FLOP/s by this to report the fraction of peak.
+#include <fpdt/core/parallel_for.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstddef>
+#include <vector>
+
+namespace {
+
+constexpr int lanes = 16 * 8; // enough independent accumulators to hide FMA latency
+constexpr long steps = 1 << 16;
+
+float fma_chains(float seed) {
+  float acc[lanes];
+  for (int i = 0; i < lanes; ++i) acc[i] = seed + static_cast<float>(i);
+  float const a = 0.999999f, b = 1e-7f;
+  for (long s = 0; s < steps; ++s)
+    for (int i = 0; i < lanes; ++i) acc[i] = acc[i] * a + b;
+  float sum = 0;
+  for (int i = 0; i < lanes; ++i) sum += acc[i];
+  return sum;
+}
+
+void fp32_fma_peak(benchmark::State& state) {
+  unsigned const threads = fpdt::resolve_threads(0);
+  std::vector<float> sink(threads);
+  for (auto _ : state) {
+    auto r = fpdt::parallel_for(threads, threads, [&](std::size_t i, unsigned) { sink[i] = fma_chains(static_cast<float>(i)); });
+    benchmark::DoNotOptimize(sink.data());
+    if (!r.ok()) state.SkipWithError("parallel_for failed");
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(2.0 * lanes * steps * threads * static_cast<double>(state.iterations()),
+                                                benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+}
+
+} // namespace
+
+BENCHMARK(fp32_fma_peak)->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -1,0 +1,166 @@
+// Tests of include/fpdt/attention/mask.hpp: visible, visible_keys and local_keys for the full and
+// causal masks, by global position (DESIGN.md 2.4), including key chunks entirely before, after
+// or straddling the query position and empty key chunks.
+#include <fpdt/attention/mask.hpp>
+
+#include <doctest/doctest.h>
+
+#include <limits>
+#include <vector>
+
+using fpdt::attention_mask;
+using fpdt::causal_mask;
+using fpdt::full_mask;
+using fpdt::index_t;
+using fpdt::key_range;
+
+namespace {
+
+// Local indices j in [0, sk) with mask.visible(q_pos, k_offset + j), by brute force.
+std::vector<index_t> brute_visible(attention_mask m, index_t q_pos, index_t k_offset, index_t sk) {
+  std::vector<index_t> r;
+  for (index_t j = 0; j < sk; ++j)
+    if (m.visible(q_pos, k_offset + j)) r.push_back(j);
+  return r;
+}
+
+// local_keys must be a valid range inside [0, sk] that holds exactly the brute-force keys.
+void check_local_matches_brute(attention_mask m, index_t q_pos, index_t k_offset, index_t sk) {
+  CAPTURE(q_pos);
+  CAPTURE(k_offset);
+  CAPTURE(sk);
+  key_range const r = m.local_keys(q_pos, k_offset, sk);
+  CHECK(r.begin >= 0);
+  CHECK(r.end <= sk);
+  CHECK(r.begin <= r.end);
+  std::vector<index_t> const want = brute_visible(m, q_pos, k_offset, sk);
+  std::vector<index_t> got;
+  for (index_t j = r.begin; j < r.end; ++j)
+    got.push_back(j);
+  CHECK(got == want);
+}
+
+} // namespace
+
+// The masks are constexpr values usable in device code; their rules hold at compile time too.
+static_assert(causal_mask.visible(3, 3));
+static_assert(causal_mask.visible(3, 0));
+static_assert(!causal_mask.visible(3, 4));
+static_assert(full_mask.visible(3, 4));
+static_assert(causal_mask.local_keys(5, 3, 6).begin == 0 &&
+              causal_mask.local_keys(5, 3, 6).end == 3);
+
+TEST_CASE("mask: names and kinds") {
+  CHECK(fpdt::to_string(fpdt::mask_kind::full) == "full");
+  CHECK(fpdt::to_string(fpdt::mask_kind::causal) == "causal");
+  CHECK(full_mask.kind == fpdt::mask_kind::full);
+  CHECK(causal_mask.kind == fpdt::mask_kind::causal);
+  attention_mask const def{};
+  CHECK(def.kind == fpdt::mask_kind::full); // default-constructed args are bidirectional
+}
+
+TEST_CASE("mask: full mask sees every key at any position") {
+  for (index_t q : {index_t{0}, index_t{1}, index_t{7}, index_t{1} << 40})
+    for (index_t k : {index_t{0}, index_t{1}, index_t{6}, index_t{8}, index_t{1} << 41}) {
+      CAPTURE(q);
+      CAPTURE(k);
+      CHECK(full_mask.visible(q, k));
+    }
+  key_range const r = full_mask.visible_keys(5);
+  CHECK(r.begin <= 0);
+  CHECK(r.end == std::numeric_limits<index_t>::max());
+  // local_keys: the whole chunk, wherever it sits relative to the query.
+  for (index_t q : {index_t{0}, index_t{10}, index_t{1000}})
+    for (index_t koff : {index_t{0}, index_t{5}, index_t{10}, index_t{11}, index_t{5000}})
+      for (index_t sk : {index_t{0}, index_t{1}, index_t{4}, index_t{64}}) {
+        CAPTURE(q);
+        CAPTURE(koff);
+        CAPTURE(sk);
+        key_range const l = full_mask.local_keys(q, koff, sk);
+        CHECK(l.begin == 0);
+        CHECK(l.end == sk);
+      }
+  // Large offsets must not overflow (hi = max index).
+  key_range const big = full_mask.local_keys(0, index_t{1} << 50, 1000);
+  CHECK(big.begin == 0);
+  CHECK(big.end == 1000);
+}
+
+TEST_CASE("mask: causal visibility is by global position (key <= query)") {
+  CHECK(causal_mask.visible(0, 0));
+  CHECK_FALSE(causal_mask.visible(0, 1));
+  CHECK(causal_mask.visible(4, 2));
+  CHECK(causal_mask.visible(4, 4));
+  CHECK_FALSE(causal_mask.visible(4, 5));
+  CHECK(causal_mask.visible(index_t{1} << 40, (index_t{1} << 40) - 1));
+  CHECK_FALSE(causal_mask.visible(index_t{1} << 40, (index_t{1} << 40) + 1));
+  key_range const r = causal_mask.visible_keys(5);
+  CHECK(r.end == 6);
+  CHECK(r.begin <= 0);
+}
+
+TEST_CASE("mask: causal local_keys for chunks before or after or straddling the query") {
+  // Chunk entirely before the query (keys 0..3, query at 10): all visible.
+  key_range r = causal_mask.local_keys(10, 0, 4);
+  CHECK(r.begin == 0);
+  CHECK(r.end == 4);
+  // Chunk ending exactly at the query (keys 0..3, query 3): all visible, key 3 included.
+  r = causal_mask.local_keys(3, 0, 4);
+  CHECK(r.begin == 0);
+  CHECK(r.end == 4);
+  // Straddling (keys 3..8, query 5): keys 3, 4, 5 = local [0, 3).
+  r = causal_mask.local_keys(5, 3, 6);
+  CHECK(r.begin == 0);
+  CHECK(r.end == 3);
+  // Chunk starting at the query (keys 5..8, query 5): only the first key.
+  r = causal_mask.local_keys(5, 5, 4);
+  CHECK(r.begin == 0);
+  CHECK(r.end == 1);
+  // Chunk entirely after the query (keys 6..9, query 5): empty.
+  r = causal_mask.local_keys(5, 6, 4);
+  CHECK(r.begin >= r.end);
+  CHECK(r.begin >= 0);
+  CHECK(r.end <= 4);
+  // Far after (keys 100..103, query 0): empty, clamped into [0, sk].
+  r = causal_mask.local_keys(0, 100, 4);
+  CHECK(r.begin == r.end);
+  CHECK(r.begin >= 0);
+  CHECK(r.end <= 4);
+  // Uneven global alignment (CASES.md A5): queries 2, 3, 4 against keys 0..4.
+  for (index_t i = 0; i < 3; ++i) {
+    key_range const a5 = causal_mask.local_keys(2 + i, 0, 5);
+    CHECK(a5.begin == 0);
+    CHECK(a5.end == 3 + i);
+  }
+  // Fully masked rows (CASES.md A6): queries 0..4 against keys at 2, 3, 4.
+  for (index_t q = 0; q < 5; ++q) {
+    key_range const a6 = causal_mask.local_keys(q, 2, 3);
+    CHECK(a6.end - a6.begin == (q < 2 ? 0 : q - 1));
+  }
+}
+
+TEST_CASE("mask: empty key chunks (sk = 0) give empty ranges for both masks") {
+  for (attention_mask m : {full_mask, causal_mask})
+    for (index_t q : {index_t{0}, index_t{3}, index_t{100}})
+      for (index_t koff : {index_t{0}, index_t{3}, index_t{4}, index_t{200}}) {
+        CAPTURE(fpdt::to_string(m.kind));
+        CAPTURE(q);
+        CAPTURE(koff);
+        key_range const r = m.local_keys(q, koff, 0);
+        CHECK(r.begin == 0);
+        CHECK(r.end == 0);
+      }
+}
+
+TEST_CASE("mask: local_keys equals brute force over all small placements") {
+  for (attention_mask m : {full_mask, causal_mask})
+    for (index_t q = 0; q < 24; ++q)
+      for (index_t koff = 0; koff < 24; ++koff)
+        for (index_t sk = 0; sk <= 9; ++sk)
+          check_local_matches_brute(m, q, koff, sk);
+  // And around a large global position (long contexts).
+  index_t const base = index_t{1} << 36;
+  for (index_t dq = -3; dq <= 12; ++dq)
+    for (index_t sk : {index_t{0}, index_t{1}, index_t{5}, index_t{8}})
+      check_local_matches_brute(causal_mask, base + dq, base, sk);
+}
