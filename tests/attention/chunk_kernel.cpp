@@ -1202,6 +1202,11 @@ TEST_CASE_TEMPLATE("chunk kernel: argument errors name the numbers and leave out
     both([&](auto& a) { a.q_offset = -1; }, errc::invalid_argument, {"q_offset -1"});
     both([&](auto& a) { a.k_offset = -7; }, errc::invalid_argument, {"k_offset -7"});
   }
+  SUBCASE("offsets near the int64 limit") {
+    index_t const big = std::numeric_limits<index_t>::max() - 4;
+    both([&](auto& a) { a.q_offset = big; }, errc::invalid_argument, {"2^62", std::to_string(big)});
+    both([&](auto& a) { a.k_offset = big; }, errc::invalid_argument, {"2^62", std::to_string(big)});
+  }
   SUBCASE("non-finite scale") {
     both([&](auto& a) { a.scale = std::numeric_limits<float>::quiet_NaN(); },
          errc::invalid_argument, {"scale", "nan"});
@@ -1300,3 +1305,49 @@ TEST_CASE("chunk kernel: compute_delta and resolve_scale") {
   CHECK(contains(st.message(), "[5, 3]"));
   CHECK(contains(st.message(), "[5, 3, 16]"));
 }
+
+TEST_CASE("chunk kernel: a huge finite scale keeps every probability at most 1 in the backward") {
+  // With scale 1e20 the scores and the lse are ~1e20, and fp32 rounding of s - lse alone could
+  // make exp(s - lse) far above 1 (dv would blow up to inf). P is clamped to <= 1, so
+  // |dv_j| <= sum_i |dout_i| holds and every gradient stays finite.
+  constexpr index_t sq = 9, sk = 11, h = 2, d = 4;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> q(sq * h * d), k(sk * h * d), v(sk * h * d), dout(sq * h * d);
+  for (auto* x : {&q, &k, &v, &dout})
+    for (auto& e : *x) e = dist(rng);
+  for (float scale : {1e20f, 1e30f}) {
+    CAPTURE(scale);
+    std::vector<float> out(sq * h * d), lse(h * sq), delta(h * sq), dq(sq * h * d, 0.0f),
+        dk(sk * h * d, 0.0f), dv(sk * h * d, 0.0f);
+    auto c3 = [](std::vector<float> const& x, index_t s) {
+      return *fpdt::contiguous_view<float const, 3>(x.data(), {s, h, d});
+    };
+    auto m3 = [](std::vector<float>& x, index_t s) {
+      return *fpdt::contiguous_view<float, 3>(x.data(), {s, h, d});
+    };
+    fpdt::host_chunk_kernel const kernel{1};
+    fpdt::chunk_forward_args<float> fa{c3(q, sq), c3(k, sk), c3(v, sk),
+                                       fpdt::partial_view{m3(out, sq), *fpdt::contiguous_view<float, 2>(lse.data(), {h, sq})},
+                                       fpdt::causal_mask, 5, 0, scale};
+    REQUIRE(kernel.forward(fa).ok());
+    REQUIRE(fpdt::compute_delta(c3(out, sq), c3(dout, sq), *fpdt::contiguous_view<float, 2>(delta.data(), {h, sq})).ok());
+    fpdt::chunk_backward_args<float> ba{c3(q, sq), c3(k, sk), c3(v, sk), {}, c3(dout, sq),
+                                        *fpdt::contiguous_view<float const, 2>(lse.data(), {h, sq}),
+                                        *fpdt::contiguous_view<float const, 2>(delta.data(), {h, sq}),
+                                        m3(dq, sq), m3(dk, sk), m3(dv, sk), fpdt::causal_mask, 5, 0, scale};
+    REQUIRE(kernel.backward(ba).ok());
+    for (auto const* g : {&dq, &dk, &dv})
+      for (float x : *g) REQUIRE(std::isfinite(x));
+    for (index_t hh = 0; hh < h; ++hh)
+      for (index_t x = 0; x < d; ++x) {
+        float bound = 0.0f;
+        for (index_t i = 0; i < sq; ++i) bound += std::abs(dout[static_cast<std::size_t>((i * h + hh) * d + x)]);
+        for (index_t j = 0; j < sk; ++j)
+          CHECK(std::abs(dv[static_cast<std::size_t>((j * h + hh) * d + x)]) <= bound * 1.0001f);
+      }
+  }
+}
+
+static_assert(!fpdt::chunk_kernel<fpdt::host_chunk_kernel, double>);
+static_assert(!fpdt::chunk_kernel<fpdt::host_chunk_kernel, int>);

@@ -6,6 +6,7 @@
 #include <array>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using fpdt::index_t;
@@ -13,6 +14,11 @@ using fpdt::index_t;
 namespace {
 bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 } // namespace
+
+// A view converts to a read-only view of the same element type, never to another element type.
+static_assert(std::is_convertible_v<fpdt::tensor_view<float, 3>, fpdt::tensor_view<float const, 3>>);
+static_assert(!std::is_convertible_v<fpdt::tensor_view<float, 3>, fpdt::tensor_view<double const, 3>>);
+static_assert(!std::is_convertible_v<fpdt::tensor_view<float const, 3>, fpdt::tensor_view<float, 3>>);
 
 TEST_CASE("tensor_view: row-major [S, H, D] indexing with distinct extents") {
   // Extents all differ (CASES.md A13): a transposed index would read a different element.

@@ -14,8 +14,11 @@
 //! makes the per-chunk-pair gradients exact (FlashAttention-2 backward, DESIGN.md 2.3), and
 //! accumulates (+=) into fp32 `dq [Sq, H, D]`, `dk`, `dv [Sk, H_kv, D]`.
 //!
-//! A kernel is a type with `forward(chunk_forward_args<T> const&)` and
-//! `backward(chunk_backward_args<T> const&)`, each returning `fpdt::status`. Adapters for other
+//! A kernel is a type with const member functions `forward(chunk_forward_args<T> const&)` and
+//! `backward(chunk_backward_args<T> const&)`, each returning `fpdt::status` (a kernel that has no
+//! backward returns `errc::not_supported`). Forward must write every element of `out` and `lse`;
+//! backward must add into dq, dk, dv (the caller zeroes them once) and write nothing else. Fully
+//! masked chunk pairs may be skipped by the caller; calling them is harmless. Adapters for other
 //! kernels (FlashAttention, cuDNN SDPA) convert their LSE base (log2 or ln) and empty-row value to
 //! these conventions.
 #pragma once
@@ -49,7 +52,8 @@ template <class T> struct chunk_backward_args {
   tensor_view<T const, 3> q;        //!< `[Sq, H, D]` queries
   tensor_view<T const, 3> k;        //!< `[Sk, H_kv, D]` keys
   tensor_view<T const, 3> v;        //!< `[Sk, H_kv, D]` values
-  tensor_view<T const, 3> out;      //!< `[Sq, H, D]` final merged output (for adapters that need it)
+  tensor_view<T const, 3> out;      //!< `[Sq, H, D]` final merged output, model dtype, for adapters
+                                    //!< that need it; may be left empty (host_chunk_kernel uses delta)
   tensor_view<T const, 3> dout;     //!< `[Sq, H, D]` gradient of the output
   tensor_view<float const, 2> lse;  //!< `[H, Sq]` final merged LSE (ln), -inf for empty rows
   tensor_view<float const, 2> delta; //!< `[H, Sq]` rowsum(dout * out) of the final output
@@ -89,6 +93,12 @@ template <class T>
   if (q_offset < 0 || k_offset < 0)
     return make_error(errc::invalid_argument, who, ": global offsets must be >= 0, got q_offset ",
                       q_offset, " and k_offset ", k_offset);
+  // Positions must stay far from the int64 limit: masks compute offset + extent + 1.
+  constexpr index_t max_position = index_t{1} << 62;
+  if (q_offset > max_position - q.extent(0) || k_offset > max_position - k.extent(0))
+    return make_error(errc::invalid_argument, who, ": global positions must stay below 2^62, got ",
+                      "q_offset ", q_offset, " + Sq ", q.extent(0), " and k_offset ", k_offset,
+                      " + Sk ", k.extent(0));
   if (scale && !std::isfinite(*scale))
     return make_error(errc::invalid_argument, who, ": softmax scale ", *scale, " is not finite");
   return {};

@@ -68,8 +68,9 @@ public:
   }
 
   //! Read-only view of the same elements.
-  template <class U = T, class = std::enable_if_t<!std::is_const_v<U>>>
-  constexpr operator tensor_view<U const, Rank>() const noexcept {
+  constexpr operator tensor_view<T const, Rank>() const noexcept
+    requires(!std::is_const_v<T>)
+  {
     return {data_, extents(), strides()};
   }
 

@@ -24,6 +24,8 @@
 #pragma once
 
 #include "../../config.hpp"
+#include "../../core/bfloat16.hpp"
+#include "../../core/half.hpp"
 #include "../../core/parallel_for.hpp"
 #include "../../core/status.hpp"
 #include "../../core/tensor_view.hpp"
@@ -32,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -186,6 +189,11 @@ inline constexpr index_t block_k = 64; // keys per tile
 
 } // namespace detail::host_attention
 
+//! Element types the host kernel accepts: float, fpdt::bfloat16, fpdt::half.
+template <class T>
+concept host_attention_element =
+    std::same_as<T, float> || std::same_as<T, bfloat16> || std::same_as<T, half>;
+
 //! The host chunk attention kernel (models `chunk_kernel<host_chunk_kernel, T>` for T = float,
 //! fpdt::bfloat16, fpdt::half).
 //!
@@ -196,7 +204,9 @@ struct host_chunk_kernel {
   unsigned threads = 0; //!< host threads to use; 0 = all hardware threads
 
   //! Forward of one chunk pair (FlashAttention-2 Algorithm 1, LSE in natural log).
-  template <class T> [[nodiscard]] status forward(chunk_forward_args<T> const& a) const {
+  template <class T>
+    requires host_attention_element<T>
+  [[nodiscard]] status forward(chunk_forward_args<T> const& a) const {
     namespace ha = detail::host_attention;
     FPDT_TRY(check_args(a));
     index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
@@ -342,7 +352,9 @@ struct host_chunk_kernel {
   }
 
   //! Backward of one chunk pair (FlashAttention-2 Algorithm 2): accumulates fp32 dq, dk, dv.
-  template <class T> [[nodiscard]] status backward(chunk_backward_args<T> const& a) const {
+  template <class T>
+    requires host_attention_element<T>
+  [[nodiscard]] status backward(chunk_backward_args<T> const& a) const {
     namespace ha = detail::host_attention;
     FPDT_TRY(check_args(a));
     index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
@@ -421,13 +433,15 @@ struct host_chunk_kernel {
             bool const empty = lse == ha::ninf || lo >= hi;
             if (!empty && lo == 0 && hi == nb) { // the whole tile is visible to this row
               for (index_t t = 0; t < nb; ++t) {
-                float const pv = ha::exp2(p[t] * c - lse2);
+                // min(., 0): P <= 1 even when rounding of a huge lse would push it above.
+                float const pv = ha::exp2(std::min(p[t] * c - lse2, 0.0f));
                 p[t] = pv;
                 ds[t] = pv * (ds[t] - delta) * scale; // dS, pre-scaled for dq and dk
               }
             } else {
               for (index_t t = 0; t < nb; ++t) {
-                float const pv = (!empty && t >= lo && t < hi) ? ha::exp2(p[t] * c - lse2) : 0.0f;
+                float const pv =
+                    (!empty && t >= lo && t < hi) ? ha::exp2(std::min(p[t] * c - lse2, 0.0f)) : 0.0f;
                 p[t] = pv;
                 ds[t] = pv * (ds[t] - delta) * scale;
               }
@@ -464,5 +478,6 @@ struct host_chunk_kernel {
 };
 
 static_assert(chunk_kernel<host_chunk_kernel, float>);
+static_assert(!chunk_kernel<host_chunk_kernel, double>, "the host kernel takes fp32, bf16, fp16");
 
 FPDT_NAMESPACE_END
