@@ -68,9 +68,11 @@ public:
   }
 
   //! Read-only view of the same elements.
-  constexpr operator tensor_view<T const, Rank>() const noexcept
-    requires(!std::is_const_v<T>)
-  {
+  // A template constrained to U == T (a plain member would, for a const T, be a conversion to its
+  // own type, which nvcc warns about): converts to the same element type only, never another.
+  template <class U = T>
+    requires(std::is_same_v<U, T> && !std::is_const_v<U>)
+  constexpr operator tensor_view<U const, Rank>() const noexcept {
     return {data_, extents(), strides()};
   }
 
