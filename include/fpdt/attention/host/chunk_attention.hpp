@@ -20,7 +20,9 @@
 //!   first) and summed at the end.
 //!
 //! Scratch is ordinary heap memory owned by the call (the host kernel stands for device code; the
-//! device arena counts the pipeline's buffers, not a kernel's registers).
+//! device arena counts the pipeline's buffers, not a kernel's registers). Per thread, in fp32
+//! elements: forward 2 Sk D (the packed kv head) plus tiles; backward 2 (H/H_kv) Sq D (packed q and
+//! dout) plus Sq H D for the dq buffer of every thread after the first, plus tiles.
 #pragma once
 
 #include "../../config.hpp"
