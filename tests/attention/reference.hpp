@@ -358,31 +358,29 @@ template <class T>
   return to_double(convert<T>(x));
 }
 
+//! Row-major view of all `n` elements at `data` with the given extents (throws if they do not
+//! cover exactly the buffer); `who` names the caller in the message.
+template <class T, std::size_t R>
+[[nodiscard]] fpdt::tensor_view<T, R> whole_view(T* data, std::size_t n,
+                                                 std::array<index_t, R> const& ext, char const* who) {
+  auto v = fpdt::contiguous_view(data, ext, static_cast<index_t>(n));
+  if (!v.ok()) throw std::invalid_argument(v.error().message());
+  if (static_cast<std::size_t>(v->size()) != n)
+    throw std::invalid_argument(std::string(who) + ": extents do not cover the buffer");
+  return *v;
+}
+
 //! Row-major view of the whole vector with the given extents (throws if they do not fit).
 template <class T, std::size_t R>
 [[nodiscard]] fpdt::tensor_view<T, R> view(std::vector<T>& buf, std::array<index_t, R> const& ext) {
-  auto v = fpdt::contiguous_view(buf.data(), ext, static_cast<index_t>(buf.size()));
-  if (!v.ok()) throw std::invalid_argument(v.error().message());
-  index_t n = 1;
-  for (index_t e : ext)
-    n *= e;
-  if (static_cast<std::size_t>(n) != buf.size())
-    throw std::invalid_argument("fpdt_test::view: extents do not cover the buffer");
-  return *v;
+  return whole_view(buf.data(), buf.size(), ext, "fpdt_test::view");
 }
 
 //! Read-only row-major view of the whole vector.
 template <class T, std::size_t R>
 [[nodiscard]] fpdt::tensor_view<T const, R> cview(std::vector<T> const& buf,
                                                   std::array<index_t, R> const& ext) {
-  auto v = fpdt::contiguous_view(buf.data(), ext, static_cast<index_t>(buf.size()));
-  if (!v.ok()) throw std::invalid_argument(v.error().message());
-  index_t n = 1;
-  for (index_t e : ext)
-    n *= e;
-  if (static_cast<std::size_t>(n) != buf.size())
-    throw std::invalid_argument("fpdt_test::cview: extents do not cover the buffer");
-  return *v;
+  return whole_view(buf.data(), buf.size(), ext, "fpdt_test::cview");
 }
 
 //! True when every element is finite (float, bf16, half or double).

@@ -75,9 +75,6 @@ FPDT_FORCEINLINE float exp2(float x) noexcept {
 // 16 floats in GCC/Clang vector-extension form: one zmm with AVX-512, split by the compiler into
 // narrower registers elsewhere. Explicit vectors keep the micro-tile in registers at any -O level.
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-inline constexpr bool have_vec16 = true;
-#else
-inline constexpr bool have_vec16 = false;
 #endif
 #if defined(__AVX512F__)
 inline constexpr index_t mr = 8;  // rows of the micro-tile: 8 x 32 floats = 16 zmm accumulators
@@ -153,15 +150,15 @@ inline void gemm_acc(index_t m, index_t n, index_t k, float const* a, index_t ld
   }
 }
 
-// dst[0..d) = float(v(row, head, 0..d)) * mul
+// dst[0..d) = float(v(row, head, 0..d))
 template <class T>
 FPDT_FORCEINLINE void load_row(float* dst, tensor_view<T const, 3> const& v, index_t row,
-                               index_t head, index_t d, float mul = 1.0f) noexcept {
+                               index_t head, index_t d) noexcept {
   if (v.stride(2) == 1) {
     T const* src = &v(row, head, 0);
-    for (index_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+    for (index_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
   } else {
-    for (index_t i = 0; i < d; ++i) dst[i] = static_cast<float>(v(row, head, i)) * mul;
+    for (index_t i = 0; i < d; ++i) dst[i] = static_cast<float>(v(row, head, i));
   }
 }
 
