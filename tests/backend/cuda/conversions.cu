@@ -76,17 +76,29 @@ TEST_CASE("cuda: conversions match the host and CUDA's intrinsics bit for bit") 
   std::vector<float> back;
   fpdt::status st = run(in, out, back);
   REQUIRE_MESSAGE(st.ok(), st.to_string());
+  // fpdt's device conversions must equal the host's bit for bit everywhere (the host ones are
+  // checked exhaustively against a float64 decode in the host tests). CUDA's intrinsics are a
+  // second opinion only where |x| >= 2^-14: on an H200 with CUDA 13.0 (2026-11-29)
+  // __float2half_rn flushed half subnormal results to 0 and __float2bfloat16_rn gave 0x3300 for
+  // 2^-24 (IEEE round-to-nearest-even: 0x3380), so below that the intrinsics are not a reference.
   int bad = 0;
+  std::size_t intrinsic_tiny_differences = 0;
   for (std::size_t i = 0; i < in.size() && bad < 10; ++i) {
     std::uint16_t const host_bf16 = fpdt::bfloat16(in[i]).bits;
     std::uint16_t const host_f16 = fpdt::half(in[i]).bits;
-    if (out[0][i] != host_bf16 || out[2][i] != host_bf16 || out[1][i] != host_f16 || out[3][i] != host_f16) {
+    bool const tiny = std::fabs(in[i]) < 0x1p-14f;
+    bool const ours_ok = out[0][i] == host_bf16 && out[1][i] == host_f16;
+    bool const cuda_ok = out[2][i] == host_bf16 && out[3][i] == host_f16;
+    if (tiny && ours_ok && !cuda_ok) ++intrinsic_tiny_differences;
+    if (!ours_ok || (!tiny && !cuda_ok)) {
       ++bad;
       FAIL_CHECK("input ", in[i], ": bf16 host/ours/cuda ", host_bf16, "/", out[0][i], "/", out[2][i],
                  ", f16 host/ours/cuda ", host_f16, "/", out[1][i], "/", out[3][i]);
     }
   }
   CHECK(bad == 0);
+  MESSAGE("inputs below 2^-14 where CUDA's intrinsics differ from IEEE RNE: ",
+          intrinsic_tiny_differences);
   for (std::size_t i = 0; i < back.size() && i < 65536; ++i) {
     float const h = static_cast<float>(fpdt::half::from_bits(static_cast<std::uint16_t>(i)));
     if (h == h) CHECK(back[i] == h);
