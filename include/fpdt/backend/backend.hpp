@@ -20,6 +20,23 @@
 
 FPDT_NAMESPACE_BEGIN
 
+namespace detail {
+// The argument rules every backend's copy_async shares (bytes > 0): no null pointer, no overlap.
+// `who` names the function in the message, e.g. "host_backend::copy_async".
+[[nodiscard]] inline status check_copy_arguments(std::string_view who, void const* dst,
+                                                 void const* src, std::size_t bytes) {
+  if (dst == nullptr || src == nullptr)
+    return make_error(errc::invalid_argument, who, " of ", bytes, " bytes: ",
+                      dst == nullptr ? "destination" : "source", " pointer is null");
+  auto const d = reinterpret_cast<std::uintptr_t>(dst);
+  auto const o = reinterpret_cast<std::uintptr_t>(src);
+  if (d < o + bytes && o < d + bytes)
+    return make_error(errc::invalid_argument, who, " of ", bytes, " bytes: source ", src,
+                      " and destination ", dst, " overlap");
+  return {};
+}
+} // namespace detail
+
 //! The role a stream plays in the pipeline (DESIGN.md section 1, "lane").
 enum class lane : std::uint8_t {
   compute, //!< attention, merges, casts

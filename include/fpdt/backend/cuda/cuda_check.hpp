@@ -27,6 +27,21 @@ FPDT_NAMESPACE_BEGIN
                     ") at ", file, ":", line);
 }
 
+namespace detail {
+// Makes `device` the calling thread's current device (CUDA's per-thread convention). Not restored
+// afterwards: restoring an unset thread to device 0 would create a context on a device the
+// program may never use.
+[[nodiscard]] inline status set_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) (void)cudaGetLastError();
+  if (current == device) return {};
+  if (cudaError_t const err = cudaSetDevice(device); err != cudaSuccess)
+    return cuda_status(err, "cudaSetDevice", __FILE__, __LINE__)
+        .with_context(concat("making CUDA device ", device, " current"));
+  return {};
+}
+} // namespace detail
+
 FPDT_NAMESPACE_END
 
 //! Evaluates the CUDA runtime call `call`; on failure returns an `fpdt::status` naming the call,

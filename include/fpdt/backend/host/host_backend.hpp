@@ -17,7 +17,6 @@
 #include "stream.hpp"
 
 #include <cstddef>
-#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -89,15 +88,7 @@ public:
   //! `bytes > 0` or the two ranges overlap.
   [[nodiscard]] status copy_async(void* dst, void const* src, std::size_t bytes, stream_type& s) {
     if (bytes == 0) return {};
-    if (dst == nullptr || src == nullptr)
-      return make_error(errc::invalid_argument, "host_backend::copy_async of ", bytes,
-                        " bytes: ", dst == nullptr ? "destination" : "source",
-                        " pointer is null");
-    auto const d = reinterpret_cast<std::uintptr_t>(dst);
-    auto const o = reinterpret_cast<std::uintptr_t>(src);
-    if (d < o + bytes && o < d + bytes)
-      return make_error(errc::invalid_argument, "host_backend::copy_async of ", bytes,
-                        " bytes: source ", src, " and destination ", dst, " overlap");
+    FPDT_TRY(detail::check_copy_arguments("host_backend::copy_async", dst, src, bytes));
     s.enqueue([dst, src, bytes] { std::memcpy(dst, src, bytes); });
     return {};
   }
