@@ -5,4 +5,7 @@
 #pragma once
 
 #include "fpdt.hpp"
-#include "backend/cuda/cuda_check.hpp"
+#include "backend/cuda/cuda.hpp"
+#include "attention/cuda/reference_attention.cuh"
+#include "attention/cuda/flash_attention.cuh"
+#include "attention/cuda/external_kernel.cuh"

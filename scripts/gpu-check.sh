@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: build (or take prebuilt binaries), run the GPU tests, run the GPU
+# benchmarks and PyTorch's scaled_dot_product_attention on the same shapes, and print a short
+# table last (kernel TFLOP/s beside SDPA's best backend; staging copy GB/s beside a bare
+# cudaMemcpyAsync). Target: under 8 minutes.
+#
+# Usage: scripts/gpu-check.sh [OUTDIR]
+#   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests and fpdt-cuda-bench from DIR instead of building
+#                     (build them elsewhere with: cmake --preset default && cmake --build
+#                     build/default --target fpdt-cuda-tests fpdt-cuda-bench)
+#   FPDT_GPU_LIB=DIR  prepended to LD_LIBRARY_PATH (e.g. a carried libbenchmark)
+# Logs and JSON go to OUTDIR (default build/gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-build/gpu-check}
+mkdir -p "$out"
+[[ -n ${FPDT_GPU_LIB:-} ]] && export LD_LIBRARY_PATH="$FPDT_GPU_LIB:${LD_LIBRARY_PATH:-}"
+[[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
+start=$(date +%s)
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
+
+if [[ -n ${FPDT_GPU_BIN:-} ]]; then
+  bin=$FPDT_GPU_BIN
+else
+  cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DFPDT_ENABLE_CUDA=ON -DFPDT_ENABLE_MPI=OFF \
+    -DFPDT_HEADER_CHECKS=OFF -DFPDT_INSTALL=OFF -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/configure.log" 2>&1 &&
+    cmake --build build/gpu -j"$(nproc)" --target fpdt-cuda-tests fpdt-cuda-bench >"$out/build.log" 2>&1 ||
+    { echo "gpu-check: build failed (see $out/build.log)"; tail -30 "$out/build.log"; exit 1; }
+  bin=build/gpu
+  [[ -x $bin/tests/fpdt-cuda-tests ]] && bin_tests=$bin/tests/fpdt-cuda-tests
+  [[ -x $bin/bench/fpdt-cuda-bench ]] && bin_bench=$bin/bench/fpdt-cuda-bench
+fi
+bin_tests=${bin_tests:-$bin/fpdt-cuda-tests}
+bin_bench=${bin_bench:-$bin/fpdt-cuda-bench}
+
+echo "=== GPU tests ==="
+timeout 300 "$bin_tests" 2>&1 | tee "$out/tests.log" | grep -vE '^\s*$' | tail -60
+tests_rc=${PIPESTATUS[0]}
+echo "gpu tests exit code: $tests_rc"
+
+echo "=== GPU benchmarks ==="
+timeout 200 "$bin_bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json 2>&1 |
+  tee "$out/bench.log" | tail -20
+
+echo "=== PyTorch SDPA ==="
+PYTHONUNBUFFERED=1 timeout 150 python3 scripts/bench_sdpa_torch.py 2>&1 | tee "$out/sdpa.log"
+
+python3 - "$out" "$tests_rc" <<'EOF'
+import json, re, sys
+out, rc = sys.argv[1], sys.argv[2]
+try:
+    bench = json.load(open(f"{out}/bench.json"))["benchmarks"]
+except Exception as e:
+    bench = []
+    print("no benchmark JSON:", e)
+sdpa = {}
+for line in open(f"{out}/sdpa.log"):
+    m = re.match(r"sdpa (\S+) causal=(\d) (fwd|bwd) ([\d.]+) ms ([\d.]+) TFLOP/s", line)
+    if m:
+        key = (int(m[2]), m[3])
+        tf = float(m[5])
+        if tf > sdpa.get(key, (0, ""))[0]:
+            sdpa[key] = (tf, m[1])
+print()
+print("=== fpdt gpu-check summary ===")
+print(f"GPU tests exit code {rc} (0: all passed)")
+print("attention S=16384 H=16 D=128 bf16 | fpdt TFLOP/s | SDPA best TFLOP/s (backend) | ratio")
+for b in bench:
+    m = re.match(r"cuda/attention/flash/S:\d+/H:\d+/D:\d+/causal:(\d)/bwd:(\d)", b["name"])
+    if not m or "TFLOP/s" not in b:
+        continue
+    key = (int(m[1]), "bwd" if m[2] == "1" else "fwd")
+    ours = b["TFLOP/s"]
+    ref = sdpa.get(key)
+    ratio = f"{ours / ref[0]:.2f}x" if ref else "n/a"
+    refs = f"{ref[0]:.1f} ({ref[1]})" if ref else "n/a"
+    print(f"  causal={key[0]} {key[1]} | {ours:.1f} | {refs} | {ratio}")
+print("copies | fpdt GB/s | bare cudaMemcpyAsync GB/s | ratio")
+rates = {b["name"]: b.get("bytes_per_second", 0) / 1e9 for b in bench if "copy" in b["name"]}
+for name, r in sorted(rates.items()):
+    if "/fpdt/" in name:
+        bare = rates.get(name.replace("/fpdt/", "/bare/"))
+        ratio = f"{r / bare:.2f}x" if bare else "n/a"
+        print(f"  {name.replace('/fpdt', '')} | {r:.1f} | {bare or 0:.1f} | {ratio}")
+EOF
+echo "gpu-check: wall time $(( $(date +%s) - start )) s"
+exit "$tests_rc"
