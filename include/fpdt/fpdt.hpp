@@ -11,3 +11,4 @@
 #include "memory/memory.hpp"
 #include "backend/backend.hpp"
 #include "backend/host/host.hpp"
+#include "schedule/token_layout.hpp"

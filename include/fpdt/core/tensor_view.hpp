@@ -208,9 +208,10 @@ make_tensor_view(T* data, std::array<index_t, Rank> const& extents,
     order[n++] = d;
   }
   // Insertion sort of at most 4 entries (std::sort trips GCC 12's -Warray-bounds here).
-  for (std::size_t k = 1; k < n; ++k)
-    for (std::size_t m = k; m > 0 && strides[order[m]] < strides[order[m - 1]]; --m)
-      std::swap(order[m], order[m - 1]);
+  if constexpr (Rank > 1) // (GCC 12 -O3 warns about order[m - 1] for Rank 1, where n <= 1)
+    for (std::size_t k = 1; k < n; ++k)
+      for (std::size_t m = k; m > 0 && strides[order[m]] < strides[order[m - 1]]; --m)
+        std::swap(order[m], order[m - 1]);
   constexpr index_t max_index = std::numeric_limits<index_t>::max();
   index_t reach = 0; // offset of the furthest element
   for (std::size_t k = 0; k < n; ++k) {
