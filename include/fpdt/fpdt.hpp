@@ -12,3 +12,7 @@
 #include "backend/backend.hpp"
 #include "backend/host/host.hpp"
 #include "schedule/token_layout.hpp"
+#include "schedule/schedule.hpp"
+#include "pipeline/trace.hpp"
+#include "pipeline/executor.hpp"
+#include "layers/fpdt_attention.hpp"

@@ -6,3 +6,5 @@
 #include "memory_block.hpp"
 #include "memory_resource.hpp"
 #include "pinned_pool.hpp"
+#include "staging_ring.hpp"
+#include "chunk_store.hpp"

@@ -1,0 +1,731 @@
+//! \file
+//! \brief `fpdt_attention`: FPDT attention on one rank (P = 1), forward and backward over u chunks,
+//! with the inactive chunks offloaded to pinned host memory and the copies hidden behind compute.
+//!
+//! DESIGN.md 2.2 (forward), 2.3 (backward), 3 (architecture), FPDT paper (Yao et al., arXiv
+//! 2408.16978) section 3. The layer builds the pass's schedule (schedule/schedule.hpp), checks it,
+//! allocates exactly the schedule's device buffers from the backend's arena (rings of staging
+//! slots plus the fp32 accumulators, independent of S when offload is on) and its pinned host
+//! copies from the backend's pool, and runs it with the executor (pipeline/executor.hpp) on the
+//! compute, h2d and d2h lanes. The distributed issue adds the Ulysses all-to-all on the comm lane.
+//!
+//! Shapes (model dtype `T`: float, bfloat16 or half): q `[S, H, D]`, k and v `[S, H_kv, D]`, out
+//! `[S, H, D]`; gradients dq `[S, H, D]`, dk and dv `[S, H_kv, D]` in fp32. Chunks of C tokens,
+//! u = S / C. q/k/v come from a `chunk_source` (the trainer's projection, called per chunk) or
+//! from tensors; outputs go to a `chunk_sink` or to tensors.
+//!
+//! Backends: the steps other than the chunk kernel (merge, finalize, delta, zero, sinks) run as
+//! host code on the compute lane, so the layer needs a backend whose device memory the host can
+//! address and whose streams run host tasks (`host_backend`); the CUDA path needs device versions
+//! of those steps (issue 6 follow-up).
+#pragma once
+
+#include "../attention/chunk_kernel.hpp"
+#include "../attention/host/chunk_attention.hpp"
+#include "../attention/mask.hpp"
+#include "../attention/online_softmax.hpp"
+#include "../backend/backend.hpp"
+#include "../backend/host/host_backend.hpp"
+#include "../config.hpp"
+#include "../core/bfloat16.hpp"
+#include "../core/half.hpp"
+#include "../core/status.hpp"
+#include "../core/tensor_view.hpp"
+#include "../memory/chunk_store.hpp"
+#include "../memory/device_arena.hpp"
+#include "../memory/staging_ring.hpp"
+#include "../pipeline/executor.hpp"
+#include "../pipeline/trace.hpp"
+#include "../schedule/schedule.hpp"
+
+#include <array>
+#include <concepts>
+#include <cstddef>
+#include <cstring>
+#include <optional>
+#include <utility>
+
+FPDT_NAMESPACE_BEGIN
+
+//! The attention shape of a layer, in tokens and heads.
+struct attention_shape {
+  index_t sequence = 0; //!< S, tokens
+  index_t heads = 0;    //!< H, query heads
+  index_t kv_heads = 0; //!< H_kv, key/value heads (H % H_kv == 0)
+  index_t head_dim = 0; //!< D
+};
+
+//! Options of an `fpdt_attention` layer.
+struct fpdt_attention_options {
+  index_t chunk = 0;                    //!< C, tokens per chunk (S % C == 0); 0: C = S
+  bool offload = true;                  //!< offload inactive chunks to pinned host memory
+  index_t ring_slots = 2;               //!< staging slots per ring (2 = double buffering)
+  attention_mask mask = causal_mask;    //!< causal or full, by global position
+  std::optional<float> scale{};         //!< softmax scale; 1/sqrt(D) when empty
+};
+
+//! Where a layer's q, k, v chunks come from: `produce(c, first_token, q, k, v)` writes chunk `c`
+//! (tokens [first_token, first_token + C)) into the device views `q [C, H, D]`, `k`, `v`
+//! `[C, H_kv, D]`, returning `status`. Called on the compute lane, in chunk order.
+template <class S, class T>
+concept chunk_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
+  { s.produce(c, c, v, v, v) } -> std::same_as<status>;
+};
+
+//! Where a layer's output chunks go: `consume(c, first_token, out, lse)` receives chunk `c`'s
+//! final output `out [C, H, D]` in the model dtype and `lse [H, C]` fp32 (ln); the views are valid
+//! only during the call.
+template <class S, class T>
+concept chunk_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
+                              tensor_view<float const, 2> const& l) {
+  { s.consume(c, c, o, l) } -> std::same_as<status>;
+};
+
+//! Where a layer's gradients go: `consume_dq(c, first_token, dq)` with dq `[C, H, D]` fp32 once
+//! chunk c's dq is final, and `consume_dkv(c, first_token, dk, dv)` with `[C, H_kv, D]` fp32.
+template <class S>
+concept gradient_sink = requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
+  { s.consume_dq(c, c, g) } -> std::same_as<status>;
+  { s.consume_dkv(c, c, g, g) } -> std::same_as<status>;
+};
+
+//! A `chunk_source` reading slices of whole q `[S, H, D]`, k and v `[S, H_kv, D]` tensors.
+template <class T> struct tensor_source {
+  tensor_view<T const, 3> q; //!< `[S, H, D]`
+  tensor_view<T const, 3> k; //!< `[S, H_kv, D]`
+  tensor_view<T const, 3> v; //!< `[S, H_kv, D]`
+  //! Copies tokens [first, first + C) of q, k, v into the chunk views.
+  [[nodiscard]] status produce(index_t, index_t first, tensor_view<T, 3> const& qc,
+                               tensor_view<T, 3> const& kc, tensor_view<T, 3> const& vc) const {
+    copy_rows(q, first, qc);
+    copy_rows(k, first, kc);
+    copy_rows(v, first, vc);
+    return {};
+  }
+
+private:
+  static void copy_rows(tensor_view<T const, 3> const& src, index_t first, tensor_view<T, 3> const& dst) {
+    for (index_t s = 0; s < dst.extent(0); ++s)
+      for (index_t h = 0; h < dst.extent(1); ++h)
+        for (index_t d = 0; d < dst.extent(2); ++d)
+          dst(s, h, d) = src(first + s, h, d);
+  }
+};
+
+//! A `chunk_sink` writing into whole out `[S, H, D]` (model dtype) and, when not empty,
+//! lse `[H, S]` fp32 tensors.
+template <class T> struct tensor_sink {
+  tensor_view<T, 3> out;         //!< `[S, H, D]`
+  tensor_view<float, 2> lse{};   //!< `[H, S]`, optional
+  //! Copies the chunk into rows [first, first + C).
+  [[nodiscard]] status consume(index_t, index_t first, tensor_view<T const, 3> const& o,
+                               tensor_view<float const, 2> const& l) {
+    for (index_t s = 0; s < o.extent(0); ++s)
+      for (index_t h = 0; h < o.extent(1); ++h) {
+        for (index_t d = 0; d < o.extent(2); ++d)
+          out(first + s, h, d) = o(s, h, d);
+        if (!lse.empty()) lse(h, first + s) = l(h, s);
+      }
+    return {};
+  }
+};
+
+//! A `gradient_sink` writing (overwriting) fp32 dq `[S, H, D]`, dk and dv `[S, H_kv, D]`.
+struct tensor_gradient_sink {
+  tensor_view<float, 3> dq; //!< `[S, H, D]`
+  tensor_view<float, 3> dk; //!< `[S, H_kv, D]`
+  tensor_view<float, 3> dv; //!< `[S, H_kv, D]`
+  //! Copies dq of one chunk into rows [first, first + C).
+  [[nodiscard]] status consume_dq(index_t, index_t first, tensor_view<float const, 3> const& g) {
+    copy(g, first, dq);
+    return {};
+  }
+  //! Copies dk and dv of one chunk into rows [first, first + C).
+  [[nodiscard]] status consume_dkv(index_t, index_t first, tensor_view<float const, 3> const& gk,
+                                   tensor_view<float const, 3> const& gv) {
+    copy(gk, first, dk);
+    copy(gv, first, dv);
+    return {};
+  }
+
+private:
+  static void copy(tensor_view<float const, 3> const& g, index_t first, tensor_view<float, 3> const& dst) {
+    for (index_t s = 0; s < g.extent(0); ++s)
+      for (index_t h = 0; h < g.extent(1); ++h)
+        for (index_t d = 0; d < g.extent(2); ++d)
+          dst(first + s, h, d) = g(s, h, d);
+  }
+};
+
+namespace detail::layer {
+inline constexpr std::size_t align = device_arena::granularity;
+[[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return (b + align - 1) / align * align; }
+} // namespace detail::layer
+
+//! FPDT attention on one rank (see the file comment).
+//!
+//! \tparam T      model dtype: float, bfloat16 or half
+//! \tparam B      backend (host-addressable device memory, host tasks on streams: `host_backend`)
+//! \tparam Kernel chunk kernel modelling `chunk_kernel<Kernel, T>` (default: the host kernel)
+//!
+//! The layer keeps, between `forward` and `backward`, the pinned host copies of q, k, v, out and
+//! lse (offload on) or the device rings holding them (offload off). Not thread-safe: one pass at a
+//! time per layer object. Every pass allocates its buffers before its first step, so an
+//! out-of-memory error leaves the caller's tensors untouched.
+template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
+  requires chunk_kernel<Kernel, T>
+class fpdt_attention {
+  static_assert(runs_host_tasks_in_order<B>,
+                "fpdt_attention: merge, finalize, delta and the sinks run as host tasks on the "
+                "compute lane; use host_backend (the CUDA path needs device versions of them)");
+
+public:
+  //! Tensors the layer keeps on the host per chunk, indexing its `chunk_store`.
+  enum host_tensor : std::size_t { host_q, host_k, host_v, host_out, host_lse, host_dq, host_tensors };
+
+  //! Checks the shape and options and builds (and checks) both schedules; allocates nothing.
+  //! Errors: `errc::invalid_argument` / `errc::shape_mismatch` naming the numbers and the rule
+  //! (S, H, H_kv, D >= 1; H % H_kv == 0; S % C == 0; ring_slots in [2, 64]).
+  [[nodiscard]] static result<fpdt_attention> create(B& be, attention_shape shape,
+                                                     fpdt_attention_options const& options = {},
+                                                     Kernel kernel = {}) {
+    if (shape.sequence < 1 || shape.heads < 1 || shape.kv_heads < 1 || shape.head_dim < 1)
+      return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence, ", H = ",
+                        shape.heads, ", H_kv = ", shape.kv_heads, ", D = ", shape.head_dim,
+                        " must all be >= 1");
+    if (shape.heads % shape.kv_heads != 0)
+      return make_error(errc::shape_mismatch, "fpdt_attention: H = ", shape.heads,
+                        " must be a multiple of H_kv = ", shape.kv_heads);
+    index_t const c = options.chunk == 0 ? shape.sequence : options.chunk;
+    if (c < 1 || shape.sequence % c != 0)
+      return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence,
+                        " is not a multiple of the chunk C = ", c);
+    fpdt_attention layer(be, shape, options, c, std::move(kernel));
+    FPDT_TRY(layer.build_schedules());
+    return layer;
+  }
+
+  fpdt_attention(fpdt_attention&&) noexcept = default; //!< moves the layer and its saved state
+
+  //! Forward over all chunks: q, k, v from `source`, each chunk's output to `sink`.
+  //! Errors: the arena's or pool's `errc::out_of_memory` (before any step runs); errors of the
+  //! source, kernel or sink, with the step named.
+  template <class Source, class Sink>
+    requires chunk_source<Source, T> && chunk_sink<Sink, T>
+  [[nodiscard]] status forward(Source const& source, Sink& sink) {
+    saved_ = false;
+    FPDT_TRY(prepare_forward());
+    FPDT_TRY(make_executor());
+    auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
+      return forward_step(st, s, source, sink);
+    };
+    status st = ex_->run(fwd_, work, &trace_);
+    store_.settle(chunk_place::in_flight, chunk_place::host);
+    // The accumulators are done; with offload the rings are too (the host copies are the state).
+    fwd_fixed_ = {};
+    if (opt_.offload) fwd_rings_ = {};
+    if (!st.ok()) return st;
+    saved_ = true;
+    return {};
+  }
+
+  //! Forward from whole tensors: q `[S, H, D]`, k and v `[S, H_kv, D]` into out `[S, H, D]` and,
+  //! when given, lse `[H, S]`. Errors: `errc::shape_mismatch` naming the shapes; as above.
+  [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
+                               tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out,
+                               tensor_view<float, 2> const& lse = {}) {
+    FPDT_TRY(check_shape("q", q.extents(), shape_.heads));
+    FPDT_TRY(check_shape("k", k.extents(), shape_.kv_heads));
+    FPDT_TRY(check_shape("v", v.extents(), shape_.kv_heads));
+    FPDT_TRY(check_shape("out", out.extents(), shape_.heads));
+    if (!lse.empty() && (lse.extent(0) != shape_.heads || lse.extent(1) != shape_.sequence))
+      return make_error(errc::shape_mismatch, "fpdt_attention forward: lse ",
+                        detail::shape_string(lse.extents()), " must be [H, S] = [", shape_.heads,
+                        ", ", shape_.sequence, "]");
+    tensor_source<T> src{q, k, v};
+    tensor_sink<T> snk{out, lse};
+    return forward(src, snk);
+  }
+
+  //! Backward of the last forward: dout `[S, H, D]` in, gradients to `sink`. Errors:
+  //! `errc::invalid_argument` when no successful forward precedes it; `errc::shape_mismatch`;
+  //! `errc::out_of_memory` before any step runs; errors of the kernel or sink, naming the step.
+  template <class Sink>
+    requires gradient_sink<Sink>
+  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
+    if (!saved_)
+      return make_error(errc::invalid_argument,
+                        "fpdt_attention backward: no successful forward to differentiate");
+    FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
+    FPDT_TRY(prepare_backward());
+    FPDT_TRY(make_executor());
+    auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
+      return backward_step(st, s, dout, sink);
+    };
+    status st = ex_->run(bwd_, work, &trace_);
+    store_.settle(chunk_place::in_flight, chunk_place::host);
+    bwd_rings_ = {};
+    bwd_fixed_ = {};
+    return st;
+  }
+
+  //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten).
+  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
+                                tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
+    FPDT_TRY(check_shape("dq", dq.extents(), shape_.heads));
+    FPDT_TRY(check_shape("dk", dk.extents(), shape_.kv_heads));
+    FPDT_TRY(check_shape("dv", dv.extents(), shape_.kv_heads));
+    tensor_gradient_sink snk{dq, dk, dv};
+    return backward(dout, snk);
+  }
+
+  //! The forward schedule.
+  [[nodiscard]] schedule const& forward_plan() const noexcept { return fwd_; }
+  //! The backward schedule.
+  [[nodiscard]] schedule const& backward_plan() const noexcept { return bwd_; }
+  //! Device bytes the forward's buffers take (the schedule's rings plus the accumulators), at
+  //! the arena's granularity: the arena's peak during a forward.
+  [[nodiscard]] std::size_t predicted_forward_bytes() const noexcept {
+    return fwd_.ring_bytes(detail::layer::align) + 2 * acc_bytes();
+  }
+  //! Device bytes the backward's buffers take (plus, without offload, the forward's rings that
+  //! stay resident): the arena's peak during a backward.
+  [[nodiscard]] std::size_t predicted_backward_bytes() const noexcept {
+    std::size_t const grads = detail::layer::rounded(kv_elems() * 4) * 2;
+    if (opt_.offload) return bwd_.ring_bytes(detail::layer::align) + grads;
+    return fwd_.ring_bytes(detail::layer::align) +
+           static_cast<std::size_t>(chunks()) * grad_slot_bytes() + grads;
+  }
+  //! The trace of the last pass.
+  [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
+  //! Pinned host bytes the layer holds (its chunk store).
+  [[nodiscard]] std::size_t host_bytes() const noexcept { return store_.host_bytes(); }
+  //! Tokens per chunk, C.
+  [[nodiscard]] index_t chunk() const noexcept { return c_; }
+  //! Number of chunks, u.
+  [[nodiscard]] index_t chunks() const noexcept { return shape_.sequence / c_; }
+
+private:
+  fpdt_attention(B& be, attention_shape shape, fpdt_attention_options const& o, index_t c, Kernel k)
+      : be_(&be), shape_(shape), opt_(o), c_(c), kernel_(std::move(k)),
+        store_(be.pinned_memory(), shape.sequence / c,
+               {q_elems() * sizeof(T), kv_elems() * sizeof(T), kv_elems() * sizeof(T),
+                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4}) {}
+
+  [[nodiscard]] std::size_t q_elems() const noexcept {
+    return static_cast<std::size_t>(c_ * shape_.heads * shape_.head_dim);
+  }
+  [[nodiscard]] std::size_t kv_elems() const noexcept {
+    return static_cast<std::size_t>(c_ * shape_.kv_heads * shape_.head_dim);
+  }
+  [[nodiscard]] std::size_t lse_elems() const noexcept {
+    return static_cast<std::size_t>(c_ * shape_.heads);
+  }
+  // One fp32 partial state (out [C, H, D] and lse [H, C]) as one allocation.
+  [[nodiscard]] std::size_t acc_bytes() const noexcept {
+    return detail::layer::rounded(q_elems() * 4) + detail::layer::rounded(lse_elems() * 4);
+  }
+  // Backward without offload: dout, dq and delta of one chunk.
+  [[nodiscard]] std::size_t grad_slot_bytes() const noexcept {
+    using detail::layer::rounded;
+    return rounded(q_elems() * sizeof(T)) + rounded(q_elems() * 4) + rounded(lse_elems() * 4);
+  }
+
+  // The lanes' streams, made on the first pass and kept for the next ones.
+  [[nodiscard]] status make_executor() {
+    if (ex_) return {};
+    auto ex = executor<B>::create(*be_);
+    if (!ex) return ex.error();
+    ex_.emplace(std::move(*ex));
+    return {};
+  }
+
+  [[nodiscard]] status check_shape(char const* name, std::array<index_t, 3> const& e, index_t heads) const {
+    if (e[0] != shape_.sequence || e[1] != heads || e[2] != shape_.head_dim)
+      return make_error(errc::shape_mismatch, "fpdt_attention: ", name, " ",
+                        detail::shape_string(e), " must be [", shape_.sequence, ", ", heads, ", ",
+                        shape_.head_dim, "]");
+    return {};
+  }
+
+  [[nodiscard]] status build_schedules() {
+    using detail::layer::rounded;
+    schedule_params p;
+    p.chunks = chunks();
+    p.causal = opt_.mask.kind == mask_kind::causal;
+    p.offload = opt_.offload;
+    p.ring_slots = opt_.ring_slots;
+    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
+    p.q_bytes = qb;
+    p.kv_bytes = 2 * kvb;
+    p.out_bytes = qb + lb;
+    p.q_side_bytes = 2 * qb + lb + qb;
+    p.dq_bytes = q_elems() * 4;
+    p.dkv_bytes = 2 * kv_elems() * 4;
+    p.bytes = {rounded(qb), 2 * rounded(kvb), rounded(qb) + rounded(lb)};
+    auto f = forward_schedule(p);
+    if (!f) return f.error();
+    // Backward slots: q, out, lse, dout, dq, delta (offload) in the q ring; k, v in the kv ring.
+    p.bytes = {3 * rounded(qb) + 2 * rounded(lb) + rounded(q_elems() * 4), 2 * rounded(kvb), 0};
+    auto b = backward_schedule(p);
+    if (!b) return b.error();
+    FPDT_TRY(check_schedule(*f).with_context("fpdt_attention forward schedule"));
+    FPDT_TRY(check_schedule(*b).with_context("fpdt_attention backward schedule"));
+    fwd_ = std::move(*f);
+    bwd_ = std::move(*b);
+    return {};
+  }
+
+  // ---- forward ------------------------------------------------------------------------------
+  struct fwd_rings {
+    staging_ring q, kv, out;
+  };
+
+  [[nodiscard]] status prepare_forward() {
+    device_arena& arena = be_->device_memory();
+    fwd_rings_ = {};
+    fwd_fixed_ = {};
+    bwd_rings_ = {};
+    bwd_fixed_ = {};
+    auto const& rs = fwd_.ring_size;
+    auto q = staging_ring::create(arena, rs[0], fwd_.params.bytes.q, "fpdt_attention forward q ring");
+    if (!q) return q.error();
+    auto kv = staging_ring::create(arena, rs[1], fwd_.params.bytes.kv, "fpdt_attention forward kv ring");
+    if (!kv) return kv.error();
+    auto out = staging_ring::create(arena, rs[2], fwd_.params.bytes.out, "fpdt_attention forward out ring");
+    if (!out) return out.error();
+    auto acc = staging_ring::create(arena, 2, acc_bytes(), "fpdt_attention accumulator and partial");
+    if (!acc) return acc.error();
+    if (opt_.offload) {
+      store_.clear();
+      FPDT_TRY(store_.acquire_all());
+    }
+    fwd_rings_ = {std::move(*q), std::move(*kv), std::move(*out)};
+    fwd_fixed_ = std::move(*acc);
+    return {};
+  }
+
+  // Views into a q-ring slot / kv-ring slot / out slot / accumulator of the forward.
+  [[nodiscard]] tensor_view<T, 3> q_view(std::byte* base) const {
+    return contiguous_view(reinterpret_cast<T*>(base),
+                           std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value();
+  }
+  [[nodiscard]] tensor_view<T, 3> kv_view(std::byte* base, int which) const {
+    std::size_t const off = which * detail::layer::rounded(kv_elems() * sizeof(T));
+    return contiguous_view(reinterpret_cast<T*>(base + off),
+                           std::array<index_t, 3>{c_, shape_.kv_heads, shape_.head_dim}).value();
+  }
+  [[nodiscard]] tensor_view<float, 2> lse_view(std::byte* base) const {
+    return contiguous_view(reinterpret_cast<float*>(base), std::array<index_t, 2>{shape_.heads, c_}).value();
+  }
+  [[nodiscard]] partial_view acc_view(index_t which) const {
+    std::byte* base = fwd_fixed_.slot(which);
+    return {contiguous_view(reinterpret_cast<float*>(base),
+                            std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value(),
+            lse_view(base + detail::layer::rounded(q_elems() * 4))};
+  }
+
+  template <class F> [[nodiscard]] status host_task(typename B::stream_type& s, F&& f) {
+    return be_->launch(s, std::forward<F>(f));
+  }
+  [[nodiscard]] status copy(void* dst, void const* src, std::size_t bytes, typename B::stream_type& s) {
+    return be_->copy_async(dst, src, bytes, s);
+  }
+
+  template <class Source, class Sink>
+  [[nodiscard]] status forward_step(schedule_step const& st, typename B::stream_type& s,
+                                    Source const& source, Sink& sink) {
+    using detail::layer::rounded;
+    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
+    auto slot = [&](ring r) { return st.slot_of(r); };
+    switch (st.kind) {
+    case step_kind::produce: {
+      auto qv = q_view(fwd_rings_.q.slot(slot(ring::q)));
+      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+      auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
+      index_t const c = st.i;
+      return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
+        return source.produce(c, c * c_, qv, kv, vv).with_context(detail::concat("chunk source, chunk ", c));
+      });
+    }
+    case step_kind::offload: {
+      if (st.what == payload::q) {
+        auto h = store_.host_copy(host_q, st.i);
+        if (!h) return h.error();
+        store_.set_place(host_q, st.i, chunk_place::in_flight);
+        return copy(*h, fwd_rings_.q.slot(slot(ring::q)), qb, s);
+      }
+      if (st.what == payload::kv) {
+        std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+        auto hk = store_.host_copy(host_k, st.j);
+        auto hv = store_.host_copy(host_v, st.j);
+        if (!hk) return hk.error();
+        if (!hv) return hv.error();
+        store_.set_place(host_k, st.j, chunk_place::in_flight);
+        store_.set_place(host_v, st.j, chunk_place::in_flight);
+        FPDT_TRY(copy(*hk, kvs, kvb, s));
+        return copy(*hv, kvs + rounded(kvb), kvb, s);
+      }
+      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
+      auto ho = store_.host_copy(host_out, st.i);
+      auto hl = store_.host_copy(host_lse, st.i);
+      if (!ho) return ho.error();
+      if (!hl) return hl.error();
+      store_.set_place(host_out, st.i, chunk_place::in_flight);
+      FPDT_TRY(copy(*ho, os, qb, s));
+      return copy(*hl, os + rounded(qb), lb, s);
+    }
+    case step_kind::fetch: {
+      if (st.what == payload::q) {
+        auto h = store_.host_copy(host_q, st.i);
+        if (!h) return h.error();
+        return copy(fwd_rings_.q.slot(slot(ring::q)), *h, qb, s);
+      }
+      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+      auto hk = store_.host_copy(host_k, st.j);
+      auto hv = store_.host_copy(host_v, st.j);
+      if (!hk) return hk.error();
+      if (!hv) return hv.error();
+      FPDT_TRY(copy(kvs, *hk, kvb, s));
+      return copy(kvs + rounded(kvb), *hv, kvb, s);
+    }
+    case step_kind::compute: {
+      chunk_forward_args<T> a{};
+      a.q = q_view(fwd_rings_.q.slot(slot(ring::q)));
+      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+      a.k = kv_view(kvs, 0);
+      a.v = kv_view(kvs, 1);
+      a.out = acc_view(1);
+      a.mask = opt_.mask;
+      a.q_offset = st.i * c_;
+      a.k_offset = st.j * c_;
+      a.scale = opt_.scale;
+      return host_task(s, [this, a]() -> status { return kernel_.forward(a); });
+    }
+    case step_kind::merge: {
+      // The first pair of query chunk i starts from the merge identity (out 0, lse -inf).
+      bool const first = opt_.mask.kind == mask_kind::causal ? st.j == st.i : st.j == 0;
+      partial_view acc = acc_view(0), part = acc_view(1);
+      return host_task(s, [acc, part, first]() -> status {
+        if (first) reset_partial(acc);
+        return merge_partials(acc, partial_cview(part));
+      });
+    }
+    case step_kind::finalize: {
+      partial_view acc = acc_view(0);
+      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
+      auto ov = q_view(os);
+      auto lv = lse_view(os + rounded(qb));
+      return host_task(s, [acc, ov, lv]() {
+        for (index_t r = 0; r < ov.extent(0); ++r)
+          for (index_t h = 0; h < ov.extent(1); ++h)
+            for (index_t d = 0; d < ov.extent(2); ++d)
+              ov(r, h, d) = static_cast<T>(acc.out(r, h, d));
+        for (index_t h = 0; h < lv.extent(0); ++h)
+          for (index_t r = 0; r < lv.extent(1); ++r)
+            lv(h, r) = acc.lse(h, r);
+      });
+    }
+    case step_kind::sink: {
+      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
+      tensor_view<T const, 3> ov = q_view(os);
+      tensor_view<float const, 2> lv = lse_view(os + rounded(qb));
+      index_t const c = st.i;
+      return host_task(s, [&sink, ov, lv, c, this]() -> status {
+        return sink.consume(c, c * c_, ov, lv).with_context(detail::concat("chunk sink, chunk ", c));
+      });
+    }
+    default:
+      return make_error(errc::internal, "fpdt_attention forward: unexpected step ", to_string(st.kind));
+    }
+  }
+
+  // ---- backward -----------------------------------------------------------------------------
+  // Backward q-ring slot layout (offload on): q, out, dout (T), lse, delta (fp32), dq (fp32).
+  // Without offload the forward's q/out rings are reused and the grad ring holds dout, dq, delta.
+  struct bwd_parts {
+    tensor_view<T, 3> q, out, dout;
+    tensor_view<float, 2> lse, delta;
+    tensor_view<float, 3> dq;
+  };
+
+  [[nodiscard]] status prepare_backward() {
+    device_arena& arena = be_->device_memory();
+    auto const& rs = bwd_.ring_size;
+    staging_ring q, kv;
+    if (opt_.offload) {
+      auto qr = staging_ring::create(arena, rs[0], bwd_.params.bytes.q, "fpdt_attention backward q ring");
+      if (!qr) return qr.error();
+      auto kr = staging_ring::create(arena, rs[1], bwd_.params.bytes.kv, "fpdt_attention backward kv ring");
+      if (!kr) return kr.error();
+      q = std::move(*qr);
+      kv = std::move(*kr);
+    } else {
+      auto gr = staging_ring::create(arena, chunks(), grad_slot_bytes(), "fpdt_attention backward grad ring");
+      if (!gr) return gr.error();
+      q = std::move(*gr);
+    }
+    auto acc = staging_ring::create(arena, 1, detail::layer::rounded(kv_elems() * 4) * 2,
+                                    "fpdt_attention dk and dv accumulators");
+    if (!acc) return acc.error();
+    bwd_rings_ = {std::move(q), std::move(kv), staging_ring{}};
+    bwd_fixed_ = std::move(*acc);
+    return {};
+  }
+
+  [[nodiscard]] bwd_parts parts(index_t slot) const {
+    using detail::layer::rounded;
+    std::size_t const qb = rounded(q_elems() * sizeof(T)), lb = rounded(lse_elems() * 4);
+    bwd_parts p;
+    auto view3f = [&](std::byte* b) {
+      return contiguous_view(reinterpret_cast<float*>(b),
+                             std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value();
+    };
+    if (opt_.offload) {
+      std::byte* b = bwd_rings_.q.slot(slot);
+      p.q = q_view(b);
+      p.out = q_view(b + qb);
+      p.dout = q_view(b + 2 * qb);
+      p.lse = lse_view(b + 3 * qb);
+      p.delta = lse_view(b + 3 * qb + lb);
+      p.dq = view3f(b + 3 * qb + 2 * lb);
+    } else {
+      p.q = q_view(fwd_rings_.q.slot(slot));
+      std::byte* o = fwd_rings_.out.slot(slot);
+      p.out = q_view(o);
+      p.lse = lse_view(o + qb);
+      std::byte* g = bwd_rings_.q.slot(slot);
+      p.dout = q_view(g);
+      p.dq = view3f(g + qb);
+      p.delta = lse_view(g + qb + rounded(q_elems() * 4));
+    }
+    return p;
+  }
+  [[nodiscard]] std::byte* kv_slot_bwd(index_t slot) const {
+    return opt_.offload ? bwd_rings_.kv.slot(slot) : fwd_rings_.kv.slot(slot);
+  }
+  [[nodiscard]] tensor_view<float, 3> dkv_view(int which) const {
+    std::size_t const off = which * detail::layer::rounded(kv_elems() * 4);
+    return contiguous_view(reinterpret_cast<float*>(bwd_fixed_.slot(0) + off),
+                           std::array<index_t, 3>{c_, shape_.kv_heads, shape_.head_dim}).value();
+  }
+
+  template <class Sink>
+  [[nodiscard]] status backward_step(schedule_step const& st, typename B::stream_type& s,
+                                     tensor_view<T const, 3> const& dout, Sink& sink) {
+    using detail::layer::rounded;
+    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
+    switch (st.kind) {
+    case step_kind::fetch: {
+      if (st.what == payload::kv) {
+        std::byte* kvs = bwd_rings_.kv.slot(st.slot_of(ring::kv));
+        auto hk = store_.host_copy(host_k, st.j);
+        auto hv = store_.host_copy(host_v, st.j);
+        if (!hk) return hk.error();
+        if (!hv) return hv.error();
+        FPDT_TRY(copy(kvs, *hk, kvb, s));
+        return copy(kvs + rounded(kvb), *hv, kvb, s);
+      }
+      bwd_parts const p = parts(st.slot_of(ring::q));
+      if (opt_.offload) {
+        auto hq = store_.host_copy(host_q, st.i);
+        auto ho = store_.host_copy(host_out, st.i);
+        auto hl = store_.host_copy(host_lse, st.i);
+        if (!hq) return hq.error();
+        if (!ho) return ho.error();
+        if (!hl) return hl.error();
+        FPDT_TRY(copy(p.q.data(), *hq, qb, s));
+        FPDT_TRY(copy(p.out.data(), *ho, qb, s));
+        FPDT_TRY(copy(p.lse.data(), *hl, lb, s));
+        if (st.what == payload::q_side_dq) {
+          auto hd = store_.host_copy(host_dq, st.i);
+          if (!hd) return hd.error();
+          FPDT_TRY(copy(p.dq.data(), *hd, q_elems() * 4, s));
+        }
+      }
+      // dout_i from the caller's tensor, any strides.
+      index_t const first = st.i * c_;
+      tensor_view<T, 3> const dst = p.dout;
+      return host_task(s, [dout, dst, first]() {
+        for (index_t r = 0; r < dst.extent(0); ++r)
+          for (index_t h = 0; h < dst.extent(1); ++h)
+            for (index_t d = 0; d < dst.extent(2); ++d)
+              dst(r, h, d) = dout(first + r, h, d);
+      });
+    }
+    case step_kind::zero: {
+      if (st.what == payload::dkv) {
+        void* p = bwd_fixed_.slot(0);
+        std::size_t const n = bwd_fixed_.slot_bytes();
+        return host_task(s, [p, n] { std::memset(p, 0, n); });
+      }
+      tensor_view<float, 3> dq = parts(st.slot_of(ring::q)).dq;
+      return host_task(s, [dq] { std::memset(dq.data(), 0, static_cast<std::size_t>(dq.size()) * 4); });
+    }
+    case step_kind::delta: {
+      bwd_parts const p = parts(st.slot_of(ring::q));
+      return host_task(s, [p]() -> status {
+        return compute_delta(tensor_view<T const, 3>(p.out), tensor_view<T const, 3>(p.dout), p.delta);
+      });
+    }
+    case step_kind::compute: {
+      bwd_parts const p = parts(st.slot_of(ring::q));
+      std::byte* kvs = kv_slot_bwd(st.slot_of(ring::kv));
+      chunk_backward_args<T> a{};
+      a.q = p.q;
+      a.k = kv_view(kvs, 0);
+      a.v = kv_view(kvs, 1);
+      a.out = p.out;
+      a.dout = p.dout;
+      a.lse = p.lse;
+      a.delta = p.delta;
+      a.dq = p.dq;
+      a.dk = dkv_view(0);
+      a.dv = dkv_view(1);
+      a.mask = opt_.mask;
+      a.q_offset = st.i * c_;
+      a.k_offset = st.j * c_;
+      a.scale = opt_.scale;
+      return host_task(s, [this, a]() -> status { return kernel_.backward(a); });
+    }
+    case step_kind::write_back: {
+      auto hd = store_.host_copy(host_dq, st.i);
+      if (!hd) return hd.error();
+      return copy(*hd, parts(st.slot_of(ring::q)).dq.data(), q_elems() * 4, s);
+    }
+    case step_kind::sink: {
+      if (st.what == payload::dq) {
+        tensor_view<float const, 3> g = parts(st.slot_of(ring::q)).dq;
+        index_t const c = st.i;
+        return host_task(s, [&sink, g, c, this]() -> status {
+          return sink.consume_dq(c, c * c_, g).with_context(detail::concat("gradient sink, dq chunk ", c));
+        });
+      }
+      tensor_view<float const, 3> gk = dkv_view(0), gv = dkv_view(1);
+      index_t const c = st.j;
+      return host_task(s, [&sink, gk, gv, c, this]() -> status {
+        return sink.consume_dkv(c, c * c_, gk, gv).with_context(detail::concat("gradient sink, dk/dv chunk ", c));
+      });
+    }
+    default:
+      return make_error(errc::internal, "fpdt_attention backward: unexpected step ", to_string(st.kind));
+    }
+  }
+
+  B* be_;
+  attention_shape shape_;
+  fpdt_attention_options opt_;
+  index_t c_;
+  Kernel kernel_;
+  chunk_store store_;
+  schedule fwd_{}, bwd_{};
+  fwd_rings fwd_rings_{};
+  staging_ring fwd_fixed_{};
+  fwd_rings bwd_rings_{};
+  staging_ring bwd_fixed_{};
+  pipeline_trace trace_{};
+  std::optional<executor<B>> ex_{};
+  bool saved_ = false;
+};
+
+FPDT_NAMESPACE_END

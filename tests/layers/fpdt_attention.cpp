@@ -1,0 +1,376 @@
+// Tests of include/fpdt/layers/fpdt_attention.hpp: the layer equals dense float64 attention with
+// offload on and off; its device peak does not grow with S and equals the schedule's prediction;
+// CASES.md A12 (backward reads the right chunk), A18 (copy/compute race, run under tsan), A19
+// (pinned memory does not grow); allocation fault injection; argument errors.
+#include "../attention/chunked_driver.hpp"
+#include "../attention/reference.hpp"
+
+#include <fpdt/layers/fpdt_attention.hpp>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+using fpdt::index_t;
+using fpdt_test::attn_shape;
+using namespace fpdt_test::chunked;
+
+namespace {
+
+// Runs forward and backward of the layer on problem p; out converted to float.
+template <class T, class B, class K = fpdt::host_chunk_kernel>
+run_result run_layer(B& be, problem<T> const& p, fpdt::fpdt_attention_options const& o,
+                     K kernel = {}, fpdt::status* error = nullptr) {
+  attn_shape const& s = p.s;
+  auto layer = fpdt::fpdt_attention<T, B, K>::create(be, {s.sq, s.h, s.hkv, s.d}, o, kernel);
+  REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
+  std::vector<T> out(s.q_size(), T(7.0f));
+  run_result r;
+  r.lse.assign(s.lse_size(), fnan);
+  fpdt::status st = layer->forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()),
+                                   cview(p.v, s.kv_ext()), view(out, s.q_ext()),
+                                   view(r.lse, s.lse_ext()));
+  if (error) *error = st;
+  if (!st.ok()) return r;
+  for (T x : out)
+    r.out.push_back(static_cast<float>(x));
+  r.dq.assign(s.q_size(), fnan);
+  r.dk.assign(s.kv_size(), fnan);
+  r.dv.assign(s.kv_size(), fnan);
+  st = layer->backward(cview(p.dout, s.q_ext()), view(r.dq, s.q_ext()), view(r.dk, s.kv_ext()),
+                       view(r.dv, s.kv_ext()));
+  if (error) *error = st;
+  return r;
+}
+
+template <class T> double layer_tol() { return std::is_same_v<T, float> ? 1e-4 : 2e-2; }
+
+} // namespace
+
+TEST_CASE_TEMPLATE("fpdt_attention: equals float64 dense attention with offload on and off", T,
+                   float, fpdt::bfloat16) {
+  fpdt::host_backend be;
+  for (index_t u : {1, 2, 5, 8})
+    for (bool causal : {true, false})
+      for (bool offload : {true, false})
+        for (index_t ring : {2, 3}) {
+          if (!offload && ring == 3) continue; // no ring without offload
+          CAPTURE(u);
+          CAPTURE(causal);
+          CAPTURE(offload);
+          CAPTURE(ring);
+          attn_shape const s{8 * u, 8 * u, 4, 2, 16};
+          auto p = random_problem<T>(s, 100 + static_cast<std::uint32_t>(u));
+          fpdt::fpdt_attention_options o;
+          o.chunk = 8;
+          o.offload = offload;
+          o.ring_slots = ring;
+          o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
+          run_options ro;
+          ro.mask = o.mask;
+          run_result const r = run_layer<T>(be, p, o);
+          check_against_reference(r, reference_of(p, ro), p, layer_tol<T>());
+        }
+  CHECK(be.device_memory().stats().live_allocations == 0);
+}
+
+TEST_CASE("fpdt_attention: device peak at fixed C does not grow with S and matches the schedule") {
+  index_t const c = 32;
+  std::size_t peaks[2] = {}, bwd_peaks[2] = {};
+  int k = 0;
+  for (index_t u : {4, 16}) {
+    fpdt::host_backend be;
+    attn_shape const s{c * u, c * u, 4, 2, 16};
+    auto p = random_problem<float>(s, 7);
+    auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d},
+                                                      {.chunk = c, .offload = true}).value();
+    std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+    REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                          view(out, s.q_ext())).ok());
+    peaks[k] = be.device_memory().stats().peak_bytes;
+    CHECK(peaks[k] == layer.predicted_forward_bytes()); // exact; the issue asks for 1%
+    be.device_memory().reset_peak();
+    REQUIRE(layer.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                           view(dv, s.kv_ext())).ok());
+    bwd_peaks[k] = be.device_memory().stats().peak_bytes;
+    CHECK(bwd_peaks[k] == layer.predicted_backward_bytes());
+    // Host memory holds the chunks instead: it grows with S.
+    CHECK(layer.host_bytes() >= static_cast<std::size_t>(s.sq) * 4 * (4 + 2 + 2 + 4) * 16);
+    ++k;
+  }
+  MESSAGE("forward peak S=4C: ", peaks[0], " S=16C: ", peaks[1], "; backward ", bwd_peaks[0], " ",
+          bwd_peaks[1]);
+  CHECK(static_cast<double>(peaks[1]) <= 1.05 * static_cast<double>(peaks[0]));
+  CHECK(static_cast<double>(bwd_peaks[1]) <= 1.05 * static_cast<double>(bwd_peaks[0]));
+  // Without offload the device holds every chunk: the peak grows with S.
+  fpdt::host_backend be;
+  attn_shape const s{c * 16, c * 16, 4, 2, 16};
+  auto p = random_problem<float>(s, 8);
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d},
+                                                    {.chunk = c, .offload = false}).value();
+  std::vector<float> out(s.q_size());
+  REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                        view(out, s.q_ext())).ok());
+  CHECK(be.device_memory().stats().peak_bytes == layer.predicted_forward_bytes());
+  CHECK(be.device_memory().stats().peak_bytes > 3 * peaks[1]);
+}
+
+namespace {
+// Records a checksum of the k and v each backward call receives, by key chunk.
+struct recording_kernel {
+  fpdt::host_chunk_kernel inner{1};
+  std::shared_ptr<std::map<std::pair<int, int>, std::uint64_t>> seen =
+      std::make_shared<std::map<std::pair<int, int>, std::uint64_t>>();
+  std::shared_ptr<std::mutex> m = std::make_shared<std::mutex>();
+  static std::uint64_t sum(fpdt::tensor_view<float const, 3> const& t) {
+    std::uint64_t h = 1469598103934665603ull;
+    for (index_t a = 0; a < t.extent(0); ++a)
+      for (index_t b = 0; b < t.extent(1); ++b)
+        for (index_t c = 0; c < t.extent(2); ++c) {
+          std::uint32_t x;
+          float const f = t(a, b, c);
+          std::memcpy(&x, &f, 4);
+          h = (h ^ x) * 1099511628211ull;
+        }
+    return h;
+  }
+  fpdt::status forward(fpdt::chunk_forward_args<float> const& a) const { return inner.forward(a); }
+  fpdt::status backward(fpdt::chunk_backward_args<float> const& a) const {
+    {
+      std::lock_guard lock(*m);
+      (*seen)[{static_cast<int>(a.q_offset), static_cast<int>(a.k_offset)}] = sum(a.k) * 31 + sum(a.v);
+    }
+    return inner.backward(a);
+  }
+};
+} // namespace
+
+TEST_CASE("fpdt_attention: A12 the backward reads the chunk that was offloaded") {
+  // S = 16, H = 2, D = 8, fp32, chunks of 8; chunk 1's K and V are chunk 0's plus 3.
+  attn_shape const s{16, 16, 2, 2, 8};
+  auto p = random_problem<float>(s, 12);
+  for (index_t r = 8; r < 16; ++r)
+    for (index_t x = 0; x < 2 * 8; ++x) {
+      auto const at = static_cast<std::size_t>(r * 16 + x), src = static_cast<std::size_t>((r - 8) * 16 + x);
+      p.k[at] = p.k[src] + 3.0f;
+      p.v[at] = p.v[src] + 3.0f;
+    }
+  p.kd = fpdt_test::to_double(p.k);
+  p.vd = fpdt_test::to_double(p.v);
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    fpdt::host_backend be;
+    recording_kernel kernel;
+    fpdt::fpdt_attention_options o{.chunk = 8, .offload = true, .ring_slots = 2,
+                                   .mask = causal ? fpdt::causal_mask : fpdt::full_mask};
+    run_options ro;
+    ro.mask = o.mask;
+    run_result const r = run_layer<float>(be, p, o, kernel);
+    scaled_errors const e = check_against_reference(r, reference_of(p, ro), p, 1e-5);
+    (void)e;
+    for (int j = 0; j < 2; ++j) {
+      auto kj = cview(p.k, s.kv_ext()).slice(0, 8 * j, 8 * j + 8).value();
+      auto vj = cview(p.v, s.kv_ext()).slice(0, 8 * j, 8 * j + 8).value();
+      std::uint64_t const want = recording_kernel::sum(kj) * 31 + recording_kernel::sum(vj);
+      for (int i = 0; i < 2; ++i) {
+        if (causal && j > i) continue;
+        auto it = kernel.seen->find({8 * i, 8 * j});
+        REQUIRE(it != kernel.seen->end());
+        CHECK(it->second == want);
+      }
+    }
+  }
+}
+
+namespace {
+// The host backend with a delay before every copy: copies race compute (CASES.md A18).
+struct slow_copy_backend {
+  using backend_tag = fpdt::backend_tag;
+  using stream_type = fpdt::host::stream;
+  using event_type = fpdt::host::event;
+  fpdt::host_backend inner;
+  std::chrono::microseconds delay{300};
+  fpdt::result<stream_type> create_stream(fpdt::lane l) { return inner.create_stream(l); }
+  fpdt::result<event_type> create_event() { return inner.create_event(); }
+  fpdt::status record(event_type& e, stream_type& s) { return inner.record(e, s); }
+  fpdt::status wait(stream_type& s, event_type const& e) { return inner.wait(s, e); }
+  fpdt::status copy_async(void* d, void const* src, std::size_t n, stream_type& s) {
+    auto const pause = delay;
+    FPDT_TRY(inner.launch(s, [pause] { std::this_thread::sleep_for(pause); }));
+    return inner.copy_async(d, src, n, s);
+  }
+  template <class F> fpdt::status launch(stream_type& s, F&& f) { return inner.launch(s, std::forward<F>(f)); }
+  fpdt::status synchronize(stream_type& s) { return inner.synchronize(s); }
+  fpdt::device_arena& device_memory() { return inner.device_memory(); }
+  fpdt::pinned_pool& pinned_memory() { return inner.pinned_memory(); }
+};
+static_assert(fpdt::backend<slow_copy_backend>);
+} // namespace
+
+TEST_CASE("fpdt_attention: A18 copies racing compute give bit-identical results") {
+  // 8 chunks with a delay on every copy; offload on must equal offload off bit for bit, every
+  // iteration (the issue's 200 iterations of 4 MiB chunks are scaled to fit CI's 2 cores).
+  attn_shape const s{8 * 16, 8 * 16, 4, 2, 16};
+  auto p = random_problem<float>(s, 18);
+  fpdt::host_backend plain;
+  run_options ro;
+  ro.mask = fpdt::causal_mask;
+  run_result const want = run_layer<float>(plain, p, {.chunk = 16, .offload = false});
+  slow_copy_backend be;
+  auto layer = fpdt::fpdt_attention<float, slow_copy_backend>::create(
+                   be, {s.sq, s.h, s.hkv, s.d}, {.chunk = 16, .offload = true, .ring_slots = 2})
+                   .value();
+  for (int it = 0; it < 12; ++it) {
+    be.delay = std::chrono::microseconds(it % 3 == 0 ? 0 : 100 * (it % 4));
+    std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+    REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                          view(out, s.q_ext())).ok());
+    REQUIRE(layer.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                           view(dv, s.kv_ext())).ok());
+    CHECK(out == want.out);
+    CHECK(dq == want.dq);
+    CHECK(dk == want.dk);
+    CHECK(dv == want.dv);
+  }
+}
+
+TEST_CASE("fpdt_attention: A19 pinned memory does not grow from call to call") {
+  fpdt::host_backend be;
+  attn_shape const s{64, 64, 2, 1, 16};
+  auto p = random_problem<float>(s, 19);
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, {.chunk = 16}).value();
+  std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  fpdt::pinned_pool_stats first{};
+  for (int it = 0; it < 100; ++it) {
+    REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                          view(out, s.q_ext())).ok());
+    REQUIRE(layer.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                           view(dv, s.kv_ext())).ok());
+    auto const st = be.pinned_memory().stats();
+    if (it == 0) first = st;
+    CHECK(st.upstream_allocations == first.upstream_allocations);
+    CHECK(st.reserved_bytes == first.reserved_bytes);
+  }
+  CHECK(be.device_memory().stats().live_allocations == 0);
+}
+
+namespace {
+// A memory resource that fails its n-th allocation (counting from 0) and counts live blocks.
+struct failing_resource {
+  int fail_at = -1;
+  int calls = 0;
+  int live = 0;
+  static fpdt::result<void*> allocate(void* ctx, std::size_t bytes, std::size_t align) {
+    auto* self = static_cast<failing_resource*>(ctx);
+    if (self->calls++ == self->fail_at)
+      return fpdt::make_error(fpdt::errc::out_of_memory, "injected failure of allocation ",
+                              self->fail_at);
+    ++self->live;
+    return ::operator new(bytes, std::align_val_t{align});
+  }
+  static void deallocate(void* ctx, void* p, std::size_t, std::size_t align) noexcept {
+    --static_cast<failing_resource*>(ctx)->live;
+    ::operator delete(p, std::align_val_t{align});
+  }
+  fpdt::memory_resource resource(char const* name) { return {this, &allocate, &deallocate, name}; }
+};
+} // namespace
+
+TEST_CASE("fpdt_attention: every failing allocation is a clear error and leaves outputs untouched") {
+  attn_shape const s{32, 32, 2, 1, 8};
+  auto p = random_problem<float>(s, 5);
+  for (bool pinned : {false, true})
+    for (bool offload : {true, false}) {
+      if (pinned && !offload) continue; // no pinned memory without offload
+      for (int n = 0;; ++n) {
+        CAPTURE(pinned);
+        CAPTURE(offload);
+        CAPTURE(n);
+        failing_resource dev, pin;
+        (pinned ? pin : dev).fail_at = n;
+        {
+          fpdt::host_backend be({.device_upstream = dev.resource("device"),
+                                 .pinned_upstream = pin.resource("pinned")});
+          auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d},
+                                                            {.chunk = 8, .offload = offload}).value();
+          std::vector<float> out(s.q_size(), 7.0f), dq(s.q_size(), 7.0f), dk(s.kv_size(), 7.0f),
+              dv(s.kv_size(), 7.0f);
+          fpdt::status st = layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()),
+                                          cview(p.v, s.kv_ext()), view(out, s.q_ext()));
+          bool failed = !st.ok();
+          if (failed) {
+            for (float x : out)
+              REQUIRE(x == 7.0f);
+          } else {
+            st = layer.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                                view(dv, s.kv_ext()));
+            failed = !st.ok();
+            if (failed)
+              for (auto const* g : {&dq, &dk, &dv})
+                for (float x : *g)
+                  REQUIRE(x == 7.0f);
+          }
+          if (failed) {
+            CHECK(st.code() == fpdt::errc::out_of_memory);
+            CHECK(st.message().find("injected failure of allocation") != std::string::npos);
+          }
+          if (!failed) break; // every allocation of both passes has been failed once
+        }
+        CHECK(dev.live == 0); // nothing leaked once the backend is gone
+        CHECK(pin.live == 0);
+        REQUIRE(n < 200);
+      }
+    }
+}
+
+TEST_CASE("fpdt_attention: argument errors name the numbers") {
+  fpdt::host_backend be;
+  auto contains = [](std::string const& a, std::string const& b) { return a.find(b) != std::string::npos; };
+  auto e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = 20}).error();
+  CHECK(e.code() == fpdt::errc::invalid_argument);
+  CHECK(contains(e.message(), "S = 48 is not a multiple of the chunk C = 20"));
+  e = fpdt::fpdt_attention<float>::create(be, {48, 6, 4, 8}, {.chunk = 16}).error();
+  CHECK(contains(e.message(), "H = 6 must be a multiple of H_kv = 4"));
+  e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = 16, .ring_slots = 1}).error();
+  CHECK(contains(e.message(), "ring_slots = 1"));
+  e = fpdt::fpdt_attention<float>::create(be, {0, 4, 2, 8}).error();
+  CHECK(contains(e.message(), "S = 0"));
+  auto layer = fpdt::fpdt_attention<float>::create(be, {16, 2, 1, 8}, {.chunk = 8}).value();
+  std::vector<float> x(16 * 2 * 8), y(16 * 8), g(16 * 2 * 8);
+  auto q = fpdt::contiguous_view<float const>(x.data(), std::array<index_t, 3>{16, 2, 8}).value();
+  auto kv = fpdt::contiguous_view<float const>(y.data(), std::array<index_t, 3>{16, 1, 8}).value();
+  auto dq = fpdt::contiguous_view(g.data(), std::array<index_t, 3>{16, 2, 8}).value();
+  auto dk = fpdt::contiguous_view(y.data(), std::array<index_t, 3>{16, 1, 8}).value();
+  e = layer.backward(q, dq, dk, dk);
+  CHECK(contains(e.message(), "no successful forward"));
+  e = layer.forward(q, q, kv, dq);
+  CHECK(e.code() == fpdt::errc::shape_mismatch);
+  CHECK(contains(e.message(), "k [16, 2, 8] must be [16, 1, 8]"));
+}
+
+TEST_CASE("fpdt_attention: the trace shows copies overlapping compute") {
+  fpdt::host_backend be;
+  attn_shape const s{128, 128, 4, 2, 32};
+  auto p = random_problem<float>(s, 3);
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, {.chunk = 16}).value();
+  std::vector<float> out(s.q_size());
+  REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                        view(out, s.q_ext())).ok());
+  fpdt::pipeline_trace const& t = layer.trace();
+  CHECK(t.events.size() == layer.forward_plan().steps.size() -
+                               layer.forward_plan().count(fpdt::step_kind::release));
+  CHECK(t.busy_us(fpdt::lane::compute) > 0);
+  CHECK(t.busy_us(fpdt::lane::h2d) > 0);
+  CHECK(t.busy_us(fpdt::lane::d2h) > 0);
+  std::string const path = "fpdt_attention_trace_test.json";
+  REQUIRE(t.write_chrome_json(path).ok());
+  std::remove(path.c_str());
+}
