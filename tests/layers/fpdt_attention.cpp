@@ -321,6 +321,7 @@ TEST_CASE("fpdt_attention: every failing allocation is a clear error and leaves 
           if (failed) {
             CHECK(st.code() == fpdt::errc::out_of_memory);
             CHECK(st.message().find("injected failure of allocation") != std::string::npos);
+            CHECK(st.message().find("device bytes") != std::string::npos); // says what it needs
           }
           if (!failed) break; // every allocation of both passes has been failed once
         }
@@ -341,6 +342,10 @@ TEST_CASE("fpdt_attention: argument errors name the numbers") {
   CHECK(contains(e.message(), "H = 6 must be a multiple of H_kv = 4"));
   e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = 16, .ring_slots = 1}).error();
   CHECK(contains(e.message(), "ring_slots = 1"));
+  e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = 16, .offload = false, .ring_slots = -3}).error();
+  CHECK(contains(e.message(), "ring_slots = -3"));
+  e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = 16, .scale = std::nanf("")}).error();
+  CHECK(contains(e.message(), "softmax scale nan is not finite"));
   e = fpdt::fpdt_attention<float>::create(be, {0, 4, 2, 8}).error();
   CHECK(contains(e.message(), "S = 0"));
   auto layer = fpdt::fpdt_attention<float>::create(be, {16, 2, 1, 8}, {.chunk = 8}).value();

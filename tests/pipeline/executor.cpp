@@ -117,6 +117,15 @@ TEST_CASE("trace: Chrome trace JSON names the lanes and every timed step") {
   CHECK(t.overlap_us() == doctest::Approx(3.0)); // [2, 5]
   CHECK(t.span_us() == doctest::Approx(8.0));
   CHECK(t.busy_us(fpdt::lane::compute) == doctest::Approx(7.0));
+  // Long passes keep microsecond precision; the process name is escaped.
+  fpdt::pipeline_trace longer;
+  longer.name = "layer \"3\"";
+  longer.events.push_back({fpdt::step_kind::compute, fpdt::lane::compute, 0, 0, 0, 123456789.25, 123456800.5});
+  std::ostringstream os2;
+  longer.write_chrome_json(os2);
+  CHECK(contains(os2.str(), "\"ts\":123456789.250"));
+  CHECK(contains(os2.str(), "\"dur\":11.250"));
+  CHECK(contains(os2.str(), "layer \\\"3\\\""));
   fpdt::status const bad = t.write_chrome_json(std::string("/nonexistent-dir/x/trace.json"));
   CHECK(bad.code() == fpdt::errc::invalid_argument);
   CHECK(contains(bad.message(), "/nonexistent-dir/x/trace.json"));

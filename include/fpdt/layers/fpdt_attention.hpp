@@ -39,6 +39,7 @@
 #include "../schedule/schedule.hpp"
 
 #include <array>
+#include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <cstring>
@@ -64,17 +65,18 @@ struct fpdt_attention_options {
   std::optional<float> scale{};         //!< softmax scale; 1/sqrt(D) when empty
 };
 
-//! Where a layer's q, k, v chunks come from: `produce(c, first_token, q, k, v)` writes chunk `c`
-//! (tokens [first_token, first_token + C)) into the device views `q [C, H, D]`, `k`, `v`
-//! `[C, H_kv, D]`, returning `status`. Called on the compute lane, in chunk order.
+//! Where a layer's q, k, v chunks come from: a *const* member `produce(c, first_token, q, k, v)`
+//! writes chunk `c` (tokens [first_token, first_token + C)) into the device views `q [C, H, D]`,
+//! `k`, `v` `[C, H_kv, D]`, returning `status`. Called on the compute lane's worker, in chunk order;
+//! the layer holds it by reference for the duration of `forward`.
 template <class S, class T>
 concept chunk_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
   { s.produce(c, c, v, v, v) } -> std::same_as<status>;
 };
 
-//! Where a layer's output chunks go: `consume(c, first_token, out, lse)` receives chunk `c`'s
-//! final output `out [C, H, D]` in the model dtype and `lse [H, C]` fp32 (ln); the views are valid
-//! only during the call.
+//! Where a layer's output chunks go: `consume(c, first_token, out, lse)` (non-const is fine)
+//! receives chunk `c`'s final output `out [C, H, D]` in the model dtype and `lse [H, C]` fp32
+//! (ln); the views are valid only during the call. Passed to `forward` as an lvalue reference.
 template <class S, class T>
 concept chunk_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
                               tensor_view<float const, 2> const& l) {
@@ -180,6 +182,9 @@ class fpdt_attention {
                 "compute lane; use host_backend (the CUDA path needs device versions of them)");
 
 public:
+  //! `create` proves schedules of at most this many steps with `check_schedule` (u <= ~100).
+  static constexpr std::size_t max_checked_steps = 40000;
+
   //! Tensors the layer keeps on the host per chunk, indexing its `chunk_store`.
   enum host_tensor : std::size_t { host_q, host_k, host_v, host_out, host_lse, host_dq, host_tensors };
 
@@ -200,9 +205,15 @@ public:
     if (c < 1 || shape.sequence % c != 0)
       return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence,
                         " is not a multiple of the chunk C = ", c);
+    if (options.ring_slots < 2 || options.ring_slots > 64)
+      return make_error(errc::invalid_argument, "fpdt_attention: ring_slots = ", options.ring_slots,
+                        " must be in [2, 64] (2 is double buffering)");
+    if (options.scale && !std::isfinite(*options.scale))
+      return make_error(errc::invalid_argument, "fpdt_attention: softmax scale ", *options.scale,
+                        " is not finite");
     fpdt_attention layer(be, shape, options, c, std::move(kernel));
     FPDT_TRY(layer.build_schedules());
-    return layer;
+    return result<fpdt_attention>(std::move(layer));
   }
 
   fpdt_attention(fpdt_attention&&) noexcept = default; //!< moves the layer and its saved state
@@ -214,7 +225,15 @@ public:
     requires chunk_source<Source, T> && chunk_sink<Sink, T>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
     saved_ = false;
-    FPDT_TRY(prepare_forward());
+    if (status st = prepare_forward(); !st.ok()) {
+      fwd_rings_ = {};
+      fwd_fixed_ = {};
+      store_.clear();
+      return st.with_context(detail::concat(
+          "fpdt_attention forward needs ", predicted_forward_bytes(), " device bytes (",
+          "predicted_forward_bytes()) and ", host_bytes_needed(), " pinned host bytes; raise the "
+          "budget, use a smaller chunk C, or turn offload on"));
+    }
     FPDT_TRY(make_executor());
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return forward_step(st, s, source, sink);
@@ -257,7 +276,13 @@ public:
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
     FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
-    FPDT_TRY(prepare_backward());
+    if (status st = prepare_backward(); !st.ok()) {
+      bwd_rings_ = {};
+      bwd_fixed_ = {};
+      return st.with_context(detail::concat(
+          "fpdt_attention backward needs ", predicted_backward_bytes(), " device bytes (",
+          "predicted_backward_bytes()); raise the budget, use a smaller chunk C, or turn offload on"));
+    }
     FPDT_TRY(make_executor());
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return backward_step(st, s, dout, sink);
@@ -296,7 +321,14 @@ public:
     return fwd_.ring_bytes(detail::layer::align) +
            static_cast<std::size_t>(chunks()) * grad_slot_bytes() + grads;
   }
-  //! The trace of the last pass.
+  //! Pinned host bytes a forward with offload needs for the chunks it keeps (q, k, v, out, lse,
+  //! and the backward's dq), before the pool's rounding; 0 without offload.
+  [[nodiscard]] std::size_t host_bytes_needed() const noexcept {
+    if (!opt_.offload) return 0;
+    return static_cast<std::size_t>(chunks()) *
+           (q_elems() * sizeof(T) * 2 + kv_elems() * sizeof(T) * 2 + lse_elems() * 4 + q_elems() * 4);
+  }
+  //! The trace of the last pass (forward or backward: each pass replaces it).
   [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
   //! Pinned host bytes the layer holds (its chunk store).
   [[nodiscard]] std::size_t host_bytes() const noexcept { return store_.host_bytes(); }
@@ -310,7 +342,8 @@ private:
       : be_(&be), shape_(shape), opt_(o), c_(c), kernel_(std::move(k)),
         store_(be.pinned_memory(), shape.sequence / c,
                {q_elems() * sizeof(T), kv_elems() * sizeof(T), kv_elems() * sizeof(T),
-                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4}) {}
+                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4},
+               {"q", "k", "v", "out", "lse", "dq"}) {}
 
   [[nodiscard]] std::size_t q_elems() const noexcept {
     return static_cast<std::size_t>(c_ * shape_.heads * shape_.head_dim);
@@ -369,8 +402,13 @@ private:
     p.bytes = {3 * rounded(qb) + 2 * rounded(lb) + rounded(q_elems() * 4), 2 * rounded(kvb), 0};
     auto b = backward_schedule(p);
     if (!b) return b.error();
-    FPDT_TRY(check_schedule(*f).with_context("fpdt_attention forward schedule"));
-    FPDT_TRY(check_schedule(*b).with_context("fpdt_attention backward schedule"));
+    // check_schedule's happens-before closure is quadratic in the step count (and the steps grow
+    // as u^2): check what is cheap to check here; the same builders are checked for u up to 16 in
+    // the tests, and larger schedules are built by the same loops.
+    if (f->steps.size() <= max_checked_steps)
+      FPDT_TRY(check_schedule(*f).with_context("fpdt_attention forward schedule"));
+    if (b->steps.size() <= max_checked_steps)
+      FPDT_TRY(check_schedule(*b).with_context("fpdt_attention backward schedule"));
     fwd_ = std::move(*f);
     bwd_ = std::move(*b);
     return {};

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -34,10 +35,17 @@ class chunk_store {
 public:
   //! A store of `chunks` chunks for each of `bytes_per_kind.size()` tensors; tensor `t`'s chunks
   //! are `bytes_per_kind[t]` bytes each. Nothing is allocated until `acquire_all` or `host_copy`.
-  chunk_store(pinned_pool& pool, index_t chunks, std::vector<std::size_t> bytes_per_kind)
-      : pool_(&pool), chunks_(chunks), bytes_(std::move(bytes_per_kind)),
+  //! `names` (optional, one per tensor) name the tensors in error messages.
+  chunk_store(pinned_pool& pool, index_t chunks, std::vector<std::size_t> bytes_per_kind,
+              std::vector<std::string> names = {})
+      : pool_(&pool), chunks_(chunks), bytes_(std::move(bytes_per_kind)), names_(std::move(names)),
         blocks_(bytes_.size() * static_cast<std::size_t>(chunks)),
         places_(blocks_.size(), chunk_place::nowhere) {}
+
+  chunk_store(chunk_store&&) noexcept = default;            //!< takes over the blocks
+  chunk_store& operator=(chunk_store&&) noexcept = default; //!< returns own blocks, takes over
+  chunk_store(chunk_store const&) = delete;
+  chunk_store& operator=(chunk_store const&) = delete;
 
   //! Number of chunks per tensor.
   [[nodiscard]] index_t chunks() const noexcept { return chunks_; }
@@ -62,8 +70,9 @@ public:
     if (b.data() == nullptr && bytes_[kind] > 0) {
       auto r = pool_->acquire(bytes_[kind]);
       if (!r)
-        return r.error().with_context(detail::concat("chunk_store: pinned copy of tensor ", kind,
-                                                     " chunk ", c));
+        return r.error().with_context(detail::concat(
+            "chunk_store: pinned copy of ", kind < names_.size() ? names_[kind] : detail::concat("tensor ", kind),
+            " chunk ", c, " (", bytes_[kind], " bytes)"));
       b = std::move(*r);
     }
     return b.as<std::byte>();
@@ -105,6 +114,7 @@ private:
   pinned_pool* pool_;
   index_t chunks_;
   std::vector<std::size_t> bytes_;
+  std::vector<std::string> names_;
   std::vector<pinned_block> blocks_;
   std::vector<chunk_place> places_;
 };

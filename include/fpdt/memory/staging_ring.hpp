@@ -25,6 +25,10 @@ class staging_ring {
 public:
   //! An empty ring (no slots).
   staging_ring() = default;
+  staging_ring(staging_ring&&) noexcept = default;            //!< takes over the slots
+  staging_ring& operator=(staging_ring&&) noexcept = default; //!< frees own slots, takes over
+  staging_ring(staging_ring const&) = delete;
+  staging_ring& operator=(staging_ring const&) = delete;
 
   //! Allocates `slots` slots of `slot_bytes` bytes from `arena`; `name` appears in errors.
   //! Errors: `errc::invalid_argument` for a negative slot count; the arena's
@@ -42,7 +46,7 @@ public:
       if (!a) return a.error();
       r.slots_.push_back(std::move(*a));
     }
-    return r;
+    return result<staging_ring>(std::move(r));
   }
 
   //! Number of slots.

@@ -48,7 +48,7 @@ public:
       if (!s) return s.error();
       ex.streams_[static_cast<std::size_t>(l)].emplace(std::move(*s));
     }
-    return ex;
+    return result<executor>(std::move(ex));
   }
 
   //! The stream of lane `l`.

@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
+#include <iomanip>
+#include <ios>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -73,6 +75,14 @@ struct pipeline_trace {
   //! Writes the events as Chrome trace JSON ("X" complete events; one thread row per lane, named
   //! after the lane; args hold i, j and bytes). Untimed events are skipped.
   void write_chrome_json(std::ostream& os) const {
+    std::ios_base::fmtflags const flags = os.flags();
+    std::streamsize const prec = os.precision();
+    os << std::fixed << std::setprecision(3); // microseconds with ns resolution, at any magnitude
+    std::string escaped;
+    for (char ch : name) {
+      if (ch == '"' || ch == '\\') escaped += '\\';
+      if (static_cast<unsigned char>(ch) >= 0x20) escaped += ch;
+    }
     os << "{\"traceEvents\":[\n";
     bool first = true;
     for (int l = 0; l < 4; ++l) {
@@ -80,7 +90,7 @@ struct pipeline_trace {
          << R"(,"args":{"name":")" << to_string(static_cast<lane>(l)) << "\"}}";
       first = false;
     }
-    os << ",\n" << R"({"name":"process_name","ph":"M","pid":1,"args":{"name":")" << name << "\"}}";
+    os << ",\n" << R"({"name":"process_name","ph":"M","pid":1,"args":{"name":")" << escaped << "\"}}";
     for (trace_event const& e : events) {
       if (e.begin_us < 0) continue;
       os << ",\n{\"name\":\"" << to_string(e.kind);
@@ -92,6 +102,8 @@ struct pipeline_trace {
          << ",\"j\":" << e.j << ",\"bytes\":" << e.bytes << "}}";
     }
     os << "\n],\"displayTimeUnit\":\"ms\"}\n";
+    os.flags(flags);
+    os.precision(prec);
   }
 
   //! Writes the Chrome trace JSON to the file at `path`. Errors: `errc::invalid_argument` naming

@@ -21,7 +21,6 @@
 #include <exception>
 #include <functional>
 #include <limits>
-#include <optional>
 #include <string>
 #include <utility>
 
@@ -35,11 +34,12 @@ struct host_backend_options {
   arena_mode device_mode = arena_mode::allocate;
   //! The most bytes the pinned pool may hold, in bytes (default: unlimited).
   std::size_t pinned_limit_bytes = std::numeric_limits<std::size_t>::max();
-  //! Upstream of the "device" arena; empty: ordinary aligned host memory. Lets a caller hand in
-  //! memory it owns, or a resource that fails on purpose (fault-injection tests).
-  std::optional<memory_resource> device_upstream{};
-  //! Upstream of the pinned pool; empty: ordinary aligned host memory.
-  std::optional<memory_resource> pinned_upstream{};
+  //! Upstream of the "device" arena; a resource with a null `allocate` (the default) means
+  //! ordinary aligned host memory. Lets a caller hand in memory it owns, or a resource that fails
+  //! on purpose (fault-injection tests).
+  memory_resource device_upstream{};
+  //! Upstream of the pinned pool; a null `allocate` means ordinary aligned host memory.
+  memory_resource pinned_upstream{};
 };
 
 //! The host backend: models `fpdt::backend`.
@@ -54,9 +54,11 @@ public:
 
   //! A backend with the given arena budget and pool limit.
   explicit host_backend(host_backend_options const& options = {})
-      : device_(options.device_upstream.value_or(host::host_memory_resource("host device memory")),
+      : device_(options.device_upstream.allocate ? options.device_upstream
+                                                 : host::host_memory_resource("host device memory"),
                 options.device_budget_bytes, options.device_mode),
-        pinned_(options.pinned_upstream.value_or(host::host_memory_resource("host pinned memory")),
+        pinned_(options.pinned_upstream.allocate ? options.pinned_upstream
+                                                 : host::host_memory_resource("host pinned memory"),
                 options.pinned_limit_bytes) {}
   host_backend(host_backend const&) = delete;
   host_backend& operator=(host_backend const&) = delete;
