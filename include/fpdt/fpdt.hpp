@@ -16,3 +16,6 @@
 #include "pipeline/trace.hpp"
 #include "pipeline/executor.hpp"
 #include "layers/fpdt_attention.hpp"
+#include "comm/communicator.hpp"
+#include "comm/ulysses.hpp"
+#include "layers/sequence_parallel_attention.hpp"

@@ -83,6 +83,27 @@ concept chunk_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
   { s.consume(c, c, o, l) } -> std::same_as<status>;
 };
 
+//! Where the gradient of a layer's output comes from in the backward: a *const* member
+//! `produce_dout(c, first_token, dout)` writes chunk `c`'s `dout [C, H, D]` (model dtype). Called
+//! on the h2d lane's worker when the chunk is first needed.
+template <class S, class T>
+concept dout_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
+  { s.produce_dout(c, c, v) } -> std::same_as<status>;
+};
+
+//! A `dout_source` reading slices of a whole dout `[S, H, D]` tensor.
+template <class T> struct tensor_dout_source {
+  tensor_view<T const, 3> dout; //!< `[S, H, D]`
+  //! Copies tokens [first, first + C) of dout into the chunk view.
+  [[nodiscard]] status produce_dout(index_t, index_t first, tensor_view<T, 3> const& d) const {
+    for (index_t r = 0; r < d.extent(0); ++r)
+      for (index_t h = 0; h < d.extent(1); ++h)
+        for (index_t x = 0; x < d.extent(2); ++x)
+          d(r, h, x) = dout(first + r, h, x);
+    return {};
+  }
+};
+
 //! Where a layer's gradients go: `consume_dq(c, first_token, dq)` with dq `[C, H, D]` fp32 once
 //! chunk c's dq is final, and `consume_dkv(c, first_token, dk, dv)` with `[C, H_kv, D]` fp32.
 template <class S>
@@ -208,9 +229,7 @@ public:
     if (options.ring_slots < 2 || options.ring_slots > 64)
       return make_error(errc::invalid_argument, "fpdt_attention: ring_slots = ", options.ring_slots,
                         " must be in [2, 64] (2 is double buffering)");
-    if (options.scale && !std::isfinite(*options.scale))
-      return make_error(errc::invalid_argument, "fpdt_attention: softmax scale ", *options.scale,
-                        " is not finite");
+    if (status st = check_scale(options.scale); !st.ok()) return st;
     fpdt_attention layer(be, shape, options, c, std::move(kernel));
     FPDT_TRY(layer.build_schedules());
     return result<fpdt_attention>(std::move(layer));
@@ -266,16 +285,16 @@ public:
     return forward(src, snk);
   }
 
-  //! Backward of the last forward: dout `[S, H, D]` in, gradients to `sink`. Errors:
-  //! `errc::invalid_argument` when no successful forward precedes it; `errc::shape_mismatch`;
-  //! `errc::out_of_memory` before any step runs; errors of the kernel or sink, naming the step.
-  template <class Sink>
-    requires gradient_sink<Sink>
-  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
+  //! Backward of the last forward: dout chunks from `dout`, gradients to `sink`. Errors:
+  //! `errc::invalid_argument` when no successful forward precedes it; `errc::out_of_memory`
+  //! before any step runs (naming the bytes the pass needs); errors of the dout source, kernel or
+  //! sink, naming the step.
+  template <class Dout, class Sink>
+    requires dout_source<Dout, T> && gradient_sink<Sink>
+  [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
-    FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
     if (status st = prepare_backward(); !st.ok()) {
       bwd_rings_ = {};
       bwd_fixed_ = {};
@@ -292,6 +311,19 @@ public:
     bwd_rings_ = {};
     bwd_fixed_ = {};
     return st;
+  }
+
+  //! Backward from a whole dout `[S, H, D]` tensor, gradients to `sink`. Errors: as above, and
+  //! `errc::shape_mismatch` naming dout's shape.
+  template <class Sink>
+    requires gradient_sink<Sink>
+  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
+    if (!saved_)
+      return make_error(errc::invalid_argument,
+                        "fpdt_attention backward: no successful forward to differentiate");
+    FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
+    tensor_dout_source<T> src{dout};
+    return backward(src, sink);
   }
 
   //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten).
@@ -373,6 +405,17 @@ private:
     return {};
   }
 
+  // Out of line of create(): GCC 12 reports a false maybe-uninitialized on std::optional's payload
+  // when the check is inlined into a caller that builds the options in place (GCC PR 80635).
+#if defined(__GNUC__) && !defined(__clang__)
+  [[gnu::noinline]]
+#endif
+  [[nodiscard]] static status check_scale(std::optional<float> const& scale) {
+    if (scale.has_value() && !std::isfinite(scale.value()))
+      return make_error(errc::invalid_argument, "fpdt_attention: softmax scale ", scale.value(),
+                        " is not finite");
+    return {};
+  }
   [[nodiscard]] status check_shape(char const* name, std::array<index_t, 3> const& e, index_t heads) const {
     if (e[0] != shape_.sequence || e[1] != heads || e[2] != shape_.head_dim)
       return make_error(errc::shape_mismatch, "fpdt_attention: ", name, " ",
@@ -648,9 +691,9 @@ private:
                            std::array<index_t, 3>{c_, shape_.kv_heads, shape_.head_dim}).value();
   }
 
-  template <class Sink>
+  template <class Dout, class Sink>
   [[nodiscard]] status backward_step(schedule_step const& st, typename B::stream_type& s,
-                                     tensor_view<T const, 3> const& dout, Sink& sink) {
+                                     Dout const& dout, Sink& sink) {
     using detail::layer::rounded;
     std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
     switch (st.kind) {
@@ -681,14 +724,11 @@ private:
           FPDT_TRY(copy(p.dq.data(), *hd, q_elems() * 4, s));
         }
       }
-      // dout_i from the caller's tensor, any strides.
-      index_t const first = st.i * c_;
+      // dout_i from the caller's source.
+      index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
-      return host_task(s, [dout, dst, first]() {
-        for (index_t r = 0; r < dst.extent(0); ++r)
-          for (index_t h = 0; h < dst.extent(1); ++h)
-            for (index_t d = 0; d < dst.extent(2); ++d)
-              dst(r, h, d) = dout(first + r, h, d);
+      return host_task(s, [&dout, dst, c, this]() -> status {
+        return dout.produce_dout(c, c * c_, dst).with_context(detail::concat("dout source, chunk ", c));
       });
     }
     case step_kind::zero: {

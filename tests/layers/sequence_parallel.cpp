@@ -1,0 +1,275 @@
+// Tests of include/fpdt/layers/sequence_parallel_attention.hpp on the in-process communicator:
+// P ranks as threads, each with its own host backend, in the chunk-interleaved token layout; the
+// gathered outputs and gradients equal dense float64 attention over the global sequence.
+#include "../attention/chunked_driver.hpp"
+#include "../attention/reference.hpp"
+
+#include <fpdt/comm/communicator.hpp>
+#include <fpdt/layers/sequence_parallel_attention.hpp>
+#include <fpdt/schedule/token_layout.hpp>
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using fpdt::index_t;
+using fpdt_test::attn_shape;
+using namespace fpdt_test::chunked;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Local rows of rank r from a global [S, W] buffer and back, through fpdt::token_layout.
+std::vector<float> scatter(fpdt::token_layout const& tl, std::vector<float> const& g, index_t w, index_t r) {
+  std::vector<float> out(static_cast<std::size_t>(tl.local_tokens() * w));
+  auto gv = fpdt::contiguous_view<float const>(g.data(), std::array<index_t, 2>{tl.sequence(), w}).value();
+  auto lv = fpdt::contiguous_view(out.data(), std::array<index_t, 2>{tl.local_tokens(), w}).value();
+  REQUIRE(tl.scatter<float>(gv, r, lv).ok());
+  return out;
+}
+void gather(fpdt::token_layout const& tl, std::vector<float> const& l, index_t w, index_t r, std::vector<float>& g) {
+  auto lv = fpdt::contiguous_view<float const>(l.data(), std::array<index_t, 2>{tl.local_tokens(), w}).value();
+  auto gv = fpdt::contiguous_view(g.data(), std::array<index_t, 2>{tl.sequence(), w}).value();
+  REQUIRE(tl.gather<float>(lv, r, gv).ok());
+}
+
+struct rank_io {
+  std::vector<float> q, k, v, dout, out, dq, dk, dv;
+};
+
+// Runs forward and backward of `layers` (one per rank, made by make_layer on its own backend) on P
+// threads; returns the gathered global result.
+template <class MakeLayer>
+run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, MakeLayer make_layer,
+                     std::vector<fpdt::status>* statuses = nullptr) {
+  attn_shape const& s = p.s;
+  auto tl = fpdt::token_layout::make(s.sq, ranks, chunk).value();
+  index_t const wq = s.h * s.d, wk = s.hkv * s.d;
+  std::vector<rank_io> io(static_cast<std::size_t>(ranks));
+  std::vector<float> qf(p.q.begin(), p.q.end()), kf(p.k.begin(), p.k.end()), vf(p.v.begin(), p.v.end()),
+      df(p.dout.begin(), p.dout.end());
+  for (index_t r = 0; r < ranks; ++r) {
+    rank_io& x = io[static_cast<std::size_t>(r)];
+    x.q = scatter(tl, qf, wq, r);
+    x.k = scatter(tl, kf, wk, r);
+    x.v = scatter(tl, vf, wk, r);
+    x.dout = scatter(tl, df, wq, r);
+    x.out.assign(x.q.size(), fnan);
+    x.dq.assign(x.q.size(), fnan);
+    x.dk.assign(x.k.size(), fnan);
+    x.dv.assign(x.k.size(), fnan);
+  }
+  fpdt::local_world world(static_cast<int>(ranks), 20s);
+  std::vector<fpdt::status> st(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> ts;
+  for (index_t r = 0; r < ranks; ++r)
+    ts.emplace_back([&, r] {
+      auto comm = world.communicator(static_cast<int>(r)).value();
+      fpdt::host_backend be;
+      rank_io& x = io[static_cast<std::size_t>(r)];
+      st[static_cast<std::size_t>(r)] = make_layer(be, comm, r, x, tl);
+    });
+  for (auto& t : ts)
+    t.join();
+  if (statuses) *statuses = st;
+  run_result g;
+  g.out.assign(s.q_size(), fnan);
+  g.dq.assign(s.q_size(), fnan);
+  g.dk.assign(s.kv_size(), fnan);
+  g.dv.assign(s.kv_size(), fnan);
+  for (index_t r = 0; r < ranks; ++r) {
+    rank_io const& x = io[static_cast<std::size_t>(r)];
+    gather(tl, x.out, wq, r, g.out);
+    gather(tl, x.dq, wq, r, g.dq);
+    gather(tl, x.dk, wk, r, g.dk);
+    gather(tl, x.dv, wk, r, g.dv);
+  }
+  return g;
+}
+
+template <class Layer> fpdt::status run_one(Layer& layer, rank_io& x, attn_shape const& s, index_t local) {
+  std::array<index_t, 3> const qe{local, s.h, s.d}, ke{local, s.hkv, s.d};
+  FPDT_TRY(layer.forward(fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                         fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                         fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
+                         fpdt::contiguous_view(x.out.data(), qe).value()));
+  return layer.backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                        fpdt::contiguous_view(x.dq.data(), qe).value(),
+                        fpdt::contiguous_view(x.dk.data(), ke).value(),
+                        fpdt::contiguous_view(x.dv.data(), ke).value());
+}
+
+// The global result's errors, with lse skipped (the layer's tensor sink does not return it).
+void check_global(run_result const& r, problem<float> const& p, bool causal, double tol) {
+  run_options ro;
+  ro.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
+  ref_result ref = reference_of(p, ro);
+  run_result got = r;
+  got.lse.assign(ref.lse.begin(), ref.lse.end());
+  check_against_reference(got, ref, p, tol);
+}
+
+} // namespace
+
+TEST_CASE("sequence parallel attention: P ranks equal float64 dense attention over the global sequence") {
+  index_t const h = 8, d = 8;
+  for (index_t ranks : {1, 2, 4})
+    for (index_t hkv : {1, 2, 4, 8})
+      for (index_t u : {1, 3, 4})
+        for (bool causal : {true, false}) {
+          if (hkv % ranks != 0 && ranks % hkv != 0) continue;
+          CAPTURE(ranks);
+          CAPTURE(hkv);
+          CAPTURE(u);
+          CAPTURE(causal);
+          index_t const chunk = 2 * ranks;
+          attn_shape const s{chunk * u, chunk * u, h, hkv, d};
+          auto p = random_problem<float>(s, 500 + static_cast<std::uint32_t>(ranks * 100 + hkv * 10 + u));
+          bool const offload = (u + hkv) % 2 == 0; // both modes across the grid
+          std::vector<fpdt::status> st;
+          run_result const r = run_ranks(p, ranks, chunk, [&](fpdt::host_backend& be, fpdt::local_communicator& comm,
+                                                               index_t, rank_io& x, fpdt::token_layout const& tl) {
+            auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+                be, comm, {s.sq, h, hkv, d},
+                {.chunk = chunk, .offload = offload, .mask = causal ? fpdt::causal_mask : fpdt::full_mask},
+                0, fpdt::host_chunk_kernel{1});
+            if (!layer) return layer.error();
+            return run_one(*layer, x, s, tl.local_tokens());
+          }, &st);
+          for (auto const& x : st)
+            REQUIRE_MESSAGE(x.ok(), x.to_string());
+          check_global(r, p, causal, 1e-4);
+        }
+}
+
+TEST_CASE("sequence parallel attention: two layers with different head counts interleaved are both right") {
+  index_t const ranks = 2, chunk = 4, sq = 12;
+  attn_shape const sa{sq, sq, 8, 2, 8}, sb{sq, sq, 4, 4, 16};
+  auto pa = random_problem<float>(sa, 71);
+  auto pb = random_problem<float>(sb, 72);
+  auto tl = fpdt::token_layout::make(sq, ranks, chunk).value();
+  std::vector<rank_io> ioa(2), iob(2);
+  run_result ga, gb;
+  // One world, two layers per rank, calls interleaved: A.fwd, B.fwd, A.bwd, B.bwd.
+  fpdt::local_world world(2, 20s);
+  std::vector<fpdt::status> st(2);
+  auto prep = [&](problem<float> const& p, std::vector<rank_io>& io) {
+    attn_shape const& s = p.s;
+    std::vector<float> qf(p.q.begin(), p.q.end()), kf(p.k.begin(), p.k.end()), vf(p.v.begin(), p.v.end()),
+        df(p.dout.begin(), p.dout.end());
+    for (index_t r = 0; r < ranks; ++r) {
+      auto& x = io[static_cast<std::size_t>(r)];
+      x.q = scatter(tl, qf, s.h * s.d, r);
+      x.k = scatter(tl, kf, s.hkv * s.d, r);
+      x.v = scatter(tl, vf, s.hkv * s.d, r);
+      x.dout = scatter(tl, df, s.h * s.d, r);
+      x.out.assign(x.q.size(), fnan);
+      x.dq.assign(x.q.size(), fnan);
+      x.dk.assign(x.k.size(), fnan);
+      x.dv.assign(x.k.size(), fnan);
+    }
+  };
+  prep(pa, ioa);
+  prep(pb, iob);
+  std::vector<std::thread> ts;
+  for (index_t r = 0; r < ranks; ++r)
+    ts.emplace_back([&, r] {
+      st[static_cast<std::size_t>(r)] = [&]() -> fpdt::status {
+        auto comm = world.communicator(static_cast<int>(r)).value();
+        fpdt::host_backend be;
+        using layer_t = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>;
+        auto a = layer_t::create(be, comm, {sq, 8, 2, 8}, {.chunk = chunk}, 1, fpdt::host_chunk_kernel{1});
+        auto b = layer_t::create(be, comm, {sq, 4, 4, 16}, {.chunk = chunk, .offload = false}, 2,
+                                 fpdt::host_chunk_kernel{1});
+        if (!a) return a.error();
+        if (!b) return b.error();
+        auto& xa = ioa[static_cast<std::size_t>(r)];
+        auto& xb = iob[static_cast<std::size_t>(r)];
+        auto v3 = [](std::vector<float>& v, index_t hh, index_t dd) {
+          return fpdt::contiguous_view(v.data(), std::array<index_t, 3>{6, hh, dd}).value();
+        };
+        auto c3 = [](std::vector<float> const& v, index_t hh, index_t dd) {
+          return fpdt::contiguous_view<float const>(v.data(), std::array<index_t, 3>{6, hh, dd}).value();
+        };
+        FPDT_TRY(a->forward(c3(xa.q, 8, 8), c3(xa.k, 2, 8), c3(xa.v, 2, 8), v3(xa.out, 8, 8)));
+        FPDT_TRY(b->forward(c3(xb.q, 4, 16), c3(xb.k, 4, 16), c3(xb.v, 4, 16), v3(xb.out, 4, 16)));
+        FPDT_TRY(a->backward(c3(xa.dout, 8, 8), v3(xa.dq, 8, 8), v3(xa.dk, 2, 8), v3(xa.dv, 2, 8)));
+        return b->backward(c3(xb.dout, 4, 16), v3(xb.dq, 4, 16), v3(xb.dk, 4, 16), v3(xb.dv, 4, 16));
+      }();
+    });
+  for (auto& t : ts)
+    t.join();
+  for (auto const& x : st)
+    REQUIRE_MESSAGE(x.ok(), x.to_string());
+  for (auto [p, io, g] : {std::tuple{&pa, &ioa, &ga}, std::tuple{&pb, &iob, &gb}}) {
+    attn_shape const& s = p->s;
+    g->out.assign(s.q_size(), fnan);
+    g->dq.assign(s.q_size(), fnan);
+    g->dk.assign(s.kv_size(), fnan);
+    g->dv.assign(s.kv_size(), fnan);
+    for (index_t r = 0; r < ranks; ++r) {
+      auto const& x = (*io)[static_cast<std::size_t>(r)];
+      gather(tl, x.out, s.h * s.d, r, g->out);
+      gather(tl, x.dq, s.h * s.d, r, g->dq);
+      gather(tl, x.dk, s.hkv * s.d, r, g->dk);
+      gather(tl, x.dv, s.hkv * s.d, r, g->dv);
+    }
+    check_global(*g, *p, true, 1e-4);
+  }
+}
+
+namespace {
+struct throwing_source {
+  fpdt::tensor_source<float> inner;
+  index_t rank;
+  fpdt::status produce(index_t c, index_t first, fpdt::tensor_view<float, 3> const& q,
+                       fpdt::tensor_view<float, 3> const& k, fpdt::tensor_view<float, 3> const& v) const {
+    if (rank == 1 && c == 1) throw std::runtime_error("projection exploded on chunk 1");
+    return inner.produce(c, first, q, k, v);
+  }
+};
+} // namespace
+
+TEST_CASE("sequence parallel attention: a rank that throws mid-forward fails every rank within 10 s") {
+  index_t const ranks = 3, chunk = 6, sq = 24;
+  attn_shape const s{sq, sq, 6, 3, 8};
+  auto p = random_problem<float>(s, 90);
+  auto const t0 = std::chrono::steady_clock::now();
+  std::vector<fpdt::status> st;
+  run_ranks(p, ranks, chunk, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t r,
+                                 rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+        be, comm, {sq, 6, 3, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
+    if (!layer) return layer.error();
+    std::array<index_t, 3> const qe{tl.local_tokens(), 6, 8}, ke{tl.local_tokens(), 3, 8};
+    throwing_source src{{fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                         fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                         fpdt::contiguous_view<float const>(x.v.data(), ke).value()},
+                        r};
+    fpdt::tensor_sink<float> snk{fpdt::contiguous_view(x.out.data(), qe).value(), {}};
+    return layer->forward(src, snk);
+  }, &st);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+  CHECK(st[1].message().find("projection exploded on chunk 1") != std::string::npos);
+  for (int r : {0, 2}) {
+    CHECK_FALSE(st[static_cast<std::size_t>(r)].ok());
+    CHECK(st[static_cast<std::size_t>(r)].message().find("rank 1 aborted") != std::string::npos);
+  }
+}
+
+TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
+  fpdt::local_world world(4);
+  auto comm = world.communicator(0).value();
+  fpdt::host_backend be;
+  using layer_t = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>;
+  auto e = layer_t::create(be, comm, {32, 12, 3, 8}, {.chunk = 8}).error();
+  CHECK(e.message().find("H = 12, H_kv = 3, P = 4") != std::string::npos);
+  e = layer_t::create(be, comm, {30, 8, 8, 8}, {.chunk = 6}).error();
+  CHECK(e.message().find("C = 6 is not a multiple of P = 4") != std::string::npos);
+  e = layer_t::create(be, comm, {36, 8, 8, 8}, {.chunk = 8}).error();
+  CHECK(e.message().find("S = 36 is not a multiple of the chunk C = 8") != std::string::npos);
+}
