@@ -70,6 +70,9 @@ fpdt::result<options> parse(int argc, char** argv) {
       o.check = true;
       continue;
     }
+    bool const known = a == "--offload" || a == "--trace" ||
+                       std::any_of(std::begin(specs), std::end(specs), [&](spec const& x) { return a == x.name; });
+    if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
     std::string const val = argv[++i];
     if (a == "--offload") {
@@ -95,6 +98,12 @@ fpdt::result<options> parse(int argc, char** argv) {
       return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " ", v, " is outside [", sp->lo, ", ",
                               sp->hi, "]");
     *sp->value = static_cast<index_t>(v);
+  }
+  if (!o.trace.empty()) { // fail now, not after the run
+    std::FILE* f = std::fopen(o.trace.c_str(), "w");
+    if (f == nullptr)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "--trace ", o.trace, ": cannot open for writing");
+    std::fclose(f);
   }
   return o;
 }
@@ -169,9 +178,12 @@ fpdt::status run_rank(options const& o, Comm& comm, rank_data& rd, bool write_tr
   return {};
 }
 
-// Dense float64 causal GQA attention of the global inputs; returns the largest error of this
-// rank's out, dq, dk, dv relative to each tensor's largest reference value.
-double check_rank(options const& o, index_t ranks, index_t r, rank_data const& rd) {
+struct dense_result {
+  std::vector<double> out, dq, dk, dv;
+};
+
+// Dense float64 causal GQA attention (forward and backward) of the global inputs.
+dense_result dense_reference(options const& o) {
   index_t const s = o.seq, h = o.heads, hk = o.kv_heads, dd = o.head_dim, grp = h / hk;
   auto at = [&](index_t pos, index_t head, index_t heads, index_t d) {
     return static_cast<std::size_t>((pos * heads + head) * dd + d);
@@ -225,7 +237,16 @@ double check_rank(options const& o, index_t ranks, index_t r, rank_data const& r
       }
     }
   }
-  auto tl = fpdt::token_layout::make(s, ranks, o.chunk).value();
+  return {std::move(out), std::move(dq), std::move(dk), std::move(dv)};
+}
+
+// The largest error of rank r's out, dq, dk, dv relative to each tensor's largest reference value.
+double rank_error(options const& o, index_t ranks, index_t r, rank_data const& rd, dense_result const& ref) {
+  index_t const dd = o.head_dim, h = o.heads, hk = o.kv_heads;
+  auto at = [&](index_t pos, index_t head, index_t heads, index_t d) {
+    return static_cast<std::size_t>((pos * heads + head) * dd + d);
+  };
+  auto tl = fpdt::token_layout::make(o.seq, ranks, o.chunk).value();
   auto err = [&](auto const& got, std::vector<double> const& ref, index_t heads) {
     double mref = 1e-30, worst = 0;
     for (double x : ref)
@@ -239,7 +260,7 @@ double check_rank(options const& o, index_t ranks, index_t r, rank_data const& r
     }
     return worst / mref;
   };
-  return std::max({err(rd.out, out, h), err(rd.dq, dq, h), err(rd.dk, dk, hk), err(rd.dv, dv, hk)});
+  return std::max({err(rd.out, ref.out, h), err(rd.dq, ref.dq, h), err(rd.dk, ref.dk, hk), err(rd.dv, ref.dv, hk)});
 }
 
 void report(options const& o, index_t ranks, std::vector<rank_data> const& rd, char const* how) {
@@ -266,9 +287,10 @@ void report(options const& o, index_t ranks, std::vector<rank_data> const& rd, c
 
 int finish_check(options const& o, index_t ranks, std::vector<rank_data> const& rd, int first_rank) {
   if (!o.check) return 0;
+  dense_result const ref = dense_reference(o); // once, for every rank of this process
   double worst = 0;
   for (std::size_t i = 0; i < rd.size(); ++i)
-    worst = std::max(worst, check_rank(o, ranks, first_rank + static_cast<index_t>(i), rd[i]));
+    worst = std::max(worst, rank_error(o, ranks, first_rank + static_cast<index_t>(i), rd[i], ref));
   bool const ok = worst <= 2e-2; // bf16 outputs and inputs; fp32 accumulation
   std::printf("  check against dense float64: max scaled error %.3g (tolerance 2e-2): %s\n", worst,
               ok ? "ok" : "MISMATCH");

@@ -273,3 +273,27 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   e = layer_t::create(be, comm, {36, 8, 8, 8}, {.chunk = 8}).error();
   CHECK(e.message().find("S = 36 is not a multiple of the chunk C = 8") != std::string::npos);
 }
+
+TEST_CASE("sequence parallel attention: a shape error on one rank fails every rank promptly") {
+  index_t const ranks = 2, chunk = 4, sq = 16;
+  attn_shape const s{sq, sq, 4, 2, 8};
+  auto p = random_problem<float>(s, 91);
+  auto const t0 = std::chrono::steady_clock::now();
+  std::vector<fpdt::status> st;
+  run_ranks(p, ranks, chunk, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t r,
+                                 rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+        be, comm, {sq, 4, 2, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
+    if (!layer) return layer.error();
+    index_t const rows = tl.local_tokens() - (r == 1 ? 1 : 0); // rank 1 passes one token short
+    std::array<index_t, 3> const qe{rows, 4, 8}, ke{tl.local_tokens(), 2, 8}, oe{tl.local_tokens(), 4, 8};
+    return layer->forward(fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                          fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                          fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
+                          fpdt::contiguous_view(x.out.data(), oe).value());
+  }, &st);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s); // the world's timeout is 20 s
+  CHECK(st[1].code() == fpdt::errc::shape_mismatch);
+  CHECK(st[0].code() == fpdt::errc::comm_error);
+  CHECK(st[0].message().find("rank 1 aborted") != std::string::npos);
+}

@@ -285,11 +285,19 @@ private:
       e.present.assign(static_cast<std::size_t>(w.size), 0);
       e.op = op;
       e.bytes = bytes;
-    } else if (e.op != op || (op != 'v' && e.bytes != bytes) || e.present[static_cast<std::size_t>(rank_)]) {
+    } else if (e.present[static_cast<std::size_t>(rank_)]) {
+      std::string const msg = detail::concat(
+          "local_communicator (rank ", rank_, ", tag ", tag, "): this rank already has an operation "
+          "pending under that tag (two concurrent operations share a tag: e.g. two layers with the "
+          "same salt)");
+      w.aborted = msg;
+      w.cv.notify_all();
+      return make_error(errc::invalid_argument, msg);
+    } else if (e.op != op || (op != 'v' && e.bytes != bytes)) {
       std::string const msg = detail::concat(
           "local_communicator (rank ", rank_, ", tag ", tag, "): operation '", op, "' of ", bytes,
           " bytes does not match the '", e.op, "' of ", e.bytes,
-          " bytes pending under that tag (each tag: one operation at a time, same on every rank)");
+          " bytes another rank has pending under that tag (each tag: the same operation on every rank)");
       w.aborted = msg;
       w.cv.notify_all();
       return make_error(errc::invalid_argument, msg);

@@ -33,12 +33,13 @@
 FPDT_NAMESPACE_BEGIN
 
 namespace detail::sp {
-// Tags: salt (6 bits) | pass (1) | tensor (3) | chunk (20): 30 bits, under every MPI's MPI_TAG_UB
-// (at least 2^15 by the standard, 2^31 - 1 in OpenMPI), and unique per layer, pass, tensor, chunk.
+// Tags: salt (6 bits) | pass (1) | tensor (3) | chunk (16): unique per layer (salt), pass, tensor
+// and chunk, and at most 26 bits. MPI guarantees only MPI_TAG_UB >= 32767 (OpenMPI's ob1 gives
+// 2^31 - 1, UCX 2^23 - 1): create() checks the largest tag against the communicator's max_tag().
 inline constexpr std::uint64_t max_salt = 63;
-inline constexpr index_t max_chunks = index_t{1} << 20;
+inline constexpr index_t max_chunks = index_t{1} << 16;
 [[nodiscard]] constexpr std::uint64_t tag(std::uint64_t salt, int pass, int tensor, index_t chunk) noexcept {
-  return (((salt << 1 | static_cast<std::uint64_t>(pass)) << 3 | static_cast<std::uint64_t>(tensor)) << 20) |
+  return (((salt << 1 | static_cast<std::uint64_t>(pass)) << 3 | static_cast<std::uint64_t>(tensor)) << 16) |
          static_cast<std::uint64_t>(chunk);
 }
 template <class T>
@@ -75,10 +76,21 @@ public:
     if (global.sequence < 1 || global.sequence % c != 0)
       return make_error(errc::invalid_argument, "sequence_parallel_attention: S = ",
                         global.sequence, " is not a multiple of the chunk C = ", c);
-    if (salt > detail::sp::max_salt || global.sequence / c > detail::sp::max_chunks)
+    if (salt > detail::sp::max_salt)
       return make_error(errc::invalid_argument, "sequence_parallel_attention: salt ", salt,
-                        " must be <= ", detail::sp::max_salt, " and u = S / C = ", global.sequence / c,
-                        " <= ", detail::sp::max_chunks, " (they form the all-to-all tags)");
+                        " must be <= ", detail::sp::max_salt, " (it forms part of the all-to-all tags)");
+    if (global.sequence / c > detail::sp::max_chunks)
+      return make_error(errc::invalid_argument, "sequence_parallel_attention: u = S / C = ",
+                        global.sequence / c, " chunks; at most ", detail::sp::max_chunks,
+                        " (the chunk index forms part of the all-to-all tags): use a larger C");
+    if constexpr (requires { comm.max_tag(); }) {
+      std::uint64_t const top = detail::sp::tag(salt, 1, 7, global.sequence / c - 1);
+      if (top > static_cast<std::uint64_t>(comm.max_tag()))
+        return make_error(errc::invalid_argument, "sequence_parallel_attention: salt ", salt,
+                          " and u = ", global.sequence / c, " chunks need tags up to ", top,
+                          ", over the communicator's largest tag ", comm.max_tag(),
+                          " (MPI_TAG_UB); use a smaller salt or fewer chunks");
+    }
     options.chunk = c;
     attention_shape per_rank{global.sequence, l->heads_per_rank(head_kind::query),
                              l->heads_per_rank(head_kind::key_value), global.head_dim};
@@ -88,6 +100,9 @@ public:
         sequence_parallel_attention(comm, *l, global, salt, std::move(*inner)));
   }
 
+  //! Any error of a pass on this rank (shapes, source, sink, kernel, memory) aborts the
+  //! communicator, so the other ranks fail promptly instead of waiting for the timeout.
+  //!
   //! Forward: local q, k, v chunks from `source` (a `chunk_source` over local chunks), local out
   //! chunks to `sink` (a `chunk_sink`; its lse view is `[H, C/P]`). Errors: those of the per-rank
   //! layer and of the communicator (a peer's failure or a timeout, within the world's timeout).
@@ -102,10 +117,11 @@ public:
   //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`.
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
                                tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out) {
-    FPDT_TRY(check_local("q", q.extents(), shape_.heads));
-    FPDT_TRY(check_local("k", k.extents(), shape_.kv_heads));
-    FPDT_TRY(check_local("v", v.extents(), shape_.kv_heads));
-    FPDT_TRY(check_local("out", out.extents(), shape_.heads));
+    // A shape error on one rank must not leave the others waiting for its exchanges.
+    FPDT_TRY(abort_on_error(check_local("q", q.extents(), shape_.heads)));
+    FPDT_TRY(abort_on_error(check_local("k", k.extents(), shape_.kv_heads)));
+    FPDT_TRY(abort_on_error(check_local("v", v.extents(), shape_.kv_heads)));
+    FPDT_TRY(abort_on_error(check_local("out", out.extents(), shape_.heads)));
     tensor_source<T> src{q, k, v};
     tensor_sink<T> snk{out, {}};
     return forward(src, snk);
@@ -125,10 +141,10 @@ public:
   //! `[S/P, H_kv, D]` (overwritten).
   [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
                                 tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
-    FPDT_TRY(check_local("dout", dout.extents(), shape_.heads));
-    FPDT_TRY(check_local("dq", dq.extents(), shape_.heads));
-    FPDT_TRY(check_local("dk", dk.extents(), shape_.kv_heads));
-    FPDT_TRY(check_local("dv", dv.extents(), shape_.kv_heads));
+    FPDT_TRY(abort_on_error(check_local("dout", dout.extents(), shape_.heads)));
+    FPDT_TRY(abort_on_error(check_local("dq", dq.extents(), shape_.heads)));
+    FPDT_TRY(abort_on_error(check_local("dk", dk.extents(), shape_.kv_heads)));
+    FPDT_TRY(abort_on_error(check_local("dv", dv.extents(), shape_.kv_heads)));
     tensor_dout_source<T> src{dout};
     tensor_gradient_sink snk{dq, dk, dv};
     return backward(src, snk);
