@@ -148,6 +148,8 @@ TEST_CASE("local communicator: an abort or a missing rank ends every wait with a
   }
   fpdt::local_world w(2);
   CHECK(w.communicator(2).error().code() == fpdt::errc::invalid_argument);
+  fpdt::local_world empty(0);
+  CHECK(contains(empty.communicator(0).error().message(), "needs at least 1 rank"));
 }
 
 TEST_CASE("ulysses: A1 seq_to_head gives each rank its heads for every position, bit for bit") {

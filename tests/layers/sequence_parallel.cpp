@@ -272,6 +272,12 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   CHECK(e.message().find("C = 6 is not a multiple of P = 4") != std::string::npos);
   e = layer_t::create(be, comm, {36, 8, 8, 8}, {.chunk = 8}).error();
   CHECK(e.message().find("S = 36 is not a multiple of the chunk C = 8") != std::string::npos);
+  e = layer_t::create(be, comm, {32, 8, 8, 8}, {.chunk = 8}, 64).error();
+  CHECK(e.message().find("salt 64 must be <= 63") != std::string::npos);
+  // Layers can be rebuilt in place.
+  auto a = layer_t::create(be, comm, {32, 8, 8, 8}, {.chunk = 8}).value();
+  a = layer_t::create(be, comm, {64, 8, 8, 8}, {.chunk = 16}).value();
+  CHECK(a.local_layer().chunks() == 4);
 }
 
 TEST_CASE("sequence parallel attention: a shape error on one rank fails every rank promptly") {

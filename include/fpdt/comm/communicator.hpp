@@ -71,10 +71,11 @@ class local_communicator;
 //! Thread-safe. Must outlive its communicators.
 class local_world {
 public:
-  //! A world of `size` ranks whose operations give up after `timeout` waiting for a peer.
+  //! A world of `size` ranks whose operations give up after `timeout` waiting for a peer. A size
+  //! below 1 makes a world without ranks: `communicator` then returns an error naming it.
   explicit local_world(int size, std::chrono::milliseconds timeout = std::chrono::seconds(30))
       : state_(std::make_shared<state>()) {
-    state_->size = size < 1 ? 1 : size;
+    state_->size = size < 0 ? 0 : size;
     state_->timeout = timeout;
   }
 
@@ -347,6 +348,9 @@ private:
 };
 
 inline result<local_communicator> local_world::communicator(int rank) const {
+  if (state_->size < 1)
+    return make_error(errc::invalid_argument, "local_world: a world needs at least 1 rank, this one "
+                                              "was made with ", state_->size);
   if (rank < 0 || rank >= state_->size)
     return make_error(errc::invalid_argument, "local_world: rank ", rank, " is outside [0, ",
                       state_->size, ")");

@@ -236,6 +236,8 @@ public:
   }
 
   fpdt_attention(fpdt_attention&&) noexcept = default; //!< moves the layer and its saved state
+  //! Replaces this layer (and frees its buffers) with `other`.
+  fpdt_attention& operator=(fpdt_attention&&) noexcept = default;
 
   //! Forward over all chunks: q, k, v from `source`, each chunk's output to `sink`.
   //! Errors: the arena's or pool's `errc::out_of_memory` (before any step runs); errors of the
