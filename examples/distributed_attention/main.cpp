@@ -247,16 +247,16 @@ double rank_error(options const& o, index_t ranks, index_t r, rank_data const& r
     return static_cast<std::size_t>((pos * heads + head) * dd + d);
   };
   auto tl = fpdt::token_layout::make(o.seq, ranks, o.chunk).value();
-  auto err = [&](auto const& got, std::vector<double> const& ref, index_t heads) {
+  auto err = [&](auto const& got, std::vector<double> const& want, index_t heads) {
     double mref = 1e-30, worst = 0;
-    for (double x : ref)
+    for (double x : want)
       mref = std::max(mref, std::abs(x));
     for (index_t t = 0; t < tl.local_tokens(); ++t) {
       index_t const gpos = tl.global_position(r, t);
       for (index_t hh = 0; hh < heads; ++hh)
         for (index_t d = 0; d < dd; ++d)
           worst = std::max(worst, std::abs(static_cast<double>(static_cast<float>(got[at(t, hh, heads, d)])) -
-                                           ref[at(gpos, hh, heads, d)]));
+                                           want[at(gpos, hh, heads, d)]));
     }
     return worst / mref;
   };
