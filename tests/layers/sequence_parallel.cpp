@@ -254,7 +254,7 @@ TEST_CASE("sequence parallel attention: a rank that throws mid-forward fails eve
     return layer->forward(src, snk);
   }, &st);
   CHECK(std::chrono::steady_clock::now() - t0 < 10s);
-  CHECK(st[1].message().find("projection exploded on chunk 1") != std::string::npos);
+  CHECK(st[1].message().find("chunk source, chunk 1: threw projection exploded on chunk 1") != std::string::npos);
   for (int r : {0, 2}) {
     CHECK_FALSE(st[static_cast<std::size_t>(r)].ok());
     CHECK(st[static_cast<std::size_t>(r)].message().find("rank 1 aborted") != std::string::npos);

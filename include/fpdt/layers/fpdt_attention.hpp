@@ -43,6 +43,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <utility>
 
@@ -183,6 +184,18 @@ private:
 namespace detail::layer {
 inline constexpr std::size_t align = device_arena::granularity;
 [[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return (b + align - 1) / align * align; }
+// Runs a caller's source or sink; its error, or an exception it throws, comes back as a status
+// naming what failed (`what`, `chunk`), with the error code kept (exceptions: errc::internal).
+template <class F>
+[[nodiscard]] status guarded(F&& f, char const* what, index_t chunk) {
+  try {
+    return f().with_context(detail::concat(what, chunk));
+  } catch (std::exception const& e) {
+    return make_error(errc::internal, what, chunk, ": threw ", e.what());
+  } catch (...) {
+    return make_error(errc::internal, what, chunk, ": threw a non-standard exception");
+  }
+}
 } // namespace detail::layer
 
 //! FPDT attention on one rank (see the file comment).
@@ -528,7 +541,7 @@ private:
       auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
       index_t const c = st.i;
       return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
-        return source.produce(c, c * c_, qv, kv, vv).with_context(detail::concat("chunk source, chunk ", c));
+        return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv); }, "chunk source, chunk ", c);
       });
     }
     case step_kind::offload: {
@@ -615,7 +628,7 @@ private:
       tensor_view<float const, 2> lv = lse_view(os + rounded(qb));
       index_t const c = st.i;
       return host_task(s, [&sink, ov, lv, c, this]() -> status {
-        return sink.consume(c, c * c_, ov, lv).with_context(detail::concat("chunk sink, chunk ", c));
+        return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv); }, "chunk sink, chunk ", c);
       });
     }
     default:
@@ -730,7 +743,7 @@ private:
       index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
       return host_task(s, [&dout, dst, c, this]() -> status {
-        return dout.produce_dout(c, c * c_, dst).with_context(detail::concat("dout source, chunk ", c));
+        return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst); }, "dout source, chunk ", c);
       });
     }
     case step_kind::zero: {
@@ -778,13 +791,13 @@ private:
         tensor_view<float const, 3> g = parts(st.slot_of(ring::q)).dq;
         index_t const c = st.i;
         return host_task(s, [&sink, g, c, this]() -> status {
-          return sink.consume_dq(c, c * c_, g).with_context(detail::concat("gradient sink, dq chunk ", c));
+          return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g); }, "gradient sink, dq chunk ", c);
         });
       }
       tensor_view<float const, 3> gk = dkv_view(0), gv = dkv_view(1);
       index_t const c = st.j;
       return host_task(s, [&sink, gk, gv, c, this]() -> status {
-        return sink.consume_dkv(c, c * c_, gk, gv).with_context(detail::concat("gradient sink, dk/dv chunk ", c));
+        return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv); }, "gradient sink, dk/dv chunk ", c);
       });
     }
     default:
