@@ -41,6 +41,37 @@ struct rank_io {
   std::vector<float> q, k, v, dout, out, dq, dk, dv;
 };
 
+// Rank r's local q, k, v, dout of problem p, and NaN-filled outputs.
+rank_io scatter_io(fpdt::token_layout const& tl, problem<float> const& p, index_t r) {
+  attn_shape const& s = p.s;
+  rank_io x;
+  x.q = scatter(tl, p.q, s.h * s.d, r);
+  x.k = scatter(tl, p.k, s.hkv * s.d, r);
+  x.v = scatter(tl, p.v, s.hkv * s.d, r);
+  x.dout = scatter(tl, p.dout, s.h * s.d, r);
+  x.out.assign(x.q.size(), fnan);
+  x.dq.assign(x.q.size(), fnan);
+  x.dk.assign(x.k.size(), fnan);
+  x.dv.assign(x.k.size(), fnan);
+  return x;
+}
+
+// The global outputs and gradients gathered from every rank's local ones.
+run_result gather_io(fpdt::token_layout const& tl, attn_shape const& s, std::vector<rank_io> const& io) {
+  run_result g;
+  g.out.assign(s.q_size(), fnan);
+  g.dq.assign(s.q_size(), fnan);
+  g.dk.assign(s.kv_size(), fnan);
+  g.dv.assign(s.kv_size(), fnan);
+  for (std::size_t r = 0; r < io.size(); ++r) {
+    gather(tl, io[r].out, s.h * s.d, static_cast<index_t>(r), g.out);
+    gather(tl, io[r].dq, s.h * s.d, static_cast<index_t>(r), g.dq);
+    gather(tl, io[r].dk, s.hkv * s.d, static_cast<index_t>(r), g.dk);
+    gather(tl, io[r].dv, s.hkv * s.d, static_cast<index_t>(r), g.dv);
+  }
+  return g;
+}
+
 // Runs forward and backward of `layers` (one per rank, made by make_layer on its own backend) on P
 // threads; returns the gathered global result.
 template <class MakeLayer>
@@ -48,21 +79,9 @@ run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, Make
                      std::vector<fpdt::status>* statuses = nullptr) {
   attn_shape const& s = p.s;
   auto tl = fpdt::token_layout::make(s.sq, ranks, chunk).value();
-  index_t const wq = s.h * s.d, wk = s.hkv * s.d;
-  std::vector<rank_io> io(static_cast<std::size_t>(ranks));
-  std::vector<float> qf(p.q.begin(), p.q.end()), kf(p.k.begin(), p.k.end()), vf(p.v.begin(), p.v.end()),
-      df(p.dout.begin(), p.dout.end());
-  for (index_t r = 0; r < ranks; ++r) {
-    rank_io& x = io[static_cast<std::size_t>(r)];
-    x.q = scatter(tl, qf, wq, r);
-    x.k = scatter(tl, kf, wk, r);
-    x.v = scatter(tl, vf, wk, r);
-    x.dout = scatter(tl, df, wq, r);
-    x.out.assign(x.q.size(), fnan);
-    x.dq.assign(x.q.size(), fnan);
-    x.dk.assign(x.k.size(), fnan);
-    x.dv.assign(x.k.size(), fnan);
-  }
+  std::vector<rank_io> io;
+  for (index_t r = 0; r < ranks; ++r)
+    io.push_back(scatter_io(tl, p, r));
   fpdt::local_world world(static_cast<int>(ranks), 20s);
   std::vector<fpdt::status> st(static_cast<std::size_t>(ranks));
   std::vector<std::thread> ts;
@@ -76,19 +95,7 @@ run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, Make
   for (auto& t : ts)
     t.join();
   if (statuses) *statuses = st;
-  run_result g;
-  g.out.assign(s.q_size(), fnan);
-  g.dq.assign(s.q_size(), fnan);
-  g.dk.assign(s.kv_size(), fnan);
-  g.dv.assign(s.kv_size(), fnan);
-  for (index_t r = 0; r < ranks; ++r) {
-    rank_io const& x = io[static_cast<std::size_t>(r)];
-    gather(tl, x.out, wq, r, g.out);
-    gather(tl, x.dq, wq, r, g.dq);
-    gather(tl, x.dk, wk, r, g.dk);
-    gather(tl, x.dv, wk, r, g.dv);
-  }
-  return g;
+  return gather_io(tl, s, io);
 }
 
 template <class Layer> fpdt::status run_one(Layer& layer, rank_io& x, attn_shape const& s, index_t local) {
@@ -153,28 +160,13 @@ TEST_CASE("sequence parallel attention: two layers with different head counts in
   auto pb = random_problem<float>(sb, 72);
   auto tl = fpdt::token_layout::make(sq, ranks, chunk).value();
   std::vector<rank_io> ioa(2), iob(2);
-  run_result ga, gb;
   // One world, two layers per rank, calls interleaved: A.fwd, B.fwd, A.bwd, B.bwd.
   fpdt::local_world world(2, 20s);
   std::vector<fpdt::status> st(2);
-  auto prep = [&](problem<float> const& p, std::vector<rank_io>& io) {
-    attn_shape const& s = p.s;
-    std::vector<float> qf(p.q.begin(), p.q.end()), kf(p.k.begin(), p.k.end()), vf(p.v.begin(), p.v.end()),
-        df(p.dout.begin(), p.dout.end());
-    for (index_t r = 0; r < ranks; ++r) {
-      auto& x = io[static_cast<std::size_t>(r)];
-      x.q = scatter(tl, qf, s.h * s.d, r);
-      x.k = scatter(tl, kf, s.hkv * s.d, r);
-      x.v = scatter(tl, vf, s.hkv * s.d, r);
-      x.dout = scatter(tl, df, s.h * s.d, r);
-      x.out.assign(x.q.size(), fnan);
-      x.dq.assign(x.q.size(), fnan);
-      x.dk.assign(x.k.size(), fnan);
-      x.dv.assign(x.k.size(), fnan);
-    }
-  };
-  prep(pa, ioa);
-  prep(pb, iob);
+  for (index_t r = 0; r < ranks; ++r) {
+    ioa[static_cast<std::size_t>(r)] = scatter_io(tl, pa, r);
+    iob[static_cast<std::size_t>(r)] = scatter_io(tl, pb, r);
+  }
   std::vector<std::thread> ts;
   for (index_t r = 0; r < ranks; ++r)
     ts.emplace_back([&, r] {
@@ -205,21 +197,8 @@ TEST_CASE("sequence parallel attention: two layers with different head counts in
     t.join();
   for (auto const& x : st)
     REQUIRE_MESSAGE(x.ok(), x.to_string());
-  for (auto [p, io, g] : {std::tuple{&pa, &ioa, &ga}, std::tuple{&pb, &iob, &gb}}) {
-    attn_shape const& s = p->s;
-    g->out.assign(s.q_size(), fnan);
-    g->dq.assign(s.q_size(), fnan);
-    g->dk.assign(s.kv_size(), fnan);
-    g->dv.assign(s.kv_size(), fnan);
-    for (index_t r = 0; r < ranks; ++r) {
-      auto const& x = (*io)[static_cast<std::size_t>(r)];
-      gather(tl, x.out, s.h * s.d, r, g->out);
-      gather(tl, x.dq, s.h * s.d, r, g->dq);
-      gather(tl, x.dk, s.hkv * s.d, r, g->dk);
-      gather(tl, x.dv, s.hkv * s.d, r, g->dv);
-    }
-    check_global(*g, *p, true, 1e-4);
-  }
+  check_global(gather_io(tl, sa, ioa), pa, true, 1e-4);
+  check_global(gather_io(tl, sb, iob), pb, true, 1e-4);
 }
 
 namespace {

@@ -90,6 +90,25 @@ template <class V, class T>
                       detail::shape_string(v.extents()), " must be [", rows, ", ", heads, ", ", d, "]");
   return {};
 }
+// Copies the block v(row0 + s, h0 + h, x), s < rows, h < heads, into `out` in that order.
+template <class V, class T>
+T* gather_block(V const& v, index_t row0, index_t h0, index_t rows, index_t heads, T* out) {
+  for (index_t s = 0; s < rows; ++s)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t x = 0; x < v.extent(2); ++x)
+        *out++ = v(row0 + s, h0 + h, x);
+  return out;
+}
+// The inverse: writes (or, with `add`, adds in fp32) the sequential `in` into the block.
+template <class V, class T>
+void scatter_block(T const* in, V const& v, index_t row0, index_t h0, index_t rows, index_t heads,
+                   bool add) {
+  for (index_t s = 0; s < rows; ++s)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t x = 0; x < v.extent(2); ++x, ++in)
+        v(row0 + s, h0 + h, x) =
+            add ? static_cast<T>(static_cast<float>(v(row0 + s, h0 + h, x)) + static_cast<float>(*in)) : *in;
+}
 } // namespace detail::ulysses
 
 //! Sequence-sharded to head-sharded: `local [C/P, H or H_kv, D]` (this rank's piece of a chunk)
@@ -111,22 +130,13 @@ template <class T, communicator Comm>
   FPDT_TRY((detail::ulysses::check<decltype(out), T>("seq_to_head", out, l.chunk, hr, d, "out")));
   std::size_t const block = static_cast<std::size_t>(pc * hr * d);
   std::vector<T> send(block * static_cast<std::size_t>(p)), recv(send.size());
-  for (index_t r = 0; r < p; ++r) {
-    index_t const h0 = l.first_head(kind, r);
-    T* dst = send.data() + static_cast<std::size_t>(r) * block;
-    for (index_t s = 0; s < pc; ++s)
-      for (index_t h = 0; h < hr; ++h)
-        for (index_t x = 0; x < d; ++x)
-          *dst++ = local(s, h0 + h, x);
-  }
+  for (index_t r = 0; r < p; ++r) // block r: this rank's tokens, rank r's heads
+    detail::ulysses::gather_block(local, 0, l.first_head(kind, r), pc, hr,
+                                  send.data() + static_cast<std::size_t>(r) * block);
   FPDT_TRY(comm.all_to_all(send.data(), recv.data(), block * sizeof(T), tag));
-  for (index_t r = 0; r < p; ++r) {
-    T const* src = recv.data() + static_cast<std::size_t>(r) * block;
-    for (index_t s = 0; s < pc; ++s)
-      for (index_t h = 0; h < hr; ++h)
-        for (index_t x = 0; x < d; ++x)
-          out(r * pc + s, h, x) = *src++;
-  }
+  for (index_t r = 0; r < p; ++r) // block r: rank r's tokens, this rank's heads
+    detail::ulysses::scatter_block(recv.data() + static_cast<std::size_t>(r) * block, out, r * pc, 0,
+                                   pc, hr, false);
   return {};
 }
 
@@ -146,33 +156,18 @@ template <class T, communicator Comm>
   FPDT_TRY((detail::ulysses::check<decltype(local), T>("head_to_seq", local, pc, l.total_heads(kind), d, "local")));
   std::size_t const block = static_cast<std::size_t>(pc * hr * d);
   std::vector<T> send(block * static_cast<std::size_t>(p)), recv(send.size());
-  for (index_t r = 0; r < p; ++r) {
-    T* dst = send.data() + static_cast<std::size_t>(r) * block;
-    for (index_t s = 0; s < pc; ++s)
-      for (index_t h = 0; h < hr; ++h)
-        for (index_t x = 0; x < d; ++x)
-          *dst++ = in(r * pc + s, h, x);
-  }
+  for (index_t r = 0; r < p; ++r) // block r: rank r's tokens, this rank's heads
+    detail::ulysses::gather_block(in, r * pc, 0, pc, hr, send.data() + static_cast<std::size_t>(r) * block);
   FPDT_TRY(comm.all_to_all(send.data(), recv.data(), block * sizeof(T), tag));
   bool const sum = kind == head_kind::key_value && l.kv_replicated;
-  if (sum)
+  if (sum) // replicas of a key/value head are added up, in rank order
     for (index_t s = 0; s < pc; ++s)
       for (index_t h = 0; h < l.kv_heads; ++h)
         for (index_t x = 0; x < d; ++x)
           local(s, h, x) = T(0);
-  for (index_t r = 0; r < p; ++r) {
-    index_t const h0 = l.first_head(kind, r);
-    T const* src = recv.data() + static_cast<std::size_t>(r) * block;
-    for (index_t s = 0; s < pc; ++s)
-      for (index_t h = 0; h < hr; ++h)
-        for (index_t x = 0; x < d; ++x) {
-          T const v = *src++;
-          if (sum)
-            local(s, h0 + h, x) = static_cast<T>(static_cast<float>(local(s, h0 + h, x)) + static_cast<float>(v));
-          else
-            local(s, h0 + h, x) = v;
-        }
-  }
+  for (index_t r = 0; r < p; ++r) // block r: this rank's tokens, rank r's heads
+    detail::ulysses::scatter_block(recv.data() + static_cast<std::size_t>(r) * block, local, 0,
+                                   l.first_head(kind, r), pc, hr, sum);
   return {};
 }
 

@@ -45,6 +45,7 @@
 #include <cstring>
 #include <exception>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 FPDT_NAMESPACE_BEGIN
@@ -92,15 +93,25 @@ concept dout_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v
   { s.produce_dout(c, c, v) } -> std::same_as<status>;
 };
 
+namespace detail::layer {
+// dst(dst_row0 + r, h, d) = src(src_row0 + r, h, d) for r < rows and all of dst's heads and
+// dims, converting the element type (fp32 accumulators to the model dtype, for instance).
+template <class S, class D>
+void copy_rows(tensor_view<S, 3> const& src, index_t src_row0, tensor_view<D, 3> const& dst,
+               index_t dst_row0, index_t rows) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t h = 0; h < dst.extent(1); ++h)
+      for (index_t d = 0; d < dst.extent(2); ++d)
+        dst(dst_row0 + r, h, d) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, h, d));
+}
+} // namespace detail::layer
+
 //! A `dout_source` reading slices of a whole dout `[S, H, D]` tensor.
 template <class T> struct tensor_dout_source {
   tensor_view<T const, 3> dout; //!< `[S, H, D]`
   //! Copies tokens [first, first + C) of dout into the chunk view.
   [[nodiscard]] status produce_dout(index_t, index_t first, tensor_view<T, 3> const& d) const {
-    for (index_t r = 0; r < d.extent(0); ++r)
-      for (index_t h = 0; h < d.extent(1); ++h)
-        for (index_t x = 0; x < d.extent(2); ++x)
-          d(r, h, x) = dout(first + r, h, x);
+    detail::layer::copy_rows(dout, first, d, 0, d.extent(0));
     return {};
   }
 };
@@ -121,18 +132,10 @@ template <class T> struct tensor_source {
   //! Copies tokens [first, first + C) of q, k, v into the chunk views.
   [[nodiscard]] status produce(index_t, index_t first, tensor_view<T, 3> const& qc,
                                tensor_view<T, 3> const& kc, tensor_view<T, 3> const& vc) const {
-    copy_rows(q, first, qc);
-    copy_rows(k, first, kc);
-    copy_rows(v, first, vc);
+    detail::layer::copy_rows(q, first, qc, 0, qc.extent(0));
+    detail::layer::copy_rows(k, first, kc, 0, kc.extent(0));
+    detail::layer::copy_rows(v, first, vc, 0, vc.extent(0));
     return {};
-  }
-
-private:
-  static void copy_rows(tensor_view<T const, 3> const& src, index_t first, tensor_view<T, 3> const& dst) {
-    for (index_t s = 0; s < dst.extent(0); ++s)
-      for (index_t h = 0; h < dst.extent(1); ++h)
-        for (index_t d = 0; d < dst.extent(2); ++d)
-          dst(s, h, d) = src(first + s, h, d);
   }
 };
 
@@ -144,12 +147,11 @@ template <class T> struct tensor_sink {
   //! Copies the chunk into rows [first, first + C).
   [[nodiscard]] status consume(index_t, index_t first, tensor_view<T const, 3> const& o,
                                tensor_view<float const, 2> const& l) {
-    for (index_t s = 0; s < o.extent(0); ++s)
-      for (index_t h = 0; h < o.extent(1); ++h) {
-        for (index_t d = 0; d < o.extent(2); ++d)
-          out(first + s, h, d) = o(s, h, d);
-        if (!lse.empty()) lse(h, first + s) = l(h, s);
-      }
+    detail::layer::copy_rows(o, 0, out, first, o.extent(0));
+    if (!lse.empty())
+      for (index_t h = 0; h < l.extent(0); ++h)
+        for (index_t s = 0; s < l.extent(1); ++s)
+          lse(h, first + s) = l(h, s);
     return {};
   }
 };
@@ -161,29 +163,22 @@ struct tensor_gradient_sink {
   tensor_view<float, 3> dv; //!< `[S, H_kv, D]`
   //! Copies dq of one chunk into rows [first, first + C).
   [[nodiscard]] status consume_dq(index_t, index_t first, tensor_view<float const, 3> const& g) {
-    copy(g, first, dq);
+    detail::layer::copy_rows(g, 0, dq, first, g.extent(0));
     return {};
   }
   //! Copies dk and dv of one chunk into rows [first, first + C).
   [[nodiscard]] status consume_dkv(index_t, index_t first, tensor_view<float const, 3> const& gk,
                                    tensor_view<float const, 3> const& gv) {
-    copy(gk, first, dk);
-    copy(gv, first, dv);
+    detail::layer::copy_rows(gk, 0, dk, first, gk.extent(0));
+    detail::layer::copy_rows(gv, 0, dv, first, gv.extent(0));
     return {};
-  }
-
-private:
-  static void copy(tensor_view<float const, 3> const& g, index_t first, tensor_view<float, 3> const& dst) {
-    for (index_t s = 0; s < g.extent(0); ++s)
-      for (index_t h = 0; h < g.extent(1); ++h)
-        for (index_t d = 0; d < g.extent(2); ++d)
-          dst(first + s, h, d) = g(s, h, d);
   }
 };
 
 namespace detail::layer {
 inline constexpr std::size_t align = device_arena::granularity;
-[[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return (b + align - 1) / align * align; }
+// What one arena allocation of `b` bytes reserves (the arena's own rounding).
+[[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return device_arena::rounded_size(b); }
 // Runs a caller's source or sink; its error, or an exception it throws, comes back as a status
 // naming what failed (`what`, `chunk`), with the error code kept (exceptions: errc::internal).
 template <class F>
@@ -613,10 +608,7 @@ private:
       auto ov = q_view(os);
       auto lv = lse_view(os + rounded(qb));
       return host_task(s, [acc, ov, lv]() {
-        for (index_t r = 0; r < ov.extent(0); ++r)
-          for (index_t h = 0; h < ov.extent(1); ++h)
-            for (index_t d = 0; d < ov.extent(2); ++d)
-              ov(r, h, d) = static_cast<T>(acc.out(r, h, d));
+        detail::layer::copy_rows(acc.out, 0, ov, 0, ov.extent(0)); // fp32 -> model dtype
         for (index_t h = 0; h < lv.extent(0); ++h)
           for (index_t r = 0; r < lv.extent(1); ++r)
             lv(h, r) = acc.lse(h, r);

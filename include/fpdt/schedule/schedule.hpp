@@ -185,6 +185,10 @@ struct builder {
     next[ri] = (next[ri] + 1) % s.ring_size[ri];
     return {slot, last_release[ri][static_cast<std::size_t>(slot)]};
   }
+  // take(r) with offload; without it chunk c lives in slot c for the whole pass (nothing to wait).
+  std::pair<std::int32_t, std::int64_t> take_or_resident(ring r, bool offload, std::int32_t chunk) {
+    return offload ? take(r) : std::pair<std::int32_t, std::int64_t>{chunk, -1};
+  }
   // A release marker for (ring r, slot) standing for `deps`.
   void release(ring r, std::int32_t slot, std::int32_t i, std::int32_t j,
                std::initializer_list<std::int64_t> deps) {
@@ -247,8 +251,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> produced_at(static_cast<std::size_t>(u), -1);
   // produce(c) into fresh q and kv slots, offloading both when offload is on. Returns the slots.
   auto produce = [&](std::int32_t c, bool release_q) {
-    auto [qs, q_free] = p.offload ? b.take(ring::q) : std::pair<std::int32_t, std::int64_t>{c, -1};
-    auto [ks, k_free] = p.offload ? b.take(ring::kv) : std::pair<std::int32_t, std::int64_t>{c, -1};
+    auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, c);
+    auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, c);
     auto prod = make(step_kind::produce, lane::compute, payload::none, c, c, p.q_bytes + p.kv_bytes);
     prod.slot = {qs, ks, -1};
     std::int64_t const produced = b.add(prod, {q_free, k_free});
@@ -315,7 +319,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
         pair(j, j, produced_at[static_cast<std::size_t>(j)]);
       }
     }
-    auto [os, o_free] = p.offload ? b.take(ring::out) : std::pair<std::int32_t, std::int64_t>{i, -1};
+    auto [os, o_free] = b.take_or_resident(ring::out, p.offload, i);
     auto fin = make(step_kind::finalize, lane::compute, payload::out_lse, i, -1, p.out_bytes);
     fin.slot = {-1, -1, os};
     std::int64_t const finalized = b.add(fin, {last_compute, o_free});
@@ -356,7 +360,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
   for (std::int32_t j = 0; j < u; ++j) {
-    auto [ks, k_free] = p.offload ? b.take(ring::kv) : std::pair<std::int32_t, std::int64_t>{j, -1};
+    auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, j);
     std::int64_t kv_ready = -1;
     if (p.offload) {
       auto f = make(step_kind::fetch, lane::h2d, payload::kv, -1, j, p.kv_bytes);
@@ -369,7 +373,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     for (std::int32_t i = p.causal ? j : 0; i < u; ++i) {
       bool const first = j == 0;
       bool const last = p.causal ? j == i : j == u - 1;
-      auto [qs, q_free] = p.offload ? b.take(ring::q) : std::pair<std::int32_t, std::int64_t>{i, -1};
+      auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, i);
       std::int64_t q_ready = -1;
       if (p.offload || first) {
         // Offload off: the bundle's slot i is filled once, at first use (dout_i from the caller).

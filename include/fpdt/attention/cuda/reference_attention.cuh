@@ -38,15 +38,30 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The (query row, query head) this warp owns, its key/value head and this thread's lane.
+struct row_of_warp {
+  index_t d, i, hq, hk;
+  int lane;
+  bool valid;
+  template <class Q, class K> __device__ row_of_warp(Q const& q, K const& k) {
+    index_t const h = q.extent(1);
+    index_t const item = static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / 32;
+    valid = item < q.extent(0) * h;
+    d = q.extent(2);
+    i = item / h;
+    hq = item % h;
+    hk = hq / (h / k.extent(1));
+    lane = static_cast<int>(threadIdx.x % 32);
+  }
+};
+
 template <class T>
 __global__ void __launch_bounds__(warps_per_block * 32)
     forward_kernel(chunk_forward_args<T> a, float scale) {
-  index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
-  index_t const group = h / a.k.extent(1);
-  index_t const item = static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / 32;
-  if (item >= sq * h) return;
-  int const lane = static_cast<int>(threadIdx.x % 32);
-  index_t const i = item / h, hq = item % h, hk = hq / group;
+  row_of_warp const w(a.q, a.k);
+  if (!w.valid) return;
+  index_t const d = w.d, i = w.i, hq = w.hq, hk = w.hk;
+  int const lane = w.lane;
   float q[max_per_lane], acc[max_per_lane];
 #pragma unroll
   for (int e = 0; e < max_per_lane; ++e) {
@@ -87,12 +102,10 @@ __global__ void __launch_bounds__(warps_per_block * 32)
 template <class T>
 __global__ void __launch_bounds__(warps_per_block * 32)
     backward_kernel(chunk_backward_args<T> a, float scale) {
-  index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
-  index_t const group = h / a.k.extent(1);
-  index_t const item = static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / 32;
-  if (item >= sq * h) return;
-  int const lane = static_cast<int>(threadIdx.x % 32);
-  index_t const i = item / h, hq = item % h, hk = hq / group;
+  row_of_warp const w(a.q, a.k);
+  if (!w.valid) return;
+  index_t const d = w.d, i = w.i, hq = w.hq, hk = w.hk;
+  int const lane = w.lane;
   float const lse = a.lse(hq, i), delta = a.delta(hq, i);
   if (!(lse > -INFINITY)) return; // no visible key anywhere: every gradient term is 0
   float q[max_per_lane], dout[max_per_lane], dq[max_per_lane];
