@@ -174,7 +174,7 @@ fpdt::status run_rank(options const& o, Comm& comm, rank_data& rd, bool write_tr
   rd.pinned = be.pinned_memory().stats().reserved_bytes;
   rd.fwd_s = std::chrono::duration<double>(t1 - t0).count();
   rd.bwd_s = std::chrono::duration<double>(t2 - t1).count();
-  if (write_trace) FPDT_TRY(layer->local_layer().trace().write_chrome_json(o.trace));
+  if (write_trace) FPDT_TRY(layer->trace().write_chrome_json(o.trace));
   return {};
 }
 

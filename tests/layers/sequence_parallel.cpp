@@ -282,3 +282,95 @@ TEST_CASE("sequence parallel attention: a shape error on one rank fails every ra
   CHECK(st[0].code() == fpdt::errc::comm_error);
   CHECK(st[0].message().find("rank 1 aborted") != std::string::npos);
 }
+
+namespace {
+// Records which thread calls the caller's source and sink, and in which chunk order.
+struct recording_source {
+  fpdt::tensor_source<float> inner;
+  std::vector<std::pair<std::thread::id, index_t>>* calls;
+  fpdt::status produce(index_t c, index_t first, fpdt::tensor_view<float, 3> const& q,
+                       fpdt::tensor_view<float, 3> const& k, fpdt::tensor_view<float, 3> const& v) const {
+    calls->emplace_back(std::this_thread::get_id(), c);
+    return inner.produce(c, first, q, k, v);
+  }
+};
+struct recording_sink {
+  fpdt::tensor_sink<float> inner;
+  std::vector<std::pair<std::thread::id, index_t>>* calls;
+  fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& o,
+                       fpdt::tensor_view<float const, 2> const& l) {
+    calls->emplace_back(std::this_thread::get_id(), c);
+    return inner.consume(c, first, o, l);
+  }
+};
+} // namespace
+
+TEST_CASE("sequence parallel attention: exchanges and the caller's source and sinks run on the comm lane in chunk order") {
+  index_t const ranks = 2, chunk = 8, sq = 32, u = sq / chunk;
+  attn_shape const s{sq, sq, 4, 2, 8};
+  auto p = random_problem<float>(s, 91);
+  auto tl = fpdt::token_layout::make(sq, ranks, chunk).value();
+  std::vector<rank_io> io(2);
+  for (index_t r = 0; r < ranks; ++r) io[static_cast<std::size_t>(r)] = scatter_io(tl, p, r);
+  fpdt::local_world world(2, 20s);
+  std::vector<fpdt::status> st(2);
+  std::vector<std::vector<std::pair<std::thread::id, index_t>>> src_calls(2), sink_calls(2);
+  std::vector<std::thread::id> caller(2);
+  std::vector<fpdt::pipeline_trace> fwd_trace(2), bwd_trace(2);
+  std::vector<std::thread> ts;
+  for (index_t r = 0; r < ranks; ++r)
+    ts.emplace_back([&, r] {
+      auto const ri = static_cast<std::size_t>(r);
+      caller[ri] = std::this_thread::get_id();
+      st[ri] = [&]() -> fpdt::status {
+        auto comm = world.communicator(static_cast<int>(r)).value();
+        fpdt::host_backend be;
+        auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+            be, comm, {sq, 4, 2, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
+        if (!layer) return layer.error();
+        auto& x = io[ri];
+        index_t const lt = tl.local_tokens();
+        std::array<index_t, 3> const qe{lt, 4, 8}, ke{lt, 2, 8};
+        recording_source src{{fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                              fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                              fpdt::contiguous_view<float const>(x.v.data(), ke).value()},
+                             &src_calls[ri]};
+        recording_sink snk{{fpdt::contiguous_view(x.out.data(), qe).value(), {}}, &sink_calls[ri]};
+        FPDT_TRY(layer->forward(src, snk));
+        fwd_trace[ri] = layer->trace();
+        FPDT_TRY(layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                                 fpdt::contiguous_view(x.dq.data(), qe).value(),
+                                 fpdt::contiguous_view(x.dk.data(), ke).value(),
+                                 fpdt::contiguous_view(x.dv.data(), ke).value()));
+        bwd_trace[ri] = layer->trace();
+        return {};
+      }();
+    });
+  for (auto& t : ts) t.join();
+  for (auto const& x : st) REQUIRE_MESSAGE(x.ok(), x.to_string());
+  check_global(gather_io(tl, s, io), p, true, 1e-4);
+  for (std::size_t r = 0; r < 2; ++r) {
+    REQUIRE(src_calls[r].size() == static_cast<std::size_t>(u));
+    REQUIRE(sink_calls[r].size() == static_cast<std::size_t>(u));
+    std::thread::id const lane_thread = src_calls[r][0].first;
+    CHECK(lane_thread != caller[r]);
+    for (index_t c = 0; c < u; ++c) {
+      CHECK(src_calls[r][static_cast<std::size_t>(c)] == std::make_pair(lane_thread, c));
+      CHECK(sink_calls[r][static_cast<std::size_t>(c)] == std::make_pair(lane_thread, c));
+    }
+    auto count = [](fpdt::pipeline_trace const& t, fpdt::step_kind k) {
+      std::size_t n = 0;
+      for (auto const& e : t.events)
+        if (e.on == fpdt::lane::comm && e.kind == k) {
+          ++n;
+          CHECK(e.begin_us >= 0);
+          CHECK(e.end_us >= e.begin_us);
+        }
+      return n;
+    };
+    CHECK(count(fwd_trace[r], fpdt::step_kind::produce) == static_cast<std::size_t>(u));
+    CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(u));
+    CHECK(count(bwd_trace[r], fpdt::step_kind::produce) == 0);
+    CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(2 * u)); // dq and dk/dv
+  }
+}
