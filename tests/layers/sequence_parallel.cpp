@@ -305,7 +305,7 @@ struct recording_sink {
 };
 } // namespace
 
-TEST_CASE("sequence parallel attention: exchanges and the caller's source and sinks run on the comm lane in chunk order") {
+TEST_CASE("sequence parallel attention: exchanges and the caller source and sinks run on the comm lane in chunk order") {
   index_t const ranks = 2, chunk = 8, sq = 32, u = sq / chunk;
   attn_shape const s{sq, sq, 4, 2, 8};
   auto p = random_problem<float>(s, 91);
