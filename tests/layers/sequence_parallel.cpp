@@ -305,7 +305,7 @@ struct recording_sink {
 };
 } // namespace
 
-TEST_CASE("sequence parallel attention: exchanges and the caller source and sinks run on the comm lane in chunk order") {
+TEST_CASE("sequence parallel attention: exchanges and the caller source and sinks run on the comm lane in chunk order with a predicted peak") {
   index_t const ranks = 2, chunk = 8, sq = 32, u = sq / chunk;
   attn_shape const s{sq, sq, 4, 2, 8};
   auto p = random_problem<float>(s, 91);
@@ -317,6 +317,7 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
   std::vector<std::vector<std::pair<std::thread::id, index_t>>> src_calls(2), sink_calls(2);
   std::vector<std::thread::id> caller(2);
   std::vector<fpdt::pipeline_trace> fwd_trace(2), bwd_trace(2);
+  std::vector<std::size_t> fwd_peak(2), fwd_want(2), bwd_peak(2), bwd_want(2);
   std::vector<std::thread> ts;
   for (index_t r = 0; r < ranks; ++r)
     ts.emplace_back([&, r] {
@@ -336,13 +337,19 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
                               fpdt::contiguous_view<float const>(x.v.data(), ke).value()},
                              &src_calls[ri]};
         recording_sink snk{{fpdt::contiguous_view(x.out.data(), qe).value(), {}}, &sink_calls[ri]};
+        be.device_memory().reset_peak();
         FPDT_TRY(layer->forward(src, snk));
+        fwd_peak[ri] = be.device_memory().peak_bytes();
+        fwd_want[ri] = layer->local_layer().predicted_forward_bytes() + layer->forward_exchange_bytes();
         fwd_trace[ri] = layer->trace();
+        be.device_memory().reset_peak();
         FPDT_TRY(layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
                                  fpdt::contiguous_view(x.dq.data(), qe).value(),
                                  fpdt::contiguous_view(x.dk.data(), ke).value(),
                                  fpdt::contiguous_view(x.dv.data(), ke).value()));
         bwd_trace[ri] = layer->trace();
+        bwd_peak[ri] = be.device_memory().peak_bytes();
+        bwd_want[ri] = layer->local_layer().predicted_backward_bytes() + layer->backward_exchange_bytes();
         return {};
       }();
     });
@@ -372,5 +379,8 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
     CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(u));
     CHECK(count(bwd_trace[r], fpdt::step_kind::produce) == 0);
     CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(2 * u)); // dq and dk/dv
+    // The exchange buffers are the pass's, so its device peak is fixed and predicted.
+    CHECK(fwd_peak[r] == fwd_want[r]);
+    CHECK(bwd_peak[r] == bwd_want[r]);
   }
 }

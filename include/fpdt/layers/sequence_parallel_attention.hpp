@@ -151,6 +151,7 @@ public:
     source_adapter<Source> src{this, &source};
     sink_adapter<Sink> snk{this, &sink};
     lane_->begin_pass();
+    if (status st = allocate_forward(); !st.ok()) return finish(st);
     return finish(inner_.forward(src, snk));
   }
 
@@ -175,6 +176,7 @@ public:
     dout_adapter<Dout> src{this, &dout};
     grad_adapter<Sink> snk{this, &sink};
     lane_->begin_pass();
+    if (status st = allocate_backward(); !st.ok()) return finish(st);
     return finish(inner_.backward(src, snk));
   }
 
@@ -216,14 +218,22 @@ private:
     typename B::stream_type stream;
     struct job {
       index_t chunk = -1;
+      int slot = 0; // which exchange slot (output and gradient jobs)
       std::future<status> done;
-      detail::sp::buffer<T> a, b, c;       // model-dtype buffers (global chunk)
-      detail::sp::buffer<float> f, g;      // fp32 buffers (lse, gradients)
     };
     std::optional<job> prefetch;    // the forward's source job for the next chunk
     std::deque<job> outputs;        // output / gradient jobs not yet waited for
-    std::chrono::steady_clock::time_point t0;  // start of the pass
-    std::vector<trace_event> events;           // written by the lane's worker only
+    int next_slot = 0;
+    // The pass's exchange buffers, allocated when it starts and freed when it ends (so a pass's
+    // device peak is fixed: see forward_exchange_bytes / backward_exchange_bytes).
+    detail::sp::buffer<T> pq, pk, pv;           // forward: the next chunk's global q, k, v
+    std::array<detail::sp::buffer<T>, 2> out;   // forward: out chunks [C, H/P, D] being exchanged
+    std::array<detail::sp::buffer<float>, 2> f; // forward: lse [H/P, C]; backward: dq or dk|dv
+    detail::sp::buffer<T> tmp;                  // the running job's local chunk (model dtype)
+    detail::sp::buffer<float> tmp_f;            // the running job's local chunk (fp32)
+    detail::sp::buffer<T> dout_tmp;             // backward, h2d lane: the local dout chunk
+    std::chrono::steady_clock::time_point t0;   // start of the pass
+    std::vector<trace_event> events;            // written by the lane's worker only
     // Queues `fn()` on the lane as a traced step (`kind`, chunk `i` or `j`); the job's status
     // arrives through its future.
     template <class F>
@@ -231,9 +241,9 @@ private:
       // The event is recorded inside the task, before its future is ready: whoever waits for
       // the job may then read or clear `events`.
       auto task = std::make_shared<std::packaged_task<status()>>(
-          [this, f = std::forward<F>(fn), kind, i, jj, bytes]() mutable -> status {
+          [this, fn_ = std::forward<F>(fn), kind, i, jj, bytes]() mutable -> status {
             trace_event e{kind, lane::comm, static_cast<std::int32_t>(i), static_cast<std::int32_t>(jj), bytes, since(), -1};
-            status st = f();
+            status st = fn_();
             e.end_us = since();
             events.push_back(e);
             return st;
@@ -249,8 +259,9 @@ private:
     void begin_pass() {
       t0 = std::chrono::steady_clock::now();
       events.clear();
+      next_slot = 0;
     }
-    // Waits for every queued job; the first error wins.
+    // Waits for every queued job (the first error wins), then frees the pass's buffers.
     [[nodiscard]] status drain() {
       status first;
       auto take = [&](job& j) {
@@ -262,19 +273,93 @@ private:
       prefetch.reset();
       for (auto& j : outputs) take(j);
       outputs.clear();
+      pq = {};
+      pk = {};
+      pv = {};
+      out = {};
+      f = {};
+      tmp = {};
+      tmp_f = {};
+      dout_tmp = {};
       return first;
     }
-    // Keeps at most max_in_flight output jobs queued: waits for the oldest beyond that.
-    [[nodiscard]] status bound() {
-      while (outputs.size() >= max_in_flight) {
+    // Keeps fewer than max_in_flight output jobs queued (waiting for the oldest), then returns
+    // a new job on the free slot.
+    [[nodiscard]] result<job*> next_output(index_t chunk) {
+      while (outputs.size() >= max_in_flight - 1) {
         status st = outputs.front().done.valid() ? outputs.front().done.get() : status{};
         outputs.pop_front();
         if (!st.ok()) return st;
       }
-      return {};
+      job& j = outputs.emplace_back();
+      j.chunk = chunk;
+      j.slot = next_slot;
+      next_slot = (next_slot + 1) % static_cast<int>(max_in_flight);
+      return &j;
     }
   };
 
+  // Sizes of the pass buffers, in elements.
+  [[nodiscard]] std::size_t q_chunk() const noexcept {
+    return static_cast<std::size_t>(layout_.chunk * layout_.heads_per_rank(head_kind::query) * layout_.head_dim);
+  }
+  [[nodiscard]] std::size_t kv_chunk() const noexcept {
+    return static_cast<std::size_t>(layout_.chunk * layout_.heads_per_rank(head_kind::key_value) * layout_.head_dim);
+  }
+  [[nodiscard]] std::size_t local(index_t heads) const noexcept {
+    return static_cast<std::size_t>(piece() * heads * layout_.head_dim);
+  }
+  [[nodiscard]] std::size_t fwd_tmp() const noexcept {
+    return std::max(local(layout_.heads + 2 * layout_.kv_heads), local(layout_.heads));
+  }
+  [[nodiscard]] std::size_t lse_chunk() const noexcept {
+    return static_cast<std::size_t>(layout_.chunk * layout_.heads_per_rank(head_kind::query));
+  }
+  [[nodiscard]] std::size_t grad_slot() const noexcept { return std::max(q_chunk(), 2 * kv_chunk()); }
+  [[nodiscard]] std::size_t bwd_tmp() const noexcept {
+    return std::max(local(layout_.heads), 2 * local(layout_.kv_heads));
+  }
+
+  [[nodiscard]] status allocate_forward() {
+    auto& ln = *lane_;
+    device_arena& mem = ln.be->device_memory();
+    FPDT_TRY(ln.pq.reset(mem, q_chunk(), "exchanged q chunk"));
+    FPDT_TRY(ln.pk.reset(mem, kv_chunk(), "exchanged k chunk"));
+    FPDT_TRY(ln.pv.reset(mem, kv_chunk(), "exchanged v chunk"));
+    for (std::size_t i = 0; i < max_in_flight; ++i) {
+      FPDT_TRY(ln.out[i].reset(mem, q_chunk(), "out chunk to exchange"));
+      FPDT_TRY(ln.f[i].reset(mem, lse_chunk(), "lse chunk to exchange"));
+    }
+    FPDT_TRY(ln.tmp.reset(mem, fwd_tmp(), "local q/k/v or out chunk"));
+    return ln.tmp_f.reset(mem, static_cast<std::size_t>(piece() * layout_.heads), "local lse chunk");
+  }
+  [[nodiscard]] status allocate_backward() {
+    auto& ln = *lane_;
+    device_arena& mem = ln.be->device_memory();
+    for (std::size_t i = 0; i < max_in_flight; ++i)
+      FPDT_TRY(ln.f[i].reset(mem, grad_slot(), "gradient chunk to exchange"));
+    FPDT_TRY(ln.tmp_f.reset(mem, bwd_tmp(), "local gradient chunk"));
+    return ln.dout_tmp.reset(mem, local(layout_.heads), "local dout chunk");
+  }
+
+public:
+  //! Device bytes the forward's exchange buffers take beside the per-rank layer's
+  //! (`local_layer().predicted_forward_bytes()`): the next chunk's global q, k, v, two out and
+  //! lse chunks in flight, and one local chunk for the running exchange; allocated for the pass.
+  [[nodiscard]] std::size_t forward_exchange_bytes() const noexcept {
+    auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
+    return r(q_chunk(), sizeof(T)) + 2 * r(kv_chunk(), sizeof(T)) +
+           max_in_flight * (r(q_chunk(), sizeof(T)) + r(lse_chunk(), 4)) + r(fwd_tmp(), sizeof(T)) +
+           r(static_cast<std::size_t>(piece() * layout_.heads), 4);
+  }
+  //! Device bytes the backward's exchange buffers take beside the per-rank layer's: two
+  //! gradient chunks in flight, one local gradient chunk and one local dout chunk.
+  [[nodiscard]] std::size_t backward_exchange_bytes() const noexcept {
+    auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
+    return max_in_flight * r(grad_slot(), 4) + r(bwd_tmp(), 4) + r(local(layout_.heads), sizeof(T));
+  }
+
+private:
   sequence_parallel_attention(Comm& comm, ulysses_layout l, attention_shape global,
                               std::uint64_t salt, fpdt_attention<T, B, Kernel>&& inner,
                               std::unique_ptr<comm_lane> cl)
@@ -308,39 +393,31 @@ private:
 
   [[nodiscard]] index_t piece() const noexcept { return layout_.piece(); }
 
-  // Queues chunk c's source job: the caller's q, k, v of local chunk c, then the all-to-alls
-  // into global-chunk buffers [C, H/P, D] (a, b, c of the job).
+  // Queues chunk c's source job: the caller's q, k, v of local chunk c (in the lane's local
+  // buffer), then the all-to-alls into the pass's global-chunk buffers pq, pk, pv.
   template <class Source> [[nodiscard]] status start_prefetch(Source const* user, index_t c) {
-    auto const& l = layout_;
-    index_t const pc = piece(), d = l.head_dim, hq = l.heads_per_rank(head_kind::query),
-                  hk = l.heads_per_rank(head_kind::key_value);
-    lane_->prefetch.emplace();
-    auto& j = *lane_->prefetch;
+    auto& ln = *lane_;
+    ln.prefetch.emplace();
+    auto& j = *ln.prefetch;
     j.chunk = c;
-    device_arena& arena = lane_->be->device_memory();
-    FPDT_TRY(j.a.reset(arena, static_cast<std::size_t>(l.chunk * hq * d), "exchanged q chunk"));
-    FPDT_TRY(j.b.reset(arena, static_cast<std::size_t>(l.chunk * hk * d), "exchanged k chunk"));
-    FPDT_TRY(j.c.reset(arena, j.b.size(), "exchanged v chunk"));
-    auto* jp = &j;
-    std::uint64_t const bytes = (j.a.size() + 2 * j.b.size()) * sizeof(T);
-    return lane_->launch(j, step_kind::produce, c, c, bytes, [this, user, c, pc, d, hq, hk, jp]() -> status {
+    std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
+    return ln.launch(j, step_kind::produce, c, c, bytes, [this, user, c]() -> status {
       auto const& lay = layout_;
-      device_arena& mem = lane_->be->device_memory();
-      detail::sp::buffer<T> lq, lk, lv;
-      FPDT_TRY(lq.reset(mem, static_cast<std::size_t>(pc * lay.heads * d), "local q chunk"));
-      FPDT_TRY(lk.reset(mem, static_cast<std::size_t>(pc * lay.kv_heads * d), "local k chunk"));
-      FPDT_TRY(lv.reset(mem, lk.size(), "local v chunk"));
-      auto qv = detail::sp::view3(lq, pc, lay.heads, d);
-      auto kv = detail::sp::view3(lk, pc, lay.kv_heads, d);
-      auto vv = detail::sp::view3(lv, pc, lay.kv_heads, d);
+      auto& lane = *lane_;
+      index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
+                    hk = lay.heads_per_rank(head_kind::key_value);
+      T* base = lane.tmp.data();
+      auto qv = contiguous_view(base, std::array<index_t, 3>{pc, lay.heads, d}).value();
+      auto kv = contiguous_view(base + local(lay.heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+      auto vv = contiguous_view(base + local(lay.heads + lay.kv_heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
       FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv); }, "chunk source, chunk ", c));
       std::uint64_t const s = salt_;
       FPDT_TRY(seq_to_head<T>(*comm_, lay, head_kind::query, tensor_view<T const, 3>(qv),
-                              detail::sp::view3(jp->a, lay.chunk, hq, d), detail::sp::tag(s, 0, 0, c)));
+                              detail::sp::view3(lane.pq, lay.chunk, hq, d), detail::sp::tag(s, 0, 0, c)));
       FPDT_TRY(seq_to_head<T>(*comm_, lay, head_kind::key_value, tensor_view<T const, 3>(kv),
-                              detail::sp::view3(jp->b, lay.chunk, hk, d), detail::sp::tag(s, 0, 1, c)));
+                              detail::sp::view3(lane.pk, lay.chunk, hk, d), detail::sp::tag(s, 0, 1, c)));
       return seq_to_head<T>(*comm_, lay, head_kind::key_value, tensor_view<T const, 3>(vv),
-                            detail::sp::view3(jp->c, lay.chunk, hk, d), detail::sp::tag(s, 0, 2, c));
+                            detail::sp::view3(lane.pv, lay.chunk, hk, d), detail::sp::tag(s, 0, 2, c));
     });
   }
 
@@ -353,120 +430,114 @@ private:
                                  tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) const {
       auto& lane = *self->lane_;
       auto const& l = self->layout_;
-      if (!lane.prefetch || lane.prefetch->chunk != c) {
-        FPDT_TRY(lane.drain());
+      if (!lane.prefetch || lane.prefetch->chunk != c) { // out of order: wait for the lane, then fetch c
+        if (lane.prefetch && lane.prefetch->done.valid()) (void)lane.prefetch->done.get();
+        lane.prefetch.reset();
         FPDT_TRY(self->start_prefetch(user, c));
       }
-      status st = lane.prefetch->done.get();
-      if (st.ok()) {
-        index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
-        auto& j = *lane.prefetch;
-        detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(j.a, l.chunk, hq, d)), 0, q, 0, l.chunk);
-        detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(j.b, l.chunk, hk, d)), 0, k, 0, l.chunk);
-        detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(j.c, l.chunk, hk, d)), 0, v, 0, l.chunk);
-      }
+      status st = lane.prefetch->done.valid() ? lane.prefetch->done.get()
+                                              : make_error(errc::internal, "comm lane: chunk ", c, " was not queued");
       lane.prefetch.reset();
       FPDT_TRY(st);
+      index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
+      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pq, l.chunk, hq, d)), 0, q, 0, l.chunk);
+      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pk, l.chunk, hk, d)), 0, k, 0, l.chunk);
+      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pv, l.chunk, hk, d)), 0, v, 0, l.chunk);
       if (c + 1 < self->shape_.sequence / l.chunk) FPDT_TRY(self->start_prefetch(user, c + 1));
       return {};
     }
   };
 
-  // Chunk c's out [C, H/P, D] and lse [H/P, C] are copied into a job (a, f) whose all-to-alls
-  // and the caller's sink run on the comm lane.
+  // Chunk c's out [C, H/P, D] and lse [H/P, C] are copied into a free exchange slot; the
+  // all-to-alls and the caller's sink run on the comm lane.
   template <class Sink> struct sink_adapter {
     sequence_parallel_attention* self;
     Sink* user;
     [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
                                  tensor_view<float const, 2> const& lse) {
       auto& lane = *self->lane_;
-      FPDT_TRY(lane.bound());
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto& j = lane.outputs.emplace_back();
-      j.chunk = c;
-      device_arena& arena = lane.be->device_memory();
-      FPDT_TRY(j.a.reset(arena, static_cast<std::size_t>(l.chunk * hr * d), "out chunk to exchange"));
-      FPDT_TRY(j.f.reset(arena, static_cast<std::size_t>(hr * l.chunk), "lse chunk to exchange"));
-      detail::layer::copy_rows(out, 0, detail::sp::view3(j.a, l.chunk, hr, d), 0, l.chunk);
+      auto& ob = lane.out[static_cast<std::size_t>(j.slot)];
+      auto& fb = lane.f[static_cast<std::size_t>(j.slot)];
+      detail::layer::copy_rows(out, 0, detail::sp::view3(ob, l.chunk, hr, d), 0, l.chunk);
       for (index_t h = 0; h < hr; ++h)
         for (index_t t = 0; t < l.chunk; ++t)
-          j.f[static_cast<std::size_t>(h * l.chunk + t)] = lse(h, t);
-      auto* jp = &j;
+          fb[static_cast<std::size_t>(h * l.chunk + t)] = lse(h, t);
       sequence_parallel_attention* me = self;
       Sink* u = user;
-      return lane.launch(j, step_kind::sink, c, -1, j.a.size() * sizeof(T) + j.f.size() * 4, [me, u, jp, c, d, hr]() -> status {
+      int const slot = j.slot;
+      std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
+      return lane.launch(j, step_kind::sink, c, -1, bytes, [me, u, c, d, hr, slot]() -> status {
         auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
         index_t const pc = me->piece();
-        device_arena& mem = me->lane_->be->device_memory();
-        detail::sp::buffer<T> lo;
-        detail::sp::buffer<float> ll;
-        FPDT_TRY(lo.reset(mem, static_cast<std::size_t>(pc * lay.heads * d), "local out chunk"));
-        FPDT_TRY(ll.reset(mem, static_cast<std::size_t>(pc * lay.heads), "local lse chunk"));
-        auto ov = detail::sp::view3(lo, pc, lay.heads, d);
+        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
         Comm& comm = *me->comm_;
         std::uint64_t const s = me->salt_;
         FPDT_TRY(head_to_seq<T>(comm, lay, head_kind::query,
-                                tensor_view<T const, 3>(detail::sp::view3(jp->a, lay.chunk, hr, d)), ov,
-                                detail::sp::tag(s, 0, 3, c)));
+                                tensor_view<T const, 3>(detail::sp::view3(ln.out[static_cast<std::size_t>(slot)], lay.chunk, hr, d)),
+                                ov, detail::sp::tag(s, 0, 3, c)));
         // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
-        auto lse3 = make_tensor_view<float const>(jp->f.data(), std::array<index_t, 3>{lay.chunk, hr, 1},
+        auto lse3 = make_tensor_view<float const>(ln.f[static_cast<std::size_t>(slot)].data(),
+                                                  std::array<index_t, 3>{lay.chunk, hr, 1},
                                                   std::array<index_t, 3>{1, lay.chunk, 1});
         if (!lse3) return lse3.error();
-        auto local3 = make_tensor_view(ll.data(), std::array<index_t, 3>{pc, lay.heads, 1},
+        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, 1},
                                        std::array<index_t, 3>{1, pc, 1});
         if (!local3) return local3.error();
         ulysses_layout one = lay;
         one.head_dim = 1;
         FPDT_TRY(head_to_seq<float>(comm, one, head_kind::query, *lse3, *local3, detail::sp::tag(s, 0, 4, c)));
-        auto lse_local = contiguous_view<float const>(ll.data(), std::array<index_t, 2>{lay.heads, pc}).value();
+        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{lay.heads, pc}).value();
         return detail::layer::guarded([&] { return u->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local); },
                                       "chunk sink, chunk ", c);
       });
     }
   };
 
+  // dout of chunk c: the caller's local chunk (in the pass's dout buffer) exchanged on the h2d
+  // lane straight into the layer's slot when the backward fetches it.
   template <class Dout> struct dout_adapter {
     sequence_parallel_attention* self;
     Dout const* user;
     [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout) const {
       auto const& l = self->layout_;
       index_t const pc = self->piece(), d = l.head_dim;
-      detail::sp::buffer<T> ld;
-      FPDT_TRY(ld.reset(self->lane_->be->device_memory(), static_cast<std::size_t>(pc * l.heads * d), "local dout chunk"));
-      auto dv = detail::sp::view3(ld, pc, l.heads, d);
+      auto dv = contiguous_view(self->lane_->dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
       FPDT_TRY(user->produce_dout(c, c * pc, dv));
       return seq_to_head<T>(*self->comm_, l, head_kind::query, tensor_view<T const, 3>(dv), dout,
                             detail::sp::tag(self->salt_, 1, 0, c));
     }
   };
 
-  // Gradients of chunk c (fp32, [C, H/P, D] or [C, H_kv/P, D]) are copied into a job whose
-  // all-to-alls and the caller's gradient sink run on the comm lane.
+  // Gradients of chunk c (fp32, [C, H/P, D] or [C, H_kv/P, D]) are copied into a free exchange
+  // slot; the all-to-alls and the caller's gradient sink run on the comm lane.
   template <class Sink> struct grad_adapter {
     sequence_parallel_attention* self;
     Sink* user;
     [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g) {
       auto& lane = *self->lane_;
-      FPDT_TRY(lane.bound());
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto& j = lane.outputs.emplace_back();
-      j.chunk = c;
-      FPDT_TRY(j.f.reset(lane.be->device_memory(), static_cast<std::size_t>(l.chunk * hr * d), "dq chunk to exchange"));
-      detail::layer::copy_rows(g, 0, detail::sp::view3(j.f, l.chunk, hr, d), 0, l.chunk);
-      auto* jp = &j;
+      detail::layer::copy_rows(g, 0, detail::sp::view3(lane.f[static_cast<std::size_t>(j.slot)], l.chunk, hr, d), 0, l.chunk);
       sequence_parallel_attention* me = self;
       Sink* u = user;
-      return lane.launch(j, step_kind::sink, c, -1, j.f.size() * 4, [me, u, jp, c, d, hr]() -> status {
+      int const slot = j.slot;
+      return lane.launch(j, step_kind::sink, c, -1, self->q_chunk() * 4, [me, u, c, d, hr, slot]() -> status {
         auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
         index_t const pc = me->piece();
-        detail::sp::buffer<float> lg;
-        FPDT_TRY(lg.reset(me->lane_->be->device_memory(), static_cast<std::size_t>(pc * lay.heads * d), "local dq chunk"));
-        auto v = detail::sp::view3(lg, pc, lay.heads, d);
+        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
         FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::query,
-                                    tensor_view<float const, 3>(detail::sp::view3(jp->f, lay.chunk, hr, d)), v,
-                                    detail::sp::tag(me->salt_, 1, 1, c)));
+                                    tensor_view<float const, 3>(detail::sp::view3(ln.f[static_cast<std::size_t>(slot)], lay.chunk, hr, d)),
+                                    v, detail::sp::tag(me->salt_, 1, 1, c)));
         return detail::layer::guarded([&] { return u->consume_dq(c, c * pc, tensor_view<float const, 3>(v)); },
                                       "gradient sink, dq chunk ", c);
       });
@@ -474,34 +545,30 @@ private:
     [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
                                      tensor_view<float const, 3> const& gv) {
       auto& lane = *self->lane_;
-      FPDT_TRY(lane.bound());
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
-      auto& j = lane.outputs.emplace_back();
-      j.chunk = c;
-      device_arena& arena = lane.be->device_memory();
-      FPDT_TRY(j.f.reset(arena, static_cast<std::size_t>(l.chunk * hr * d), "dk chunk to exchange"));
-      FPDT_TRY(j.g.reset(arena, j.f.size(), "dv chunk to exchange"));
-      detail::layer::copy_rows(gk, 0, detail::sp::view3(j.f, l.chunk, hr, d), 0, l.chunk);
-      detail::layer::copy_rows(gv, 0, detail::sp::view3(j.g, l.chunk, hr, d), 0, l.chunk);
-      auto* jp = &j;
+      float* slot_base = lane.f[static_cast<std::size_t>(j.slot)].data();
+      std::size_t const half = self->kv_chunk();
+      detail::layer::copy_rows(gk, 0, contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk);
+      detail::layer::copy_rows(gv, 0, contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk);
       sequence_parallel_attention* me = self;
       Sink* u = user;
-      return lane.launch(j, step_kind::sink, -1, c, 2 * j.f.size() * 4, [me, u, jp, c, d, hr]() -> status {
+      return lane.launch(j, step_kind::sink, -1, c, 2 * half * 4, [me, u, c, d, hr, slot_base, half]() -> status {
         auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
         index_t const pc = me->piece();
-        device_arena& mem = me->lane_->be->device_memory();
-        detail::sp::buffer<float> lk, lv;
-        FPDT_TRY(lk.reset(mem, static_cast<std::size_t>(pc * lay.kv_heads * d), "local dk chunk"));
-        FPDT_TRY(lv.reset(mem, lk.size(), "local dv chunk"));
-        auto kv = detail::sp::view3(lk, pc, lay.kv_heads, d);
-        auto vv = detail::sp::view3(lv, pc, lay.kv_heads, d);
+        std::size_t const lk = me->local(lay.kv_heads);
+        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
         FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::key_value,
-                                    tensor_view<float const, 3>(detail::sp::view3(jp->f, lay.chunk, hr, d)), kv,
-                                    detail::sp::tag(me->salt_, 1, 2, c)));
+                                    contiguous_view<float const>(slot_base, std::array<index_t, 3>{lay.chunk, hr, d}).value(),
+                                    kv, detail::sp::tag(me->salt_, 1, 2, c)));
         FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::key_value,
-                                    tensor_view<float const, 3>(detail::sp::view3(jp->g, lay.chunk, hr, d)), vv,
-                                    detail::sp::tag(me->salt_, 1, 3, c)));
+                                    contiguous_view<float const>(slot_base + half, std::array<index_t, 3>{lay.chunk, hr, d}).value(),
+                                    vv, detail::sp::tag(me->salt_, 1, 3, c)));
         return detail::layer::guarded(
             [&] { return u->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv)); },
             "gradient sink, dk/dv chunk ", c);
