@@ -3,6 +3,7 @@
 #   include/fpdt/**/cuda/*.hpp and every *.cuh                -> fpdt::cuda
 #   include/fpdt/**/mpi/*.hpp                                 -> fpdt::mpi
 #   include/fpdt/**/nccl/*.hpp                                -> fpdt::nccl
+#   include/fpdt/**/cblas_*.hpp                               -> fpdt::blas
 set(FPDT_INCLUDE_DIR "${CMAKE_CURRENT_LIST_DIR}/../include")
 cmake_path(NORMAL_PATH FPDT_INCLUDE_DIR)
 
@@ -12,8 +13,11 @@ set(FPDT_HOST_HEADERS)
 set(FPDT_CUDA_HEADERS)
 set(FPDT_MPI_HEADERS)
 set(FPDT_NCCL_HEADERS)
+set(FPDT_BLAS_HEADERS)
 foreach(h IN LISTS _fpdt_all_headers)
-  if(h MATCHES "/nccl/")
+  if(h MATCHES "/cblas_[^/]*\\.hpp$")
+    list(APPEND FPDT_BLAS_HEADERS "${h}")
+  elseif(h MATCHES "/nccl/")
     list(APPEND FPDT_NCCL_HEADERS "${h}")
   elseif(h MATCHES "/mpi/")
     list(APPEND FPDT_MPI_HEADERS "${h}")
@@ -54,4 +58,14 @@ if(FPDT_HAVE_NCCL)
   set_target_properties(fpdt_nccl PROPERTIES EXPORT_NAME nccl)
   target_link_libraries(fpdt_nccl INTERFACE fpdt_cuda NCCL::NCCL)
   target_sources(fpdt_nccl INTERFACE FILE_SET HEADERS BASE_DIRS "${FPDT_INCLUDE_DIR}" FILES ${FPDT_NCCL_HEADERS})
+endif()
+
+if(FPDT_HAVE_BLAS)
+  add_library(fpdt_blas INTERFACE)
+  add_library(fpdt::blas ALIAS fpdt_blas)
+  set_target_properties(fpdt_blas PROPERTIES EXPORT_NAME blas)
+  target_link_libraries(fpdt_blas INTERFACE fpdt BLAS::BLAS)
+  target_include_directories(fpdt_blas SYSTEM INTERFACE "${FPDT_CBLAS_INCLUDE_DIR}")
+  target_compile_definitions(fpdt_blas INTERFACE FPDT_HAVE_CBLAS=1)
+  target_sources(fpdt_blas INTERFACE FILE_SET HEADERS BASE_DIRS "${FPDT_INCLUDE_DIR}" FILES ${FPDT_BLAS_HEADERS})
 endif()

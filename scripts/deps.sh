@@ -4,7 +4,7 @@
 # installed here: CUDA code is compiled when nvcc is on PATH or in /usr/local/cuda/bin.
 set -euo pipefail
 
-packages=(cmake g++ make doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin doxygen)
+packages=(cmake g++ make doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin libopenblas-dev doxygen gnuplot-nox)
 
 missing=()
 for p in "${packages[@]}"; do

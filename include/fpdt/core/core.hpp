@@ -1,9 +1,10 @@
 //! \file
-//! \brief Aggregator of fpdt/core: dtypes, status and result, tensor views, parallel_for.
+//! \brief Aggregator of fpdt/core: dtypes, status and result, tensor views, parallel_for, host_gemm.
 #pragma once
 
 #include "bfloat16.hpp"
 #include "dtype.hpp"
+#include "gemm.hpp"
 #include "half.hpp"
 #include "parallel_for.hpp"
 #include "status.hpp"
