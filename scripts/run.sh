@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The main job: builds the default preset and runs FPDT attention forward and backward on P ranks
-# (threads of one process; under mpirun, MPI processes) at Llama-3-8B attention shapes, with
-# offload to pinned host memory, and checks the result against dense float64 attention.
-# Extra arguments go to fpdt-attention (--help lists them), e.g.
-#   ./scripts/run.sh --ranks 4 --seq 4096 --chunk 1024 --offload on --trace fpdt.json
+# The main job: builds the default preset and trains a small byte-level transformer with FPDT
+# attention, chunked MLP and chunked loss on 4 in-process ranks (host backend) at a 16384-token
+# context on the licence texts Debian ships; each step prints "step N loss X ...", the end prints
+# the peak device bytes per rank with and without chunking and offload, and a Perfetto trace is
+# written. Extra arguments go to fpdt-train (--help lists them), e.g.
+#   ./scripts/run.sh --seq 32768 --chunk 8192 --steps 20 --data my.txt
+# Under MPI: mpirun -np 4 build/default/examples/fpdt-train (one rank per process).
+# The attention-only demo is build/default/examples/fpdt-attention (--help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 scripts/deps.sh
 cmake --preset default >/dev/null
-cmake --build --preset default --target fpdt-attention
-if (($# == 0)); then
-  set -- --ranks 2 --seq 512 --chunk 128 --check
-fi
-exec build/default/examples/fpdt-attention "$@"
+cmake --build --preset default --target fpdt-train
+exec build/default/examples/fpdt-train --trace build/default/fpdt-train-trace.json "$@"

@@ -216,10 +216,11 @@ private:
     comm_lane(B& backend, typename B::stream_type&& st) : be(&backend), stream(std::move(st)) {}
     B* be;
     typename B::stream_type stream;
+    //! One exchange queued on the lane.
     struct job {
-      index_t chunk = -1;
-      int slot = 0; // which exchange slot (output and gradient jobs)
-      std::future<status> done;
+      index_t chunk = -1;        //!< the chunk it exchanges
+      int slot = 0;              //!< which exchange slot (output and gradient jobs)
+      std::future<status> done;  //!< its status, ready when it has run
     };
     std::optional<job> prefetch;    // the forward's source job for the next chunk
     std::deque<job> outputs;        // output / gradient jobs not yet waited for
