@@ -12,6 +12,8 @@
 //   fpdt-attention [--ranks P] [--seq S] [--chunk C] [--heads H] [--kv-heads H_kv]
 //                  [--head-dim D] [--offload on|off] [--check] [--trace FILE] [--help]
 #include <fpdt/fpdt.hpp>
+
+#include "../common/cli.hpp"
 #if defined(FPDT_EXAMPLE_WITH_MPI)
 #include <fpdt/comm/mpi/mpi_communicator.hpp>
 #endif
@@ -53,13 +55,10 @@ void usage(std::FILE* to) {
 
 fpdt::result<options> parse(int argc, char** argv) {
   options o;
-  struct spec {
-    char const* name;
-    index_t* value;
-    index_t lo, hi;
-  } const specs[] = {{"--ranks", &o.ranks, 1, 64},        {"--seq", &o.seq, 1, index_t{1} << 24},
-                     {"--chunk", &o.chunk, 1, index_t{1} << 24}, {"--heads", &o.heads, 1, 1024},
-                     {"--kv-heads", &o.kv_heads, 1, 1024}, {"--head-dim", &o.head_dim, 1, 1024}};
+  fpdt_examples::int_option const specs[] = {
+      {"--ranks", &o.ranks, 1, 64},          {"--seq", &o.seq, 1, index_t{1} << 24},
+      {"--chunk", &o.chunk, 1, index_t{1} << 24}, {"--heads", &o.heads, 1, 1024},
+      {"--kv-heads", &o.kv_heads, 1, 1024},  {"--head-dim", &o.head_dim, 1, 1024}};
   for (int i = 1; i < argc; ++i) {
     std::string const a = argv[i];
     if (a == "--help" || a == "-h") {
@@ -70,41 +69,22 @@ fpdt::result<options> parse(int argc, char** argv) {
       o.check = true;
       continue;
     }
-    bool const known = a == "--offload" || a == "--trace" ||
-                       std::any_of(std::begin(specs), std::end(specs), [&](spec const& x) { return a == x.name; });
-    if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
+    auto const* spec = fpdt_examples::find(specs, a);
+    if (a != "--offload" && a != "--trace" && spec == nullptr)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
     std::string const val = argv[++i];
     if (a == "--offload") {
-      if (val != "on" && val != "off")
-        return fpdt::make_error(fpdt::errc::invalid_argument, "--offload takes on or off, not '", val, "'");
-      o.offload = val == "on";
-      continue;
-    }
-    if (a == "--trace") {
+      auto on = fpdt_examples::on_off("--offload", val);
+      if (!on) return on.error();
+      o.offload = *on;
+    } else if (a == "--trace") {
       o.trace = val;
-      continue;
+    } else {
+      FPDT_TRY(fpdt_examples::set(*spec, val));
     }
-    spec const* sp = nullptr;
-    for (auto const& x : specs)
-      if (a == x.name) sp = &x;
-    if (sp == nullptr) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
-    char* end = nullptr;
-    errno = 0;
-    long long const v = std::strtoll(val.c_str(), &end, 10);
-    if (val.empty() || end == val.c_str() || *end != '\0' || errno == ERANGE)
-      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, ": '", val, "' is not an integer");
-    if (v < sp->lo || v > sp->hi)
-      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " ", v, " is outside [", sp->lo, ", ",
-                              sp->hi, "]");
-    *sp->value = static_cast<index_t>(v);
   }
-  if (!o.trace.empty()) { // fail now, not after the run
-    std::FILE* f = std::fopen(o.trace.c_str(), "w");
-    if (f == nullptr)
-      return fpdt::make_error(fpdt::errc::invalid_argument, "--trace ", o.trace, ": cannot open for writing");
-    std::fclose(f);
-  }
+  FPDT_TRY(fpdt_examples::check_writable("--trace", o.trace));
   return o;
 }
 

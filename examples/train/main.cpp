@@ -10,6 +10,8 @@
 // writes rank 0's last attention pass as a Perfetto trace.
 #include "model.hpp"
 
+#include "../common/cli.hpp"
+
 #if defined(FPDT_TRAIN_WITH_CBLAS)
 #include <fpdt/core/cblas_gemm.hpp>
 #endif
@@ -64,15 +66,12 @@ void usage(std::FILE* to) {
 
 fpdt::result<options> parse(int argc, char** argv) {
   options o;
-  struct spec {
-    char const* name;
-    index_t* value;
-    index_t lo, hi;
-  } const specs[] = {{"--ranks", &o.ranks, 1, 64},           {"--seq", &o.seq, 2, index_t{1} << 26},
-                     {"--chunk", &o.chunk, 1, index_t{1} << 26}, {"--layers", &o.layers, 1, 1024},
-                     {"--hidden", &o.hidden, 2, 65536},      {"--heads", &o.heads, 1, 1024},
-                     {"--kv-heads", &o.kv_heads, 1, 1024},   {"--steps", &o.steps, 0, 1000000},
-                     {"--device-budget", &o.device_budget, 1, index_t{1} << 50}};
+  fpdt_examples::int_option const specs[] = {
+      {"--ranks", &o.ranks, 1, 64},          {"--seq", &o.seq, 2, index_t{1} << 26},
+      {"--chunk", &o.chunk, 1, index_t{1} << 26}, {"--layers", &o.layers, 1, 1024},
+      {"--hidden", &o.hidden, 2, 65536},     {"--heads", &o.heads, 1, 1024},
+      {"--kv-heads", &o.kv_heads, 1, 1024},  {"--steps", &o.steps, 0, 1000000},
+      {"--device-budget", &o.device_budget, 1, index_t{1} << 50}};
   bool chunk_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string const a = argv[i];
@@ -80,51 +79,31 @@ fpdt::result<options> parse(int argc, char** argv) {
       usage(stdout);
       std::exit(0);
     }
-    bool const known = a == "--offload" || a == "--trace" || a == "--data" || a == "--lr" ||
-                       std::any_of(std::begin(specs), std::end(specs), [&](spec const& x) { return a == x.name; });
+    auto const* spec = fpdt_examples::find(specs, a);
+    bool const known = a == "--offload" || a == "--trace" || a == "--data" || a == "--lr" || spec != nullptr;
     if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
     std::string const val = argv[++i];
     if (a == "--offload") {
-      if (val != "on" && val != "off")
-        return fpdt::make_error(fpdt::errc::invalid_argument, "--offload takes on or off, not '", val, "'");
-      o.offload = val == "on";
-      continue;
-    }
-    if (a == "--trace") {
+      auto on = fpdt_examples::on_off("--offload", val);
+      if (!on) return on.error();
+      o.offload = *on;
+    } else if (a == "--trace") {
       o.trace = val;
-      continue;
-    }
-    if (a == "--data") {
+    } else if (a == "--data") {
       o.data = val;
-      continue;
-    }
-    if (a == "--lr") {
+    } else if (a == "--lr") {
       char* end = nullptr;
       o.lr = std::strtod(val.c_str(), &end);
       if (val.empty() || *end != '\0' || !(o.lr > 0 && o.lr < 1))
         return fpdt::make_error(fpdt::errc::invalid_argument, "--lr '", val, "' must be a number in (0, 1)");
-      continue;
+    } else {
+      FPDT_TRY(fpdt_examples::set(*spec, val));
+      chunk_given = chunk_given || spec->value == &o.chunk;
     }
-    spec const* sp = nullptr;
-    for (auto const& x : specs)
-      if (a == x.name) sp = &x;
-    char* end = nullptr;
-    errno = 0;
-    long long const v = std::strtoll(val.c_str(), &end, 10);
-    if (val.empty() || end == val.c_str() || *end != '\0' || errno == ERANGE)
-      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, ": '", val, "' is not an integer");
-    if (v < sp->lo || v > sp->hi)
-      return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " ", v, " is outside [", sp->lo, ", ", sp->hi, "]");
-    *sp->value = static_cast<index_t>(v);
-    if (sp->value == &o.chunk) chunk_given = true;
   }
   if (!chunk_given) o.chunk = std::min(o.chunk, o.seq);
-  if (!o.trace.empty()) {
-    std::FILE* f = std::fopen(o.trace.c_str(), "w");
-    if (f == nullptr) return fpdt::make_error(fpdt::errc::invalid_argument, "--trace ", o.trace, ": cannot open for writing");
-    std::fclose(f);
-  }
+  FPDT_TRY(fpdt_examples::check_writable("--trace", o.trace));
   return o;
 }
 

@@ -5,6 +5,8 @@
 #include <fpdt/comm/communicator.hpp>
 #include <fpdt/layers/chunked_cross_entropy.hpp>
 
+#include "dense_helpers.hpp"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -22,27 +24,8 @@ using fpdt::index_t;
 
 namespace {
 
-using vec = std::vector<double>;
+using namespace fpdt_test::dense;
 using labels_t = std::vector<std::int32_t>;
-
-fpdt::tensor_view<double, 2> mat(vec& v, index_t r, index_t c) {
-  return {v.data(), {r, c}, fpdt::row_major_strides<2>({r, c})};
-}
-fpdt::tensor_view<double const, 2> cmat(vec const& v, index_t r, index_t c) {
-  return {v.data(), {r, c}, fpdt::row_major_strides<2>({r, c})};
-}
-fpdt::tensor_view<double, 1> vecv(vec& v) { return {v.data(), {static_cast<index_t>(v.size())}, {1}}; }
-fpdt::tensor_view<double const, 1> cvecv(vec const& v) {
-  return {v.data(), {static_cast<index_t>(v.size())}, {1}};
-}
-
-vec random_vec(std::size_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<double> u(lo, hi);
-  vec v(n);
-  for (auto& x : v) x = u(rng);
-  return v;
-}
 
 struct ref_out {
   double loss = 0.0; // as the layer reports it (mean / sum / weighted sum for none)
