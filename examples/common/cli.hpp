@@ -49,13 +49,19 @@ inline fpdt::result<bool> on_off(char const* name, std::string const& val) {
   return val == "on";
 }
 
-//! Fails now, not after the run, when `path` (given to `name`) cannot be written.
+//! Fails now, not after the run, when `path` (given to `name`) cannot be written. An existing
+//! file is left as it is (opened for appending), a new one is removed again, so a run that fails
+//! later does not leave an empty or truncated file behind.
 inline fpdt::status check_writable(char const* name, std::string const& path) {
   if (path.empty()) return {};
-  std::FILE* f = std::fopen(path.c_str(), "w");
+  std::FILE* probe = std::fopen(path.c_str(), "r");
+  bool const existed = probe != nullptr;
+  if (probe != nullptr) std::fclose(probe);
+  std::FILE* f = std::fopen(path.c_str(), "a");
   if (f == nullptr)
     return fpdt::make_error(fpdt::errc::invalid_argument, name, " ", path, ": cannot open for writing");
   std::fclose(f);
+  if (!existed) std::remove(path.c_str());
   return {};
 }
 

@@ -267,6 +267,8 @@ void report(options const& o, index_t ranks, std::vector<rank_data> const& rd, c
 
 int finish_check(options const& o, index_t ranks, std::vector<rank_data> const& rd, int first_rank) {
   if (!o.check) return 0;
+  std::printf("  computing the dense float64 reference (one thread, O(S^2 H D): minutes at S = 4096)...\n");
+  std::fflush(stdout);
   dense_result const ref = dense_reference(o); // once, for every rank of this process
   double worst = 0;
   for (std::size_t i = 0; i < rd.size(); ++i)

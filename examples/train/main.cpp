@@ -32,6 +32,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 namespace {
 
 using fpdt::index_t;
@@ -44,7 +46,7 @@ using gemm_t = fpdt::host_gemm;
 struct options {
   index_t ranks = 4, seq = 16384, chunk = 4096, layers = 2, hidden = 256, heads = 8, kv_heads = 2, steps = 10;
   index_t device_budget = index_t{1} << 30;
-  bool offload = true;
+  bool offload = true, ranks_given = false;
   double lr = 3e-3;
   std::string data, trace = "fpdt-train-trace.json";
 };
@@ -100,6 +102,7 @@ fpdt::result<options> parse(int argc, char** argv) {
     } else {
       FPDT_TRY(fpdt_examples::set(*spec, val));
       chunk_given = chunk_given || spec->value == &o.chunk;
+      o.ranks_given = o.ranks_given || spec->value == &o.ranks;
     }
   }
   if (!chunk_given) o.chunk = std::min(o.chunk, o.seq);
@@ -169,6 +172,13 @@ fpdt::status run_rank(options const& o, std::vector<std::uint8_t> const& text, C
                              .kernel_threads = threads};
   gemm_t gemm{};
   set_threads(gemm, threads);
+  // Fail at once, not minutes into a step, when the plan does not fit the budget.
+  auto need = fpdt_train::planned_device_bytes(cfg, ro, static_cast<index_t>(comm.size()));
+  if (!need) return need.error();
+  if (*need > static_cast<std::size_t>(o.device_budget))
+    return fpdt::make_error(fpdt::errc::out_of_memory, "a step needs ", *need,
+                            " device bytes per rank (planned_device_bytes), over --device-budget ", o.device_budget,
+                            "; use a smaller --chunk, --offload on, or a larger budget");
   auto model = fpdt_train::model_rank<float, Comm, gemm_t>::create(be, comm, cfg, ro, gemm);
   if (!model) return model.error();
   auto t_step = std::chrono::steady_clock::now();
@@ -226,7 +236,7 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
               static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
               static_cast<long long>(o.kv_heads), o.offload ? "on" : "off");
   if (!r0.loss.empty())
-    std::printf("  loss %.4f -> %.4f over %zu steps; %.0f tokens/s on average\n", r0.loss.front(), r0.loss.back(),
+    std::printf("  loss %.4f -> %.4f over %zu step(s); %.0f tokens/s on average\n", r0.loss.front(), r0.loss.back(),
                 r0.loss.size(), static_cast<double>(o.seq) * static_cast<double>(r0.loss.size()) / total);
   std::printf("  peak device bytes per rank %zu (%.1f MiB), pinned host bytes per rank %zu (%.1f MiB)\n", peak,
               static_cast<double>(peak) / (1 << 20), pinned, static_cast<double>(pinned) / (1 << 20));
@@ -256,12 +266,25 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
     auto twice = o.offload ? plan(2 * o.seq, o.chunk, true) : fpdt::result<std::size_t>(std::size_t{0});
     std::printf("  in a device budget of %.0f MiB per rank: without chunking and offload at most S = %lld (power of two)",
                 mib(static_cast<std::size_t>(o.device_budget)), static_cast<long long>(longest));
-    if (o.offload && twice)
-      std::printf("; with C = %lld and offload the need is %s at 2S (%.1f MiB), so pinned host memory sets the limit",
-                  static_cast<long long>(o.chunk), *twice == *with ? "the same" : "different", mib(*twice));
+    if (o.offload && twice && *twice == *with) {
+      std::printf("; with C = %lld and offload the device need does not grow with S (%.1f MiB at S and at 2S)",
+                  static_cast<long long>(o.chunk), mib(*twice));
+      // Pinned host memory grows with S instead: this run's bytes per token, against this machine.
+      long const pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+      if (pinned > 0 && pages > 0 && page > 0) {
+        double const per_token = static_cast<double>(pinned) / static_cast<double>(o.seq);
+        double const host = static_cast<double>(pages) * static_cast<double>(page) / static_cast<double>(ranks);
+        std::printf(", and pinned host memory sets the limit: %.0f bytes per token per rank, so this machine's %.1f GiB "
+                    "allow about S = %.0f",
+                    per_token, static_cast<double>(pages) * static_cast<double>(page) / (1 << 30), host / per_token);
+      }
+    } else if (o.offload && twice) {
+      std::printf("; with C = %lld and offload the need grows to %.1f MiB at 2S", static_cast<long long>(o.chunk), mib(*twice));
+    }
     std::printf("\n");
   }
-  if (!o.trace.empty()) std::printf("  trace of rank 0's last attention pass (layer 0): %s\n", o.trace.c_str());
+  if (!o.trace.empty() && o.steps > 0)
+    std::printf("  trace of rank 0's last attention pass (layer 0): %s\n", o.trace.c_str());
 }
 
 // Ranks already run in parallel: each BLAS call gets this machine's cores divided among them
@@ -293,6 +316,12 @@ int main(int argc, char** argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     int world_size = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    if (o->ranks_given && o->ranks != world_size) {
+      std::fprintf(stderr, "fpdt-train: --ranks %lld but mpirun started %d processes (under MPI the ranks are the processes)\n",
+                   static_cast<long long>(o->ranks), world_size);
+      MPI_Finalize();
+      return 2;
+    }
     blas_threads(world_size);
     int rc = 0;
     {
