@@ -29,8 +29,9 @@ void usage(std::FILE* to) {
                "  Without --seq: the longest sequence that fits (device and host), the per-rank memory\n"
                "  there, the recommended chunk size and the predicted MFU. --seq N (suffix K = 1024,\n"
                "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --coarse\n"
-               "  searches powers of two only; --csv prints one CSV row; --sweep prints per-rank device\n"
+               "  searches powers of two only; --csv prints a header and one row; --sweep prints per-rank device\n"
                "  GiB of the three methods for S = 4K .. 16M (CSV, for scripts/plot-plan.sh).\n"
+               "  Exit status: 0 with an answer, 1 when nothing from 1K tokens up fits, 2 on bad arguments.\n"
                "  Defaults: fpdt, ZeRO-3, checkpointing on with checkpoints offloaded, offload on, bf16.\n"
                "  --config FILE adds [model NAME] / [gpu NAME] sections (see include/fpdt/plan/presets.hpp).\n"
                "  models: gpt-2.7b gpt-6.7b gpt-13b gpt-30b llama3-8b llama3-70b\n"
@@ -281,7 +282,7 @@ int run(options const& o) {
   if (o.csv) {
     csv_header();
     if (a->at_longest) csv_row(o, *a->at_longest, a->device_limit, a->host_limit);
-    return 0;
+    return a->longest == 0 ? 1 : 0;
   }
   auto limit = [](fpdt::index_t s) {
     return s == 0 ? std::string("nothing") : s >= max_search ? ">= " + tokens(max_search) : tokens(s);
@@ -293,7 +294,7 @@ int run(options const& o) {
     t.sequence = 1024 * o.t.gpus;
     auto p = fpdt::evaluate_plan(*model, t, *gpu, false);
     if (p) print_point(o, *p, *gpu);
-    return 0;
+    return 1; // scripts can tell "nothing fits" from an answer
   }
   std::printf("longest sequence that fits: %s tokens (%lld); device memory alone allows %s, host memory alone %s\n",
               tokens(a->longest).c_str(), static_cast<long long>(a->longest), limit(a->device_limit).c_str(),
