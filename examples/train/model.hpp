@@ -684,12 +684,12 @@ private:
     dense_attention(n, h, hk, d, q.data(), k.data(), v.data(), o.data(), static_cast<T const*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
     std::vector<float> lse(static_cast<std::size_t>(h * n));
     auto lv = fpdt::contiguous_view<float const>(lse.data(), std::array<index_t, 2>{h, n}).value();
-    plain_qkv_ = {std::move(q), std::move(k), std::move(v), std::move(o)};
-    auto ov = fpdt::contiguous_view<T const>(plain_qkv_[3].data(), std::array<index_t, 3>{n, h, d}).value();
-    FPDT_TRY(snk.consume(0, 0, ov, lv));
+    // Kept for this layer's backward (the plain reference holds the whole sequence).
     plain_saved_.resize(static_cast<std::size_t>(cfg_.layers));
-    plain_saved_[static_cast<std::size_t>(l)] = plain_qkv_;
-    return {};
+    auto& saved = plain_saved_[static_cast<std::size_t>(l)];
+    saved = {std::move(q), std::move(k), std::move(v), std::move(o)};
+    auto ov = fpdt::contiguous_view<T const>(saved[3].data(), std::array<index_t, 3>{n, h, d}).value();
+    return snk.consume(0, 0, ov, lv);
   }
 
   status attention_backward(index_t l, token_tensor<T> const& x, token_tensor<T> const& at, token_tensor<T>& dx,
@@ -900,7 +900,6 @@ private:
   std::vector<std::uint8_t> ids_;
   std::vector<index_t> pos_;
   progress_fn progress_;
-  std::array<std::vector<T>, 4> plain_qkv_;
   std::vector<std::array<std::vector<T>, 4>> plain_saved_;
 };
 
