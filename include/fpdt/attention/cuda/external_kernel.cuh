@@ -63,6 +63,9 @@ __device__ __forceinline__ bool is_empty(float x, float marker) {
 }
 
 // lse [H, Sq] from convention `from` to `to`; when `out` is non-empty, rows found empty get out = 0.
+// A template so that every translation unit including this header may define it (a plain
+// __global__ function in a header is a multiple definition at link time).
+template <class = void>
 __global__ void convert_kernel(tensor_view<float, 2> lse, lse_convention from, lse_convention to,
                                tensor_view<float, 3> out) {
   index_t const h = lse.extent(0), sq = lse.extent(1);
@@ -101,7 +104,7 @@ __global__ void convert_kernel(tensor_view<float, 2> lse, lse_convention from, l
   index_t const rows = lse.extent(0) * lse.extent(1);
   unsigned const blocks = static_cast<unsigned>(rows / 256 + 1 < 4096 ? rows / 256 + 1 : 4096);
 #if defined(__CUDACC__)
-  detail::cuda_external::convert_kernel<<<blocks, 256, 0, stream>>>(lse, from, to, out);
+  detail::cuda_external::convert_kernel<><<<blocks, 256, 0, stream>>>(lse, from, to, out);
 #endif
   return detail::cuda_attention::check_launch("convert_lse launch");
 }
