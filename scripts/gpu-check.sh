@@ -2,7 +2,7 @@
 # On a machine with a CUDA GPU: build (or take prebuilt binaries), run the GPU tests, run the GPU
 # benchmarks and PyTorch's scaled_dot_product_attention on the same shapes, and print a short
 # table last (kernel TFLOP/s beside SDPA's best backend; staging copy GB/s beside a bare
-# cudaMemcpyAsync). Target: under 8 minutes.
+# cudaMemcpyAsync; the FPDT layer with offload on versus off at C = 64K). Target: under 8 minutes.
 #
 # Usage: scripts/gpu-check.sh [OUTDIR]
 #   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests and fpdt-cuda-bench from DIR instead of building
@@ -40,8 +40,12 @@ tests_rc=${PIPESTATUS[0]}
 echo "gpu tests exit code: $tests_rc"
 
 echo "=== GPU benchmarks ==="
-timeout 200 "$bin_bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json 2>&1 |
-  tee "$out/bench.log" | tail -20
+timeout 200 "$bin_bench" --benchmark_filter='^cuda/(copy|attention)/' \
+  --benchmark_out="$out/bench.json" --benchmark_out_format=json 2>&1 | tee "$out/bench.log" | tail -20
+
+echo "=== FPDT layer on the GPU, offload on versus off (C = 64K) ==="
+timeout 180 "$bin_bench" --benchmark_filter='^cuda/layer/' \
+  --benchmark_out="$out/layer.json" --benchmark_out_format=json 2>&1 | tee "$out/layer.log" | tail -8
 
 echo "=== PyTorch SDPA ==="
 PYTHONUNBUFFERED=1 timeout 150 python3 scripts/bench_sdpa_torch.py 2>&1 | tee "$out/sdpa.log"
@@ -83,6 +87,28 @@ for name, r in sorted(rates.items()):
         bare = rates.get(name.replace("/fpdt/", "/bare/"))
         ratio = f"{r / bare:.2f}x" if bare else "n/a"
         print(f"  {name.replace('/fpdt', '')} | {r:.1f} | {bare or 0:.1f} | {ratio}")
+try:
+    layer = json.load(open(f"{out}/layer.json"))["benchmarks"]
+except Exception as e:
+    layer = []
+    print("no layer benchmark JSON:", e)
+runs = {0: [], 1: []}
+label = ""
+for b in layer:
+    m = re.match(r"cuda/layer/fpdt/offload:(\d)", b["name"])
+    if m and "real_time" in b and not b.get("error_occurred"):
+        runs[int(m[1])].append(b)
+        label = b.get("label", label)
+print(f"FPDT layer fwd+bwd, {label} H=8 D=128 bf16 causal | offload on | offload off | on/off")
+if runs[0] and runs[1]:
+    t = {k: min(b["real_time"] for b in v) for k, v in runs.items()}
+    peak = {k: v[0].get("device_peak_bytes", 0) / 2**30 for k, v in runs.items()}
+    tf = {k: max(b.get("TFLOP/s", 0) for b in v) for k, v in runs.items()}
+    print(f"  time (ms, best of runs) | {t[1]:.0f} | {t[0]:.0f} | {t[1] / t[0]:.2f}x")
+    print(f"  TFLOP/s | {tf[1]:.1f} | {tf[0]:.1f} |")
+    print(f"  layer device peak (GiB) | {peak[1]:.2f} | {peak[0]:.2f} | {peak[1] / max(peak[0], 1e-9):.2f}x")
+else:
+    print("  n/a (see layer.log)")
 EOF
 echo "gpu-check: wall time $(( $(date +%s) - start )) s"
 exit "$tests_rc"

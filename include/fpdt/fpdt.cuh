@@ -9,3 +9,4 @@
 #include "attention/cuda/reference_attention.cuh"
 #include "attention/cuda/flash_attention.cuh"
 #include "attention/cuda/external_kernel.cuh"
+#include "layers/cuda/attention_step_ops.cuh"

@@ -379,3 +379,98 @@ TEST_CASE("fpdt_attention: the trace shows copies overlapping compute") {
   REQUIRE(t.write_chrome_json(path).ok());
   std::remove(path.c_str());
 }
+
+namespace {
+// Callbacks in both forms (chunk_source): the stream form must be the one called, on the thread
+// that enqueues the pass, in chunk order; the plain form fails if it is ever called.
+using host_ops = fpdt::attention_step_ops<fpdt::host_backend>;
+struct two_form_source {
+  fpdt::host_backend* be;
+  fpdt::tensor_view<float const, 3> q, k, v;
+  std::thread::id const* caller;
+  std::vector<index_t>* order;
+  fpdt::status produce(index_t, index_t, fpdt::tensor_view<float, 3> const&,
+                       fpdt::tensor_view<float, 3> const&, fpdt::tensor_view<float, 3> const&) const {
+    return fpdt::make_error(fpdt::errc::internal, "plain form called");
+  }
+  fpdt::status produce(index_t c, index_t first, fpdt::tensor_view<float, 3> const& qc,
+                       fpdt::tensor_view<float, 3> const& kc, fpdt::tensor_view<float, 3> const& vc,
+                       fpdt::host::stream& s) const {
+    if (std::this_thread::get_id() != *caller)
+      return fpdt::make_error(fpdt::errc::internal, "stream form called on another thread");
+    order->push_back(c);
+    FPDT_TRY(host_ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
+    FPDT_TRY(host_ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
+    return host_ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
+  }
+};
+struct stream_sink {
+  fpdt::host_backend* be;
+  fpdt::tensor_view<float, 3> out;
+  fpdt::status consume(index_t, index_t first, fpdt::tensor_view<float const, 3> const& o,
+                       fpdt::tensor_view<float const, 2> const&, fpdt::host::stream& s) {
+    return host_ops::copy_rows(*be, s, o, 0, out, first, o.extent(0));
+  }
+};
+struct stream_dout {
+  fpdt::host_backend* be;
+  fpdt::tensor_view<float const, 3> dout;
+  fpdt::status produce_dout(index_t, index_t first, fpdt::tensor_view<float, 3> const& d,
+                            fpdt::host::stream& s) const {
+    return host_ops::copy_rows(*be, s, dout, first, d, 0, d.extent(0));
+  }
+};
+// dq in the stream form, dk/dv in the plain form: each member may take either.
+struct mixed_gradient_sink {
+  fpdt::host_backend* be;
+  fpdt::tensor_view<float, 3> dq, dk, dv;
+  fpdt::status consume_dq(index_t, index_t first, fpdt::tensor_view<float const, 3> const& g,
+                          fpdt::host::stream& s) {
+    return host_ops::copy_rows(*be, s, g, 0, dq, first, g.extent(0));
+  }
+  fpdt::status consume_dkv(index_t, index_t first, fpdt::tensor_view<float const, 3> const& gk,
+                           fpdt::tensor_view<float const, 3> const& gv) {
+    fpdt::detail::layer::copy_rows(gk, 0, dk, first, gk.extent(0));
+    fpdt::detail::layer::copy_rows(gv, 0, dv, first, gv.extent(0));
+    return {};
+  }
+};
+static_assert(fpdt::chunk_source<two_form_source, float>);
+static_assert(fpdt::chunk_sink<stream_sink, float>);
+static_assert(fpdt::dout_source<stream_dout, float>);
+static_assert(fpdt::gradient_sink<mixed_gradient_sink>);
+static_assert(!fpdt::chunk_sink<stream_sink, float, int>); // the stream type must match
+} // namespace
+
+TEST_CASE("fpdt_attention: stream-form sources and sinks run at enqueue time and equal the plain form") {
+  fpdt::host_backend be;
+  attn_shape const s{32, 32, 4, 2, 16};
+  auto p = random_problem<float>(s, 77);
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    fpdt::fpdt_attention_options o;
+    o.chunk = 8;
+    o.offload = offload;
+    run_result const plain = run_layer<float>(be, p, o);
+    auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, o);
+    REQUIRE(layer.ok());
+    std::thread::id const me = std::this_thread::get_id();
+    std::vector<index_t> order;
+    std::vector<float> out(s.q_size(), fnan), dq(s.q_size(), fnan), dk(s.kv_size(), fnan),
+        dv(s.kv_size(), fnan);
+    two_form_source src{&be, cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                        &me, &order};
+    stream_sink snk{&be, view(out, s.q_ext())};
+    fpdt::status st = layer->forward(src, snk);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    CHECK(order == std::vector<index_t>{0, 1, 2, 3});
+    CHECK(out == plain.out); // same kernel, same order: bit for bit
+    stream_dout dsrc{&be, cview(p.dout, s.q_ext())};
+    mixed_gradient_sink gsnk{&be, view(dq, s.q_ext()), view(dk, s.kv_ext()), view(dv, s.kv_ext())};
+    st = layer->backward(dsrc, gsnk);
+    REQUIRE_MESSAGE(st.ok(), st.to_string());
+    CHECK(dq == plain.dq);
+    CHECK(dk == plain.dk);
+    CHECK(dv == plain.dv);
+  }
+}

@@ -14,10 +14,13 @@
 //! u = S / C. q/k/v come from a `chunk_source` (the trainer's projection, called per chunk) or
 //! from tensors; outputs go to a `chunk_sink` or to tensors.
 //!
-//! Backends: the steps other than the chunk kernel (merge, finalize, delta, zero, sinks) run as
-//! host code on the compute lane, so the layer needs a backend whose device memory the host can
-//! address and whose streams run host tasks (`host_backend`); the CUDA path needs device versions
-//! of those steps (issue 6 follow-up).
+//! Backends: copies use the backend's `copy_async`; the chunk kernel and the elementwise steps
+//! (merge, finalize, zero, delta, row copies) go through `attention_step_ops<B>`
+//! (layers/attention_step_ops.hpp): host tasks on `host_backend`, kernels on the lane's stream on
+//! `cuda_backend` (include `<fpdt/fpdt.cuh>`, which adds that specialization). The caller's
+//! sources and sinks come in two forms (see `chunk_source`): a plain form run as a host task on
+//! the lane (host backend only), and a stream form called while the step is enqueued, with the
+//! lane's stream, which enqueues its own work (any backend).
 #pragma once
 
 #include "../attention/chunk_kernel.hpp"
@@ -27,6 +30,7 @@
 #include "../backend/backend.hpp"
 #include "../backend/host/host_backend.hpp"
 #include "../config.hpp"
+#include "attention_step_ops.hpp"
 #include "../core/bfloat16.hpp"
 #include "../core/half.hpp"
 #include "../core/status.hpp"
@@ -69,42 +73,50 @@ struct fpdt_attention_options {
 
 //! Where a layer's q, k, v chunks come from: a *const* member `produce(c, first_token, q, k, v)`
 //! writes chunk `c` (tokens [first_token, first_token + C)) into the device views `q [C, H, D]`,
-//! `k`, `v` `[C, H_kv, D]`, returning `status`. Called on the compute lane's worker, in chunk order;
-//! the layer holds it by reference for the duration of `forward`.
-template <class S, class T>
-concept chunk_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
-  { s.produce(c, c, v, v, v) } -> std::same_as<status>;
-};
+//! `k`, `v` `[C, H_kv, D]`, returning `status`. Called in chunk order; the layer holds the source
+//! by reference for the duration of `forward`.
+//!
+//! Every caller callback of the layer (sources and sinks) has two forms:
+//! - plain, as above: runs as a host task on the lane's worker thread, in stream order (host
+//!   backend only: a CUDA stream cannot run it);
+//! - stream form, with one more parameter `Stream& stream` (the backend's `stream_type`, e.g.
+//!   `produce(c, first_token, q, k, v, stream)`): called on the thread that enqueues the pass,
+//!   when the step is enqueued, and must enqueue its work on `stream` (CUDA: launch on
+//!   `stream.native_handle()`); the views stay valid for that work. Any backend.
+//! When a type has both, the layer calls the stream form.
+template <class S, class T, class Stream = host::stream>
+concept chunk_source =
+    requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
+      { s.produce(c, c, v, v, v) } -> std::same_as<status>;
+    } || requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+      { s.produce(c, c, v, v, v, st) } -> std::same_as<status>;
+    };
 
 //! Where a layer's output chunks go: `consume(c, first_token, out, lse)` (non-const is fine)
 //! receives chunk `c`'s final output `out [C, H, D]` in the model dtype and `lse [H, C]` fp32
-//! (ln); the views are valid only during the call. Passed to `forward` as an lvalue reference.
-template <class S, class T>
-concept chunk_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
-                              tensor_view<float const, 2> const& l) {
-  { s.consume(c, c, o, l) } -> std::same_as<status>;
-};
+//! (ln); the views are valid only during the call (stream form `consume(c, first_token, out, lse,
+//! stream)`: for the work it enqueues on `stream`; see `chunk_source`). Passed to `forward` as an
+//! lvalue reference.
+template <class S, class T, class Stream = host::stream>
+concept chunk_sink =
+    requires(S& s, index_t c, tensor_view<T const, 3> const& o, tensor_view<float const, 2> const& l) {
+      { s.consume(c, c, o, l) } -> std::same_as<status>;
+    } || requires(S& s, index_t c, tensor_view<T const, 3> const& o,
+                  tensor_view<float const, 2> const& l, Stream& st) {
+      { s.consume(c, c, o, l, st) } -> std::same_as<status>;
+    };
 
 //! Where the gradient of a layer's output comes from in the backward: a *const* member
-//! `produce_dout(c, first_token, dout)` writes chunk `c`'s `dout [C, H, D]` (model dtype). Called
-//! on the h2d lane's worker when the chunk is first needed.
-template <class S, class T>
-concept dout_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
-  { s.produce_dout(c, c, v) } -> std::same_as<status>;
-};
-
-namespace detail::layer {
-// dst(dst_row0 + r, h, d) = src(src_row0 + r, h, d) for r < rows and all of dst's heads and
-// dims, converting the element type (fp32 accumulators to the model dtype, for instance).
-template <class S, class D>
-void copy_rows(tensor_view<S, 3> const& src, index_t src_row0, tensor_view<D, 3> const& dst,
-               index_t dst_row0, index_t rows) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t h = 0; h < dst.extent(1); ++h)
-      for (index_t d = 0; d < dst.extent(2); ++d)
-        dst(dst_row0 + r, h, d) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, h, d));
-}
-} // namespace detail::layer
+//! `produce_dout(c, first_token, dout)` writes chunk `c`'s `dout [C, H, D]` (model dtype), on the
+//! h2d lane when the chunk is first needed (stream form `produce_dout(c, first_token, dout,
+//! stream)`; see `chunk_source`).
+template <class S, class T, class Stream = host::stream>
+concept dout_source =
+    requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
+      { s.produce_dout(c, c, v) } -> std::same_as<status>;
+    } || requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+      { s.produce_dout(c, c, v, st) } -> std::same_as<status>;
+    };
 
 //! A `dout_source` reading slices of a whole dout `[S, H, D]` tensor.
 template <class T> struct tensor_dout_source {
@@ -117,12 +129,21 @@ template <class T> struct tensor_dout_source {
 };
 
 //! Where a layer's gradients go: `consume_dq(c, first_token, dq)` with dq `[C, H, D]` fp32 once
-//! chunk c's dq is final, and `consume_dkv(c, first_token, dk, dv)` with `[C, H_kv, D]` fp32.
-template <class S>
-concept gradient_sink = requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
-  { s.consume_dq(c, c, g) } -> std::same_as<status>;
-  { s.consume_dkv(c, c, g, g) } -> std::same_as<status>;
-};
+//! chunk c's dq is final, and `consume_dkv(c, first_token, dk, dv)` with `[C, H_kv, D]` fp32
+//! (stream forms with a last `Stream& stream` parameter; see `chunk_source`). Each member may take
+//! either form.
+template <class S, class Stream = host::stream>
+concept gradient_sink =
+    (requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
+      { s.consume_dq(c, c, g) } -> std::same_as<status>;
+    } || requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
+      { s.consume_dq(c, c, g, st) } -> std::same_as<status>;
+    }) &&
+    (requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
+      { s.consume_dkv(c, c, g, g) } -> std::same_as<status>;
+    } || requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
+      { s.consume_dkv(c, c, g, g, st) } -> std::same_as<status>;
+    });
 
 //! A `chunk_source` reading slices of whole q `[S, H, D]`, k and v `[S, H_kv, D]` tensors.
 template <class T> struct tensor_source {
@@ -191,24 +212,77 @@ template <class F>
     return make_error(errc::internal, what, chunk, ": threw a non-standard exception");
   }
 }
+
+// Stream-form sources and sinks over whole tensors, for the layer's tensor overloads: their copies
+// are `attention_step_ops<B>` steps on the lane's stream, so they work on every backend.
+template <class T, class B> struct step_tensor_source {
+  B* be;
+  tensor_view<T const, 3> q, k, v;
+  [[nodiscard]] status produce(index_t, index_t first, tensor_view<T, 3> const& qc,
+                               tensor_view<T, 3> const& kc, tensor_view<T, 3> const& vc,
+                               typename B::stream_type& s) const {
+    using ops = attention_step_ops<B>;
+    FPDT_TRY(ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
+    FPDT_TRY(ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
+    return ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
+  }
+};
+template <class T, class B> struct step_tensor_sink {
+  B* be;
+  tensor_view<T, 3> out;
+  tensor_view<float, 2> lse;
+  [[nodiscard]] status consume(index_t, index_t first, tensor_view<T const, 3> const& o,
+                               tensor_view<float const, 2> const& l, typename B::stream_type& s) {
+    using ops = attention_step_ops<B>;
+    FPDT_TRY(ops::copy_rows(*be, s, o, 0, out, first, o.extent(0)));
+    if (lse.empty()) return {};
+    return ops::copy_columns(*be, s, l, 0, lse, first, l.extent(1));
+  }
+};
+template <class T, class B> struct step_tensor_dout_source {
+  B* be;
+  tensor_view<T const, 3> dout;
+  [[nodiscard]] status produce_dout(index_t, index_t first, tensor_view<T, 3> const& d,
+                                    typename B::stream_type& s) const {
+    return attention_step_ops<B>::copy_rows(*be, s, dout, first, d, 0, d.extent(0));
+  }
+};
+template <class B> struct step_tensor_gradient_sink {
+  B* be;
+  tensor_view<float, 3> dq, dk, dv;
+  [[nodiscard]] status consume_dq(index_t, index_t first, tensor_view<float const, 3> const& g,
+                                  typename B::stream_type& s) {
+    return attention_step_ops<B>::copy_rows(*be, s, g, 0, dq, first, g.extent(0));
+  }
+  [[nodiscard]] status consume_dkv(index_t, index_t first, tensor_view<float const, 3> const& gk,
+                                   tensor_view<float const, 3> const& gv, typename B::stream_type& s) {
+    using ops = attention_step_ops<B>;
+    FPDT_TRY(ops::copy_rows(*be, s, gk, 0, dk, first, gk.extent(0)));
+    return ops::copy_rows(*be, s, gv, 0, dv, first, gv.extent(0));
+  }
+};
 } // namespace detail::layer
 
 //! FPDT attention on one rank (see the file comment).
 //!
 //! \tparam T      model dtype: float, bfloat16 or half
-//! \tparam B      backend (host-addressable device memory, host tasks on streams: `host_backend`)
-//! \tparam Kernel chunk kernel modelling `chunk_kernel<Kernel, T>` (default: the host kernel)
+//! \tparam B      backend with an `attention_step_ops<B>` specialization: `host_backend`, or
+//!                `cuda_backend` with `<fpdt/fpdt.cuh>` included
+//! \tparam Kernel chunk kernel modelling `chunk_kernel<Kernel, T>` (default: the host kernel); on
+//!                `cuda_backend` a CUDA kernel with a `cudaStream_t stream` member, which the layer
+//!                sets to the compute lane's stream (`cuda_flash_chunk_kernel`,
+//!                `cuda_reference_chunk_kernel`, `external_chunk_kernel<Impl>`)
 //!
 //! The layer keeps, between `forward` and `backward`, the pinned host copies of q, k, v, out and
 //! lse (offload on) or the device rings holding them (offload off). Not thread-safe: one pass at a
 //! time per layer object. Every pass allocates its buffers before its first step, so an
-//! out-of-memory error leaves the caller's tensors untouched.
+//! out-of-memory error leaves the caller's tensors untouched. On a device backend the tensor
+//! overloads take views of memory the device can address (device, pinned or managed).
 template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention {
-  static_assert(runs_host_tasks_in_order<B>,
-                "fpdt_attention: merge, finalize, delta and the sinks run as host tasks on the "
-                "compute lane; use host_backend (the CUDA path needs device versions of them)");
+  using ops = attention_step_ops<B>;
+  using stream_t = typename B::stream_type;
 
 public:
   //! `create` proves schedules of at most this many steps with `check_schedule` (u <= ~100).
@@ -251,7 +325,7 @@ public:
   //! Errors: the arena's or pool's `errc::out_of_memory` (before any step runs); errors of the
   //! source, kernel or sink, with the step named.
   template <class Source, class Sink>
-    requires chunk_source<Source, T> && chunk_sink<Sink, T>
+    requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
     saved_ = false;
     if (status st = prepare_forward(); !st.ok()) {
@@ -290,8 +364,8 @@ public:
       return make_error(errc::shape_mismatch, "fpdt_attention forward: lse ",
                         detail::shape_string(lse.extents()), " must be [H, S] = [", shape_.heads,
                         ", ", shape_.sequence, "]");
-    tensor_source<T> src{q, k, v};
-    tensor_sink<T> snk{out, lse};
+    detail::layer::step_tensor_source<T, B> src{be_, q, k, v};
+    detail::layer::step_tensor_sink<T, B> snk{be_, out, lse};
     return forward(src, snk);
   }
 
@@ -300,7 +374,7 @@ public:
   //! before any step runs (naming the bytes the pass needs); errors of the dout source, kernel or
   //! sink, naming the step.
   template <class Dout, class Sink>
-    requires dout_source<Dout, T> && gradient_sink<Sink>
+    requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
     if (!saved_)
       return make_error(errc::invalid_argument,
@@ -326,13 +400,13 @@ public:
   //! Backward from a whole dout `[S, H, D]` tensor, gradients to `sink`. Errors: as above, and
   //! `errc::shape_mismatch` naming dout's shape.
   template <class Sink>
-    requires gradient_sink<Sink>
+    requires gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
     FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
-    tensor_dout_source<T> src{dout};
+    detail::layer::step_tensor_dout_source<T, B> src{be_, dout};
     return backward(src, sink);
   }
 
@@ -342,7 +416,7 @@ public:
     FPDT_TRY(check_shape("dq", dq.extents(), shape_.heads));
     FPDT_TRY(check_shape("dk", dk.extents(), shape_.kv_heads));
     FPDT_TRY(check_shape("dv", dv.extents(), shape_.kv_heads));
-    tensor_gradient_sink snk{dq, dk, dv};
+    detail::layer::step_tensor_gradient_sink<B> snk{be_, dq, dk, dv};
     return backward(dout, snk);
   }
 
@@ -516,7 +590,12 @@ private:
             lse_view(base + detail::layer::rounded(q_elems() * 4))};
   }
 
+  // A caller's plain-form callback as a host task on lane `s` (the host backend only).
   template <class F> [[nodiscard]] status host_task(typename B::stream_type& s, F&& f) {
+    static_assert(runs_host_tasks_in_order<B>,
+                  "fpdt_attention: a source or sink in the plain form runs as a host task, which "
+                  "only host_backend's streams can run; give it the stream form (a last "
+                  "parameter B::stream_type&, see chunk_source) for this backend");
     return be_->launch(s, std::forward<F>(f));
   }
   [[nodiscard]] status copy(void* dst, void const* src, std::size_t bytes, typename B::stream_type& s) {
@@ -535,9 +614,12 @@ private:
       std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
       auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
       index_t const c = st.i;
-      return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
-        return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv); }, "chunk source, chunk ", c);
-      });
+      if constexpr (requires { source.produce(c, c, qv, kv, vv, s); })
+        return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv, s); }, "chunk source, chunk ", c);
+      else
+        return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
+          return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv); }, "chunk source, chunk ", c);
+        });
     }
     case step_kind::offload: {
       if (st.what == payload::q) {
@@ -591,37 +673,31 @@ private:
       a.q_offset = st.i * c_;
       a.k_offset = st.j * c_;
       a.scale = opt_.scale;
-      return host_task(s, [this, a]() -> status { return kernel_.forward(a); });
+      return ops::forward(*be_, s, kernel_, a);
     }
     case step_kind::merge: {
       // The first pair of query chunk i starts from the merge identity (out 0, lse -inf).
       bool const first = opt_.mask.kind == mask_kind::causal ? st.j == st.i : st.j == 0;
-      partial_view acc = acc_view(0), part = acc_view(1);
-      return host_task(s, [acc, part, first]() -> status {
-        if (first) reset_partial(acc);
-        return merge_partials(acc, partial_cview(part));
-      });
+      return ops::merge(*be_, s, acc_view(0), acc_view(1), first);
     }
     case step_kind::finalize: {
       partial_view acc = acc_view(0);
       std::byte* os = fwd_rings_.out.slot(slot(ring::out));
       auto ov = q_view(os);
       auto lv = lse_view(os + rounded(qb));
-      return host_task(s, [acc, ov, lv]() {
-        detail::layer::copy_rows(acc.out, 0, ov, 0, ov.extent(0)); // fp32 -> model dtype
-        for (index_t h = 0; h < lv.extent(0); ++h)
-          for (index_t r = 0; r < lv.extent(1); ++r)
-            lv(h, r) = acc.lse(h, r);
-      });
+      return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
       std::byte* os = fwd_rings_.out.slot(slot(ring::out));
       tensor_view<T const, 3> ov = q_view(os);
       tensor_view<float const, 2> lv = lse_view(os + rounded(qb));
       index_t const c = st.i;
-      return host_task(s, [&sink, ov, lv, c, this]() -> status {
-        return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv); }, "chunk sink, chunk ", c);
-      });
+      if constexpr (requires { sink.consume(c, c, ov, lv, s); })
+        return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv, s); }, "chunk sink, chunk ", c);
+      else
+        return host_task(s, [&sink, ov, lv, c, this]() -> status {
+          return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv); }, "chunk sink, chunk ", c);
+        });
     }
     default:
       return make_error(errc::internal, "fpdt_attention forward: unexpected step ", to_string(st.kind));
@@ -734,24 +810,21 @@ private:
       // dout_i from the caller's source.
       index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
-      return host_task(s, [&dout, dst, c, this]() -> status {
-        return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst); }, "dout source, chunk ", c);
-      });
+      if constexpr (requires { dout.produce_dout(c, c, dst, s); })
+        return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst, s); }, "dout source, chunk ", c);
+      else
+        return host_task(s, [&dout, dst, c, this]() -> status {
+          return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst); }, "dout source, chunk ", c);
+        });
     }
     case step_kind::zero: {
-      if (st.what == payload::dkv) {
-        void* p = bwd_fixed_.slot(0);
-        std::size_t const n = bwd_fixed_.slot_bytes();
-        return host_task(s, [p, n] { std::memset(p, 0, n); });
-      }
+      if (st.what == payload::dkv) return ops::zero(*be_, s, bwd_fixed_.slot(0), bwd_fixed_.slot_bytes());
       tensor_view<float, 3> dq = parts(st.slot_of(ring::q)).dq;
-      return host_task(s, [dq] { std::memset(dq.data(), 0, static_cast<std::size_t>(dq.size()) * 4); });
+      return ops::zero(*be_, s, dq.data(), static_cast<std::size_t>(dq.size()) * 4);
     }
     case step_kind::delta: {
       bwd_parts const p = parts(st.slot_of(ring::q));
-      return host_task(s, [p]() -> status {
-        return compute_delta(tensor_view<T const, 3>(p.out), tensor_view<T const, 3>(p.dout), p.delta);
-      });
+      return ops::delta(*be_, s, tensor_view<T const, 3>(p.out), tensor_view<T const, 3>(p.dout), p.delta);
     }
     case step_kind::compute: {
       bwd_parts const p = parts(st.slot_of(ring::q));
@@ -771,7 +844,7 @@ private:
       a.q_offset = st.i * c_;
       a.k_offset = st.j * c_;
       a.scale = opt_.scale;
-      return host_task(s, [this, a]() -> status { return kernel_.backward(a); });
+      return ops::backward(*be_, s, kernel_, a);
     }
     case step_kind::write_back: {
       auto hd = store_.host_copy(host_dq, st.i);
@@ -782,15 +855,21 @@ private:
       if (st.what == payload::dq) {
         tensor_view<float const, 3> g = parts(st.slot_of(ring::q)).dq;
         index_t const c = st.i;
-        return host_task(s, [&sink, g, c, this]() -> status {
-          return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g); }, "gradient sink, dq chunk ", c);
-        });
+        if constexpr (requires { sink.consume_dq(c, c, g, s); })
+          return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g, s); }, "gradient sink, dq chunk ", c);
+        else
+          return host_task(s, [&sink, g, c, this]() -> status {
+            return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g); }, "gradient sink, dq chunk ", c);
+          });
       }
       tensor_view<float const, 3> gk = dkv_view(0), gv = dkv_view(1);
       index_t const c = st.j;
-      return host_task(s, [&sink, gk, gv, c, this]() -> status {
-        return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv); }, "gradient sink, dk/dv chunk ", c);
-      });
+      if constexpr (requires { sink.consume_dkv(c, c, gk, gv, s); })
+        return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv, s); }, "gradient sink, dk/dv chunk ", c);
+      else
+        return host_task(s, [&sink, gk, gv, c, this]() -> status {
+          return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv); }, "gradient sink, dk/dv chunk ", c);
+        });
     }
     default:
       return make_error(errc::internal, "fpdt_attention backward: unexpected step ", to_string(st.kind));

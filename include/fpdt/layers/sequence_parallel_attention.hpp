@@ -96,6 +96,13 @@ auto view3(V& v, index_t a, index_t b, index_t c) {
 //! C/P tokens and local token indices (`first_token` = c C/P).
 template <class T, communicator Comm, class B = host_backend, class Kernel = host_chunk_kernel>
 class sequence_parallel_attention {
+  // The comm lane is a host thread that copies chunks between the layer's slots and host
+  // exchange buffers; a device backend needs those copies on its own streams (and NCCL on one).
+  static_assert(runs_host_tasks_in_order<B>,
+                "sequence_parallel_attention: the all-to-all lane copies chunks with host code, so "
+                "the per-rank backend must run host tasks (host_backend); on cuda_backend use "
+                "fpdt_attention per rank for now");
+
 public:
   //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer

@@ -1,0 +1,131 @@
+// GPU benchmark of the FPDT attention layer (fpdt_attention on cuda_backend, tensor-core kernel):
+// forward + backward of one layer with offload on (inactive chunks in pinned host memory, fetched
+// back on the h2d lane while compute runs) versus off (every chunk resident), side by side in one
+// run. Shape: C = 64K tokens, S = 4C, H = H_kv = 8 (a rank's share of 32 heads at P = 4), D = 128,
+// bf16, causal. Wall time of forward + backward per iteration (each pass ends with its lanes
+// synchronized). Counters: TFLOP/s (forward 4 S^2 H D / 2, backward 2.5x), device peak bytes of
+// the layer's arena, pinned host bytes. FPDT_BENCH_LAYER_CHUNK overrides C (tokens).
+#include <fpdt/fpdt.cuh>
+
+#include <benchmark/benchmark.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+namespace {
+
+using fpdt::index_t;
+
+struct device_mem {
+  void* p = nullptr;
+  explicit device_mem(std::size_t bytes) {
+    if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
+  }
+  ~device_mem() { cudaFree(p); }
+  device_mem(device_mem const&) = delete;
+  device_mem& operator=(device_mem const&) = delete;
+};
+
+void fill_random(void* dst, std::size_t count, std::uint32_t seed) {
+  std::vector<fpdt::bfloat16> h(count);
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (auto& x : h)
+    x = fpdt::bfloat16(dist(gen));
+  cudaMemcpy(dst, h.data(), count * sizeof(fpdt::bfloat16), cudaMemcpyHostToDevice);
+}
+
+index_t chunk_tokens() {
+  char const* e = std::getenv("FPDT_BENCH_LAYER_CHUNK");
+  long long const c = e ? std::atoll(e) : 0;
+  return c > 0 ? static_cast<index_t>(c) : index_t{65536};
+}
+
+void bm_layer(benchmark::State& state) {
+  bool const offload = state.range(0) != 0;
+  index_t const c = chunk_tokens(), s = 4 * c, h = 8, d = 128;
+  state.SetLabel("C=" + std::to_string(c) + " S=" + std::to_string(s));
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  using bf = fpdt::bfloat16;
+  std::size_t const n = static_cast<std::size_t>(s * h * d);
+  device_mem q(n * 2), k(n * 2), v(n * 2), dout(n * 2), out(n * 2), lse(static_cast<std::size_t>(h * s) * 4),
+      dq(n * 4), dk(n * 4), dv(n * 4);
+  if (!q.p || !k.p || !v.p || !dout.p || !out.p || !lse.p || !dq.p || !dk.p || !dv.p) {
+    state.SkipWithError("cudaMalloc failed");
+    return;
+  }
+  fill_random(q.p, n, 1);
+  fill_random(k.p, n, 2);
+  fill_random(v.p, n, 3);
+  fill_random(dout.p, n, 4);
+  auto be = fpdt::cuda_backend::create();
+  if (!be) {
+    state.SkipWithError(be.error().to_string().c_str());
+    return;
+  }
+  fpdt::fpdt_attention_options o;
+  o.chunk = c;
+  o.offload = offload;
+  auto layer = fpdt::fpdt_attention<bf, fpdt::cuda_backend, fpdt::cuda_flash_chunk_kernel>::create(
+      **be, {s, h, h, d}, o);
+  if (!layer) {
+    state.SkipWithError(layer.error().to_string().c_str());
+    return;
+  }
+  std::array<index_t, 3> const ext{s, h, d};
+  auto qv = fpdt::contiguous_view(static_cast<bf const*>(q.p), ext).value();
+  auto kv = fpdt::contiguous_view(static_cast<bf const*>(k.p), ext).value();
+  auto vv = fpdt::contiguous_view(static_cast<bf const*>(v.p), ext).value();
+  auto ov = fpdt::contiguous_view(static_cast<bf*>(out.p), ext).value();
+  auto lv = fpdt::contiguous_view(static_cast<float*>(lse.p), std::array<index_t, 2>{h, s}).value();
+  auto dov = fpdt::contiguous_view(static_cast<bf const*>(dout.p), ext).value();
+  auto dqv = fpdt::contiguous_view(static_cast<float*>(dq.p), ext).value();
+  auto dkv = fpdt::contiguous_view(static_cast<float*>(dk.p), ext).value();
+  auto dvv = fpdt::contiguous_view(static_cast<float*>(dv.p), ext).value();
+  auto step = [&]() -> fpdt::status {
+    FPDT_TRY(layer->forward(qv, kv, vv, ov, lv));
+    return layer->backward(dov, dqv, dkv, dvv);
+  };
+  if (fpdt::status st = step(); !st.ok()) { // warm-up: pinned pool, streams, kernel attributes
+    state.SkipWithError(st.to_string().c_str());
+    return;
+  }
+  for (auto _ : state) {
+    auto const t0 = std::chrono::steady_clock::now();
+    fpdt::status const st = step();
+    auto const t1 = std::chrono::steady_clock::now();
+    if (!st.ok()) {
+      state.SkipWithError(st.to_string().c_str());
+      break;
+    }
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+  double const flops = 3.5 * 4.0 * static_cast<double>(s) * static_cast<double>(s) *
+                       static_cast<double>(h * d) / 2;
+  state.counters["TFLOP/s"] =
+      benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["device_peak_bytes"] =
+      static_cast<double>((*be)->device_memory().stats().peak_bytes);
+  state.counters["pinned_bytes"] = static_cast<double>(layer->host_bytes());
+}
+
+} // namespace
+
+BENCHMARK(bm_layer)
+    ->Name("cuda/layer/fpdt")
+    ->ArgNames({"offload"})
+    ->Args({1})
+    ->Args({0})
+    ->Args({1})
+    ->Args({0})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(2);

@@ -1,0 +1,143 @@
+//! \file
+//! \brief `attention_step_ops<B>`: the elementwise steps of `fpdt_attention` on backend `B`.
+//!
+//! Besides copies (the backend's `copy_async`) and the chunk kernel, an FPDT attention pass has a
+//! few elementwise steps (DESIGN.md 2.2, 2.3): merging a chunk pair's partial state into the
+//! query chunk's accumulator, finalizing it (fp32 to the model dtype), zeroing gradient
+//! accumulators, delta = rowsum(dout * out), and copying token rows between whole tensors and
+//! chunk slots. A backend supplies them by specializing this template:
+//! - `host_backend`: here; each step is a host task on the lane's stream;
+//! - `cuda_backend`: `layers/cuda/attention_step_ops.cuh` (include `<fpdt/fpdt.cuh>`); each step
+//!   is a kernel (or `cudaMemsetAsync`) on the lane's stream;
+//! - a user's backend: a specialization with the same static members.
+//!
+//! Every member enqueues its work on stream `s` and returns at once; views point into memory the
+//! backend's kernels can address. Members (T: model dtype; all return `fpdt::status`):
+//! - `forward(be, s, kernel, chunk_forward_args<T>)`, `backward(be, s, kernel,
+//!   chunk_backward_args<T>)`: run the chunk kernel on `s`;
+//! - `merge(be, s, acc, part, first)`: acc = first ? part : merge(acc, part) (`merge_row`);
+//! - `finalize(be, s, acc, out [C, H, D] T, lse [H, C])`: out = T(acc.out), lse = acc.lse;
+//! - `zero(be, s, ptr, bytes)`;
+//! - `delta(be, s, out, dout, delta [H, C])`;
+//! - `copy_rows(be, s, src, src_row0, dst, dst_row0, rows)`: token rows of `[S, H, D]` views,
+//!   converting the element type; `copy_columns(be, s, src, src_col0, dst, dst_col0, cols)`: token
+//!   columns of `[H, S]` views.
+#pragma once
+
+#include "../attention/chunk_kernel.hpp"
+#include "../attention/online_softmax.hpp"
+#include "../backend/host/host_backend.hpp"
+#include "../config.hpp"
+#include "../core/status.hpp"
+#include "../core/tensor_view.hpp"
+#include "../pipeline/executor.hpp"
+
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+
+FPDT_NAMESPACE_BEGIN
+
+namespace detail::layer {
+// dst(dst_row0 + r, h, d) = src(src_row0 + r, h, d) for r < rows and all of dst's heads and
+// dims, converting the element type (fp32 accumulators to the model dtype, for instance).
+template <class S, class D>
+void copy_rows(tensor_view<S, 3> const& src, index_t src_row0, tensor_view<D, 3> const& dst,
+               index_t dst_row0, index_t rows) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t h = 0; h < dst.extent(1); ++h)
+      for (index_t d = 0; d < dst.extent(2); ++d)
+        dst(dst_row0 + r, h, d) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, h, d));
+}
+
+// dst(h, dst_col0 + c) = src(h, src_col0 + c) for c < cols and all of dst's rows.
+template <class S, class D>
+void copy_columns(tensor_view<S, 2> const& src, index_t src_col0, tensor_view<D, 2> const& dst,
+                  index_t dst_col0, index_t cols) {
+  for (index_t h = 0; h < dst.extent(0); ++h)
+    for (index_t c = 0; c < cols; ++c)
+      dst(h, dst_col0 + c) = static_cast<std::remove_const_t<D>>(src(h, src_col0 + c));
+}
+} // namespace detail::layer
+
+//! The steps as host tasks on the lane's worker thread: for every backend whose streams run host
+//! tasks in order (`runs_host_tasks_in_order<B>`: `host_backend` and backends built on its
+//! streams).
+template <class B> struct host_attention_step_ops {
+  using stream_type = typename B::stream_type; //!< the lane's stream
+
+  //! Runs `kernel.forward(a)` on `s` (`kernel` must outlive the task).
+  template <class Kernel, class T>
+  [[nodiscard]] static status forward(B& be, stream_type& s, Kernel const& kernel,
+                                      chunk_forward_args<T> const& a) {
+    return be.launch(s, [k = &kernel, a]() -> status { return k->forward(a); });
+  }
+  //! Runs `kernel.backward(a)` on `s` (`kernel` must outlive the task).
+  template <class Kernel, class T>
+  [[nodiscard]] static status backward(B& be, stream_type& s, Kernel const& kernel,
+                                       chunk_backward_args<T> const& a) {
+    return be.launch(s, [k = &kernel, a]() -> status { return k->backward(a); });
+  }
+  //! acc = part when `first`, else acc = merge(acc, part).
+  [[nodiscard]] static status merge(B& be, stream_type& s, partial_view const& acc,
+                                    partial_view const& part, bool first) {
+    return be.launch(s, [acc, part, first]() -> status {
+      if (first) reset_partial(acc);
+      return merge_partials(acc, partial_cview(part));
+    });
+  }
+  //! out = T(acc.out), lse = acc.lse.
+  template <class T>
+  [[nodiscard]] static status finalize(B& be, stream_type& s, partial_view const& acc,
+                                       tensor_view<T, 3> const& out,
+                                       tensor_view<float, 2> const& lse) {
+    return be.launch(s, [acc, out, lse] {
+      detail::layer::copy_rows(acc.out, 0, out, 0, out.extent(0));
+      detail::layer::copy_columns(acc.lse, 0, lse, 0, lse.extent(1));
+    });
+  }
+  //! Sets `bytes` bytes at `p` to zero.
+  [[nodiscard]] static status zero(B& be, stream_type& s, void* p, std::size_t bytes) {
+    return be.launch(s, [p, bytes] { std::memset(p, 0, bytes); });
+  }
+  //! delta [H, C] = rowsum(dout * out) in fp32 (`compute_delta`).
+  template <class T>
+  [[nodiscard]] static status delta(B& be, stream_type& s, tensor_view<T const, 3> const& out,
+                                    tensor_view<T const, 3> const& dout,
+                                    tensor_view<float, 2> const& delta) {
+    return be.launch(s, [out, dout, delta]() -> status { return compute_delta(out, dout, delta); });
+  }
+  //! Token rows [src_row0, src_row0 + rows) of `src` into rows from `dst_row0` of `dst`.
+  template <class S, class D>
+  [[nodiscard]] static status copy_rows(B& be, stream_type& s, tensor_view<S, 3> const& src,
+                                        index_t src_row0, tensor_view<D, 3> const& dst,
+                                        index_t dst_row0, index_t rows) {
+    return be.launch(s, [=] { detail::layer::copy_rows(src, src_row0, dst, dst_row0, rows); });
+  }
+  //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`.
+  template <class S, class D>
+  [[nodiscard]] static status copy_columns(B& be, stream_type& s,
+                                           tensor_view<S, 2> const& src, index_t src_col0,
+                                           tensor_view<D, 2> const& dst, index_t dst_col0,
+                                           index_t cols) {
+    return be.launch(s, [=] { detail::layer::copy_columns(src, src_col0, dst, dst_col0, cols); });
+  }
+};
+
+namespace detail {
+template <class B> struct missing_step_ops {
+  static_assert(sizeof(B) == 0,
+                "fpdt::attention_step_ops<B> has no specialization for this backend: include "
+                "<fpdt/fpdt.cuh> for cuda_backend, or specialize it for your own backend");
+};
+} // namespace detail
+
+//! The elementwise steps of `fpdt_attention` on backend `B` (see the file comment): host tasks
+//! for backends whose streams run them; a specialization elsewhere (`cuda_backend`: include
+//! `<fpdt/fpdt.cuh>`). Instantiating it for a backend with neither names the header to include.
+template <class B>
+struct attention_step_ops
+    : std::conditional_t<runs_host_tasks_in_order<B>, host_attention_step_ops<B>,
+                         detail::missing_step_ops<B>> {};
+
+FPDT_NAMESPACE_END

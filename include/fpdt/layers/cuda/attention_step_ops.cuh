@@ -1,0 +1,233 @@
+//! \file
+//! \brief `attention_step_ops<cuda_backend>`: `fpdt_attention`'s elementwise steps as CUDA
+//! kernels on the lane's stream, so the FPDT layer runs on a GPU.
+//!
+//! DESIGN.md 2.2-2.4. Each step is one small kernel (or `cudaMemsetAsync`) queued on the stream
+//! the executor hands the step; nothing synchronizes. They are memory-bound and O(C H D) per
+//! chunk, against the chunk kernel's O(C^2 H D):
+//! - merge: one warp per (token, head) row; lane l merges elements l, l + 32, ... with
+//!   `merge_row` (the host merge, so both backends agree bit for bit on the weights), and lane 0
+//!   writes the new lse. `first` merges into the empty state (out 0, lse -inf), which takes the
+//!   partial bit for bit;
+//! - finalize and row/column copies: one thread per element, converting fp32 to the model dtype
+//!   with round-to-nearest-even (`bfloat16`/`half` constructors);
+//! - delta = rowsum(dout * out): one warp per row, fp32 sums, a shuffle reduction;
+//! - zero: `cudaMemsetAsync`.
+//!
+//! The chunk kernel must have a `cudaStream_t stream` member (the CUDA kernels of
+//! `attention/cuda/` and `external_chunk_kernel` do): the step copies the kernel, sets the copy's
+//! stream to the compute lane's and calls it. Include through `<fpdt/fpdt.cuh>` (nvcc).
+#pragma once
+
+#include "../../attention/chunk_kernel.hpp"
+#include "../../attention/online_softmax.hpp"
+#include "../../backend/cuda/cuda_backend.hpp"
+#include "../../backend/cuda/cuda_check.hpp"
+#include "../../config.hpp"
+#include "../../core/bfloat16.hpp"
+#include "../../core/half.hpp"
+#include "../../core/status.hpp"
+#include "../../core/tensor_view.hpp"
+#include "../attention_step_ops.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <type_traits>
+
+FPDT_NAMESPACE_BEGIN
+
+namespace detail::cuda_steps {
+
+inline constexpr int threads = 256;        // per block
+inline constexpr index_t max_blocks = 4096; // grid-stride loops cover the rest
+
+// Blocks for `items` work items of `per_block` items each, at least 1 and at most max_blocks.
+[[nodiscard]] inline unsigned blocks_for(index_t items, index_t per_block) noexcept {
+  index_t const b = (items + per_block - 1) / per_block;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ index_t global_thread() {
+  return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ index_t grid_threads() {
+  return static_cast<index_t>(gridDim.x) * blockDim.x;
+}
+
+// acc <- first ? part : merge(acc, part), one warp per (token, head) row. A template, as every
+// kernel in a header: a plain __global__ function would be defined in each translation unit.
+template <class = void>
+__global__ void merge_kernel(partial_view acc, partial_cview part, bool first) {
+  index_t const sq = acc.out.extent(0), h = acc.out.extent(1), d = acc.out.extent(2);
+  index_t const lane = threadIdx.x & 31;
+  for (index_t r = global_thread() / 32; r < sq * h; r += grid_threads() / 32) {
+    index_t const s = r / h, hh = r % h;
+    float l1 = first ? -INFINITY : acc.lse(hh, s);
+    float const l2 = part.lse(hh, s);
+    if (lane < d) {
+      index_t const n = (d - lane + 31) / 32;
+      merge_row(&acc.out(s, hh, lane), l1, &part.out(s, hh, lane), l2, n, 32 * acc.out.stride(2),
+                32 * part.out.stride(2));
+    }
+    __syncwarp(); // every lane has read acc.lse(hh, s) before lane 0 writes it
+    if (lane == 0) acc.lse(hh, s) = l1;
+  }
+}
+
+// dst(dst_row0 + r, h, i) = D(src(src_row0 + r, h, i)), one thread per element.
+template <class S, class D>
+__global__ void copy_rows_kernel(tensor_view<S, 3> src, index_t src_row0, tensor_view<D, 3> dst,
+                                 index_t dst_row0, index_t rows) {
+  index_t const h = dst.extent(1), d = dst.extent(2);
+  for (index_t e = global_thread(); e < rows * h * d; e += grid_threads()) {
+    index_t const i = e % d, hh = (e / d) % h, r = e / (d * h);
+    dst(dst_row0 + r, hh, i) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, hh, i));
+  }
+}
+
+// dst(h, dst_col0 + c) = src(h, src_col0 + c), one thread per element.
+template <class S, class D>
+__global__ void copy_columns_kernel(tensor_view<S, 2> src, index_t src_col0,
+                                    tensor_view<D, 2> dst, index_t dst_col0, index_t cols) {
+  index_t const h = dst.extent(0);
+  for (index_t e = global_thread(); e < h * cols; e += grid_threads()) {
+    index_t const c = e % cols, hh = e / cols;
+    dst(hh, dst_col0 + c) = static_cast<std::remove_const_t<D>>(src(hh, src_col0 + c));
+  }
+}
+
+// delta(h, s) = sum_i out(s, h, i) * dout(s, h, i) in fp32, one warp per (token, head) row.
+template <class T>
+__global__ void delta_kernel(tensor_view<T const, 3> out, tensor_view<T const, 3> dout,
+                             tensor_view<float, 2> delta) {
+  index_t const sq = out.extent(0), h = out.extent(1), d = out.extent(2);
+  index_t const lane = threadIdx.x & 31;
+  for (index_t r = global_thread() / 32; r < sq * h; r += grid_threads() / 32) {
+    index_t const s = r / h, hh = r % h;
+    float acc = 0.0f;
+    for (index_t i = lane; i < d; i += 32)
+      acc += static_cast<float>(out(s, hh, i)) * static_cast<float>(dout(s, hh, i));
+    for (int off = 16; off > 0; off /= 2)
+      acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta(hh, s) = acc;
+  }
+}
+#endif
+
+} // namespace detail::cuda_steps
+
+//! `fpdt_attention`'s steps on `cuda_backend` (see the file comment). Every member queues its
+//! work on `s` and returns; errors: `errc::backend_error` naming the CUDA call or launch (from
+//! `cuda_backend::launch`), and the chunk kernel's own errors.
+template <> struct attention_step_ops<cuda_backend> {
+  using stream_type = cuda_backend::stream_type; //!< the lane's stream
+
+  //! Runs a copy of `kernel`, its `stream` set to `s`, on `a`.
+  template <class Kernel, class T>
+  [[nodiscard]] static status forward(cuda_backend& be, stream_type& s, Kernel const& kernel,
+                                      chunk_forward_args<T> const& a) {
+    Kernel k = on_stream(kernel, s);
+    return be.launch(s, [&](cudaStream_t) -> status { return k.forward(a); });
+  }
+  //! Runs a copy of `kernel`, its `stream` set to `s`, on `a`.
+  template <class Kernel, class T>
+  [[nodiscard]] static status backward(cuda_backend& be, stream_type& s, Kernel const& kernel,
+                                       chunk_backward_args<T> const& a) {
+    Kernel k = on_stream(kernel, s);
+    return be.launch(s, [&](cudaStream_t) -> status { return k.backward(a); });
+  }
+  //! acc = part when `first`, else acc = merge(acc, part) (`merge_row`, row by row).
+  [[nodiscard]] static status merge(cuda_backend& be, stream_type& s, partial_view const& acc,
+                                    partial_view const& part, bool first) {
+    index_t const rows = acc.out.extent(0) * acc.out.extent(1);
+    if (rows == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+#if defined(__CUDACC__)
+      detail::cuda_steps::merge_kernel<><<<detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32),
+                                         detail::cuda_steps::threads, 0, cs>>>(acc, partial_cview(part), first);
+#else
+      (void)cs;
+#endif
+    });
+  }
+  //! out = T(acc.out) (round to nearest even), lse = acc.lse.
+  template <class T>
+  [[nodiscard]] static status finalize(cuda_backend& be, stream_type& s, partial_view const& acc,
+                                       tensor_view<T, 3> const& out,
+                                       tensor_view<float, 2> const& lse) {
+    FPDT_TRY(copy_rows(be, s, acc.out, 0, out, 0, out.extent(0)));
+    return copy_columns(be, s, acc.lse, 0, lse, 0, lse.extent(1));
+  }
+  //! Sets `bytes` bytes at device address `p` to zero (`cudaMemsetAsync`).
+  [[nodiscard]] static status zero(cuda_backend& be, stream_type& s, void* p, std::size_t bytes) {
+    if (bytes == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) -> status {
+      FPDT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cs));
+      return {};
+    });
+  }
+  //! delta [H, C] = rowsum(dout * out), fp32.
+  template <class T>
+  [[nodiscard]] static status delta(cuda_backend& be, stream_type& s, tensor_view<T const, 3> const& out,
+                                    tensor_view<T const, 3> const& dout,
+                                    tensor_view<float, 2> const& delta) {
+    index_t const rows = out.extent(0) * out.extent(1);
+    if (rows == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+#if defined(__CUDACC__)
+      detail::cuda_steps::delta_kernel<T><<<detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32),
+                                            detail::cuda_steps::threads, 0, cs>>>(out, dout, delta);
+#else
+      (void)cs;
+#endif
+    });
+  }
+  //! Token rows [src_row0, src_row0 + rows) of `src [S, H, D]` into rows from `dst_row0` of
+  //! `dst`, converting the element type; both in memory the device can address.
+  template <class S, class D>
+  [[nodiscard]] static status copy_rows(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
+                                        index_t src_row0, tensor_view<D, 3> const& dst,
+                                        index_t dst_row0, index_t rows) {
+    index_t const n = rows * dst.extent(1) * dst.extent(2);
+    if (n == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+#if defined(__CUDACC__)
+      detail::cuda_steps::copy_rows_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
+                                                   detail::cuda_steps::threads, 0, cs>>>(src, src_row0, dst, dst_row0, rows);
+#else
+      (void)cs;
+#endif
+    });
+  }
+  //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`.
+  template <class S, class D>
+  [[nodiscard]] static status copy_columns(cuda_backend& be, stream_type& s,
+                                           tensor_view<S, 2> const& src, index_t src_col0,
+                                           tensor_view<D, 2> const& dst, index_t dst_col0,
+                                           index_t cols) {
+    index_t const n = cols * dst.extent(0);
+    if (n == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+#if defined(__CUDACC__)
+      detail::cuda_steps::copy_columns_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
+                                                      detail::cuda_steps::threads, 0, cs>>>(src, src_col0, dst, dst_col0, cols);
+#else
+      (void)cs;
+#endif
+    });
+  }
+
+private:
+  template <class Kernel> [[nodiscard]] static Kernel on_stream(Kernel const& kernel, stream_type& s) {
+    static_assert(requires(Kernel& k) { k.stream = cudaStream_t{}; },
+                  "fpdt_attention on cuda_backend: the chunk kernel needs a public "
+                  "`cudaStream_t stream` member, which the layer sets to the compute lane's stream");
+    Kernel k = kernel;
+    k.stream = s.native_handle();
+    return k;
+  }
+};
+
+FPDT_NAMESPACE_END

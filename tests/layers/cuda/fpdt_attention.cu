@@ -1,0 +1,182 @@
+// GPU tests of fpdt_attention on cuda_backend (layers/cuda/attention_step_ops.cuh): the same
+// problems and float64 reference as the host layer's tests (tests/layers/fpdt_attention.cpp), run
+// with the tensor-core and reference kernels, offload on and off, causal and full; the device
+// peak equals the schedule's prediction as on the host; a stream-form source and sink. Skipped
+// without a device (tests/backend/cuda/main.cu).
+#include "../../attention/chunked_driver.hpp"
+#include "../../attention/cuda/device_kernel.cuh"
+#include "../../attention/reference.hpp"
+
+#include <fpdt/fpdt.cuh>
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+using fpdt::index_t;
+using fpdt_test::attn_shape;
+using fpdt_test::device_buffer;
+using namespace fpdt_test::chunked;
+
+namespace {
+
+// A kernel, an element type, a head dimension and the tolerance of the layer's scaled errors
+// against float64 (the host layer uses 2e-2 for bf16 and 1e-4 for fp32).
+struct flash_bf16 {
+  using kernel = fpdt::cuda_flash_chunk_kernel;
+  using type = fpdt::bfloat16;
+  static constexpr index_t d = 64;
+  static constexpr double tol = 2e-2;
+};
+struct flash_f16 {
+  using kernel = fpdt::cuda_flash_chunk_kernel;
+  using type = fpdt::half;
+  static constexpr index_t d = 128;
+  static constexpr double tol = 5e-3;
+};
+struct ref_f32 {
+  using kernel = fpdt::cuda_reference_chunk_kernel;
+  using type = float;
+  static constexpr index_t d = 32;
+  static constexpr double tol = 1e-4;
+};
+
+template <class T> struct device_tensor {
+  device_buffer<T> buf;
+  explicit device_tensor(std::vector<T> const& host) : buf(host.size()) {
+    cudaMemcpy(buf.ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  explicit device_tensor(std::size_t n) : buf(n) { buf.poison(); }
+  template <std::size_t R> fpdt::tensor_view<T, R> view(std::array<index_t, R> e) const {
+    return fpdt::contiguous_view(buf.ptr, e).value();
+  }
+  template <class U> void download(std::vector<U>& host) const {
+    std::vector<T> tmp(buf.n);
+    cudaMemcpy(tmp.data(), buf.ptr, buf.n * sizeof(T), cudaMemcpyDeviceToHost);
+    host.assign(buf.n, U{});
+    for (std::size_t i = 0; i < buf.n; ++i)
+      host[i] = static_cast<U>(static_cast<float>(tmp[i]));
+  }
+};
+
+// Forward and backward of the layer on device copies of p; results downloaded as fp32. Checks the
+// arena's peak against the layer's predictions, as the host test does.
+template <class T, class K>
+run_result run_on_device(fpdt::cuda_backend& be, problem<T> const& p,
+                         fpdt::fpdt_attention_options const& o) {
+  attn_shape const& s = p.s;
+  auto layer = fpdt::fpdt_attention<T, fpdt::cuda_backend, K>::create(be, {s.sq, s.h, s.hkv, s.d}, o);
+  REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
+  device_tensor<T> q(p.q), k(p.k), v(p.v), dout(p.dout);
+  device_tensor<T> out(s.q_size());
+  device_tensor<float> lse(s.lse_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  be.device_memory().reset_peak();
+  fpdt::status st = layer->forward(
+      fpdt::tensor_view<T const, 3>(q.view(s.q_ext())), fpdt::tensor_view<T const, 3>(k.view(s.kv_ext())),
+      fpdt::tensor_view<T const, 3>(v.view(s.kv_ext())), out.view(s.q_ext()), lse.view(s.lse_ext()));
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  CHECK(be.device_memory().stats().peak_bytes == layer->predicted_forward_bytes());
+  be.device_memory().reset_peak();
+  st = layer->backward(fpdt::tensor_view<T const, 3>(dout.view(s.q_ext())), dq.view(s.q_ext()),
+                       dk.view(s.kv_ext()), dv.view(s.kv_ext()));
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  CHECK(be.device_memory().stats().peak_bytes == layer->predicted_backward_bytes());
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  run_result r;
+  out.download(r.out);
+  lse.download(r.lse);
+  dq.download(r.dq);
+  dk.download(r.dk);
+  dv.download(r.dv);
+  return r;
+}
+
+std::unique_ptr<fpdt::cuda_backend> make_backend() {
+  auto be = fpdt::cuda_backend::create();
+  REQUIRE_MESSAGE(be.ok(), be.error().to_string());
+  return std::move(*be);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("cuda fpdt_attention: equals float64 dense attention with offload on and off", C,
+                   flash_bf16, flash_f16, ref_f32) {
+  using T = typename C::type;
+  auto be = make_backend();
+  for (index_t u : {1, 3, 4})
+    for (bool causal : {true, false})
+      for (bool offload : {true, false}) {
+        CAPTURE(u);
+        CAPTURE(causal);
+        CAPTURE(offload);
+        // C = 64 tokens (a multiple of the tensor-core tiles), GQA 4:2, u chunks.
+        attn_shape const s{64 * u, 64 * u, 4, 2, C::d};
+        auto p = random_problem<T>(s, 300 + static_cast<std::uint32_t>(u));
+        fpdt::fpdt_attention_options o;
+        o.chunk = 64;
+        o.offload = offload;
+        o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
+        run_options ro;
+        ro.mask = o.mask;
+        run_result const r = run_on_device<T, typename C::kernel>(*be, p, o);
+        check_against_reference(r, reference_of(p, ro), p, C::tol);
+      }
+  CHECK(be->device_memory().stats().live_allocations == 0);
+}
+
+namespace {
+// A stream-form source and sink, as a trainer would write them: the source writes chunk c's
+// q, k, v from its own device tensors with the layer's row copies on the lane's stream, and the
+// sink records which chunks it saw and copies out into its own tensor.
+template <class T> struct stream_source {
+  fpdt::cuda_backend* be;
+  fpdt::tensor_view<T const, 3> q, k, v;
+  fpdt::status produce(index_t, index_t first, fpdt::tensor_view<T, 3> const& qc,
+                       fpdt::tensor_view<T, 3> const& kc, fpdt::tensor_view<T, 3> const& vc,
+                       fpdt::cuda::stream& s) const {
+    using ops = fpdt::attention_step_ops<fpdt::cuda_backend>;
+    FPDT_TRY(ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
+    FPDT_TRY(ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
+    return ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
+  }
+};
+template <class T> struct stream_sink {
+  fpdt::cuda_backend* be;
+  fpdt::tensor_view<T, 3> out;
+  std::vector<index_t> seen{};
+  fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<T const, 3> const& o,
+                       fpdt::tensor_view<float const, 2> const&, fpdt::cuda::stream& s) {
+    seen.push_back(c);
+    return fpdt::attention_step_ops<fpdt::cuda_backend>::copy_rows(*be, s, o, 0, out, first, o.extent(0));
+  }
+};
+} // namespace
+
+TEST_CASE("cuda fpdt_attention: a stream-form source and sink are called in chunk order") {
+  using T = fpdt::bfloat16;
+  auto be = make_backend();
+  attn_shape const s{256, 256, 4, 4, 64};
+  auto p = random_problem<T>(s, 41);
+  fpdt::fpdt_attention_options o;
+  o.chunk = 64;
+  auto layer = fpdt::fpdt_attention<T, fpdt::cuda_backend, fpdt::cuda_flash_chunk_kernel>::create(
+      *be, {s.sq, s.h, s.hkv, s.d}, o);
+  REQUIRE(layer.ok());
+  device_tensor<T> q(p.q), k(p.k), v(p.v), out(s.q_size());
+  stream_source<T> src{be.get(), q.view(s.q_ext()), k.view(s.kv_ext()), v.view(s.kv_ext())};
+  stream_sink<T> snk{be.get(), out.view(s.q_ext())};
+  fpdt::status const st = layer->forward(src, snk);
+  REQUIRE_MESSAGE(st.ok(), st.to_string());
+  CHECK(snk.seen == std::vector<index_t>{0, 1, 2, 3});
+  run_result r;
+  out.download(r.out);
+  ref_result const ref = reference_of(p, run_options{});
+  double worst = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < r.out.size(); ++i) {
+    worst = std::max(worst, std::abs(r.out[i] - ref.out[i]));
+    scale = std::max(scale, std::abs(ref.out[i]));
+  }
+  CHECK(worst <= 2e-2 * scale);
+}
