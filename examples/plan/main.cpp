@@ -29,7 +29,8 @@ void usage(std::FILE* to) {
                "  Without --seq: the longest sequence that fits (device and host), the per-rank memory\n"
                "  there, the recommended chunk size and the predicted MFU. --seq N (suffix K = 1024,\n"
                "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --coarse\n"
-               "  searches powers of two only; --csv prints a header and one row; --sweep prints per-rank device\n"
+               "  searches powers of two only; --csv prints a header and one row (the limit columns\n"
+               "  are empty with --seq, which searches nothing); --sweep prints per-rank device\n"
                "  GiB of the three methods for S = 4K .. 16M (CSV, for scripts/plot-plan.sh).\n"
                "  Exit status: 0 with an answer, 1 when nothing from 1K tokens up fits, 2 on bad arguments.\n"
                "  Defaults: fpdt, ZeRO-3, checkpointing on with checkpoints offloaded, offload on, bf16.\n"
@@ -131,21 +132,29 @@ std::string tokens(fpdt::index_t s) {
 
 double gib(std::uint64_t b) { return static_cast<double>(b) / static_cast<double>(std::uint64_t{1} << 30); }
 
-void print_memory(fpdt::memory_breakdown const& m, fpdt::hardware_config const& hw) {
+void print_memory(fpdt::memory_breakdown const& m, fpdt::hardware_config const& hw, fpdt::parallel_method method) {
+  // FPDT prices attention and the MLP as chunked working sets of their own; the other methods run
+  // them unchunked inside the layer, so their bytes are in the layer's activations and gradients.
+  bool const chunked = method == fpdt::parallel_method::fpdt;
   struct row {
     char const* name;
     std::uint64_t v;
-  } const rows[] = {{"parameters", m.parameters},
-                    {"gradients", m.gradients},
-                    {"optimizer states", m.optimizer},
-                    {"ZeRO-3 gather buffers", m.zero_buffers},
-                    {"checkpoints / activations", m.checkpoints},
-                    {"layer hidden states", m.layer_working},
-                    {"attention working set", m.attention_working},
-                    {"MLP chunk working set", m.mlp_working},
-                    {"loss working set", m.loss_working},
-                    {"reserved (context, libs)", m.reserved}};
-  for (auto const& r : rows) std::printf("  %-27s %9.2f GiB\n", r.name, gib(r.v));
+    bool shown;
+  } const rows[] = {{"parameters", m.parameters, true},
+                    {"gradients", m.gradients, true},
+                    {"optimizer states", m.optimizer, true},
+                    {"ZeRO-3 gather buffers", m.zero_buffers, true},
+                    {"checkpoints / activations", m.checkpoints, true},
+                    {chunked ? "layer hidden states" : "layer activations + grads", m.layer_working, true},
+                    {"attention working set", m.attention_working, chunked},
+                    {"MLP chunk working set", m.mlp_working, chunked},
+                    {"loss working set", m.loss_working, true},
+                    {"reserved (context, libs)", m.reserved, true}};
+  for (auto const& r : rows)
+    if (r.shown)
+      std::printf("  %-27s %9.2f GiB\n", r.name, gib(r.v));
+    else
+      std::printf("  %-27s %9s     (unchunked: in the layer's activations above)\n", r.name, "-");
   std::printf("  %-27s %9.2f GiB of %.1f GiB (peak: states + checkpoints + max(layer, loss))\n",
               "device total", gib(m.device_total()), gib(hw.device_bytes));
   std::printf("  %-27s %9.2f GiB (checkpoints %.2f, attention chunks %.2f) of %.1f GiB per GPU\n",
@@ -160,13 +169,16 @@ void csv_header() {
               "exposed_copy_seconds,mfu\n");
 }
 
-void csv_row(options const& o, fpdt::plan_point const& p, fpdt::index_t dev_limit, fpdt::index_t host_limit) {
+// device_limit and host_limit are empty when no search ran (--seq).
+void csv_row(options const& o, fpdt::plan_point const& p, std::optional<fpdt::index_t> dev_limit,
+             std::optional<fpdt::index_t> host_limit) {
   auto const& m = p.memory;
-  std::printf("%s,%s,%lld,%s,%lld,%lld,%lld,%lld,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%.6g,%.6g,%.4f\n",
+  auto field = [](std::optional<fpdt::index_t> v) { return v ? std::to_string(*v) : std::string(); };
+  std::printf("%s,%s,%lld,%s,%lld,%lld,%s,%s,%d,%d,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu,%.6g,%.6g,%.4f\n",
               o.model.c_str(), o.gpu.c_str(), static_cast<long long>(p.training.gpus),
               std::string(fpdt::to_string(p.training.method)).c_str(),
               static_cast<long long>(p.training.sequence), static_cast<long long>(p.training.chunk),
-              static_cast<long long>(dev_limit), static_cast<long long>(host_limit), p.fits_device ? 1 : 0,
+              field(dev_limit).c_str(), field(host_limit).c_str(), p.fits_device ? 1 : 0,
               p.fits_host ? 1 : 0, static_cast<unsigned long long>(m.device_total()),
               static_cast<unsigned long long>(m.host_total()), static_cast<unsigned long long>(m.parameters),
               static_cast<unsigned long long>(m.gradients), static_cast<unsigned long long>(m.optimizer),
@@ -183,7 +195,7 @@ void print_point(options const& o, fpdt::plan_point const& p, fpdt::hardware_con
               : !p.fits_device && !p.fits_host ? "does NOT fit device or host"
               : !p.fits_device                 ? "does NOT fit the device"
                                                : "does NOT fit host memory");
-  print_memory(p.memory, hw);
+  print_memory(p.memory, hw, p.training.method);
   if (p.training.method == fpdt::parallel_method::fpdt)
     std::printf("recommended chunk: %s tokens (%lld chunks of %s local tokens per rank)\n",
                 tokens(p.training.chunk).c_str(), static_cast<long long>(p.training.sequence / p.training.chunk),
@@ -268,7 +280,7 @@ int run(options const& o) {
     }
     if (o.csv) {
       csv_header();
-      csv_row(o, *p, 0, 0);
+      csv_row(o, *p, std::nullopt, std::nullopt);
     } else {
       print_point(o, *p, *gpu);
     }
