@@ -90,6 +90,11 @@ void bm_layer(benchmark::State& state) {
   auto dqv = fpdt::contiguous_view(static_cast<float*>(dq.p), ext).value();
   auto dkv = fpdt::contiguous_view(static_cast<float*>(dk.p), ext).value();
   auto dvv = fpdt::contiguous_view(static_cast<float*>(dv.p), ext).value();
+  // The fills ran on the legacy stream; the layer's lanes are non-blocking streams.
+  if (cudaDeviceSynchronize() != cudaSuccess) {
+    state.SkipWithError("cudaDeviceSynchronize after the fills failed");
+    return;
+  }
   auto step = [&]() -> fpdt::status {
     FPDT_TRY(layer->forward(qv, kv, vv, ov, lv));
     return layer->backward(dov, dqv, dkv, dvv);

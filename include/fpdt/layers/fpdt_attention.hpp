@@ -277,7 +277,10 @@ template <class B> struct step_tensor_gradient_sink {
 //! lse (offload on) or the device rings holding them (offload off). Not thread-safe: one pass at a
 //! time per layer object. Every pass allocates its buffers before its first step, so an
 //! out-of-memory error leaves the caller's tensors untouched. On a device backend the tensor
-//! overloads take views of memory the device can address (device, pinned or managed).
+//! overloads take views of memory the device can address (device, pinned or managed; pageable
+//! host memory is `errc::invalid_argument` on CUDA). The lanes are the layer's own non-blocking
+//! streams: work that writes the inputs (on any stream) must be complete before a pass starts;
+//! each pass returns after its lanes have finished.
 template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention {

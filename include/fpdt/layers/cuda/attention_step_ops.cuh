@@ -6,11 +6,14 @@
 //! the executor hands the step; nothing synchronizes. They are memory-bound and O(C H D) per
 //! chunk, against the chunk kernel's O(C^2 H D):
 //! - merge: one warp per (token, head) row; lane l merges elements l, l + 32, ... with
-//!   `merge_row` (the host merge, so both backends agree bit for bit on the weights), and lane 0
-//!   writes the new lse. `first` merges into the empty state (out 0, lse -inf), which takes the
-//!   partial bit for bit;
-//! - finalize and row/column copies: one thread per element, converting fp32 to the model dtype
-//!   with round-to-nearest-even (`bfloat16`/`half` constructors);
+//!   `merge_row` (the host's merge formula; empty rows come out bit for bit as on the host, finite
+//!   rows to fp32 rounding, as the device's expf/log1pf differ from the host library's by an ulp),
+//!   and lane 0 writes the new lse. `first` merges into the empty state (out 0, lse -inf), which
+//!   takes the partial bit for bit;
+//! - finalize and row copies: one warp per (token, head) row, lanes along D, converting fp32 to the
+//!   model dtype with round-to-nearest-even (`bfloat16`/`half` constructors); column copies: one
+//!   thread per element. The copies check that both pointers are memory the device can address
+//!   (`errc::invalid_argument` naming pageable host memory, instead of a fault);
 //! - delta = rowsum(dout * out): one warp per row, fp32 sums, a shuffle reduction;
 //! - zero: `cudaMemsetAsync`.
 //!
@@ -19,7 +22,12 @@
 //! stream to the compute lane's and calls it. Include through `<fpdt/fpdt.cuh>` (nvcc).
 #pragma once
 
+#if !defined(__CUDACC__)
+#error "fpdt/layers/cuda/attention_step_ops.cuh launches kernels: compile this translation unit with nvcc (a .cu file)"
+#endif
+
 #include "../../attention/chunk_kernel.hpp"
+#include "../../attention/cuda/device_checks.hpp"
 #include "../../attention/online_softmax.hpp"
 #include "../../backend/cuda/cuda_backend.hpp"
 #include "../../backend/cuda/cuda_check.hpp"
@@ -48,7 +56,6 @@ inline constexpr index_t max_blocks = 4096; // grid-stride loops cover the rest
   return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
 }
 
-#if defined(__CUDACC__)
 __device__ __forceinline__ index_t global_thread() {
   return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -76,14 +83,17 @@ __global__ void merge_kernel(partial_view acc, partial_cview part, bool first) {
   }
 }
 
-// dst(dst_row0 + r, h, i) = D(src(src_row0 + r, h, i)), one thread per element.
+// dst(dst_row0 + r, h, i) = D(src(src_row0 + r, h, i)), one warp per (token, head) row, lanes
+// along D (coalesced for contiguous D; one index division per row, not per element).
 template <class S, class D>
 __global__ void copy_rows_kernel(tensor_view<S, 3> src, index_t src_row0, tensor_view<D, 3> dst,
                                  index_t dst_row0, index_t rows) {
   index_t const h = dst.extent(1), d = dst.extent(2);
-  for (index_t e = global_thread(); e < rows * h * d; e += grid_threads()) {
-    index_t const i = e % d, hh = (e / d) % h, r = e / (d * h);
-    dst(dst_row0 + r, hh, i) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, hh, i));
+  index_t const lane = threadIdx.x & 31;
+  for (index_t w = global_thread() / 32; w < rows * h; w += grid_threads() / 32) {
+    index_t const r = w / h, hh = w % h;
+    for (index_t i = lane; i < d; i += 32)
+      dst(dst_row0 + r, hh, i) = static_cast<std::remove_const_t<D>>(src(src_row0 + r, hh, i));
   }
 }
 
@@ -114,8 +124,6 @@ __global__ void delta_kernel(tensor_view<T const, 3> out, tensor_view<T const, 3
     if (lane == 0) delta(hh, s) = acc;
   }
 }
-#endif
-
 } // namespace detail::cuda_steps
 
 //! `fpdt_attention`'s steps on `cuda_backend` (see the file comment). Every member queues its
@@ -144,12 +152,8 @@ template <> struct attention_step_ops<cuda_backend> {
     index_t const rows = acc.out.extent(0) * acc.out.extent(1);
     if (rows == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
-#if defined(__CUDACC__)
       detail::cuda_steps::merge_kernel<><<<detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32),
                                          detail::cuda_steps::threads, 0, cs>>>(acc, partial_cview(part), first);
-#else
-      (void)cs;
-#endif
     });
   }
   //! out = T(acc.out) (round to nearest even), lse = acc.lse.
@@ -176,12 +180,8 @@ template <> struct attention_step_ops<cuda_backend> {
     index_t const rows = out.extent(0) * out.extent(1);
     if (rows == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
-#if defined(__CUDACC__)
       detail::cuda_steps::delta_kernel<T><<<detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32),
                                             detail::cuda_steps::threads, 0, cs>>>(out, dout, delta);
-#else
-      (void)cs;
-#endif
     });
   }
   //! Token rows [src_row0, src_row0 + rows) of `src [S, H, D]` into rows from `dst_row0` of
@@ -192,13 +192,11 @@ template <> struct attention_step_ops<cuda_backend> {
                                         index_t dst_row0, index_t rows) {
     index_t const n = rows * dst.extent(1) * dst.extent(2);
     if (n == 0) return {};
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(src.data(), "source", "attention_step_ops<cuda_backend>::copy_rows"));
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(dst.data(), "destination", "attention_step_ops<cuda_backend>::copy_rows"));
     return be.launch(s, [&](cudaStream_t cs) {
-#if defined(__CUDACC__)
-      detail::cuda_steps::copy_rows_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
+      detail::cuda_steps::copy_rows_kernel<S, D><<<detail::cuda_steps::blocks_for(rows * dst.extent(1), detail::cuda_steps::threads / 32),
                                                    detail::cuda_steps::threads, 0, cs>>>(src, src_row0, dst, dst_row0, rows);
-#else
-      (void)cs;
-#endif
     });
   }
   //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`.
@@ -209,13 +207,11 @@ template <> struct attention_step_ops<cuda_backend> {
                                            index_t cols) {
     index_t const n = cols * dst.extent(0);
     if (n == 0) return {};
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(src.data(), "source", "attention_step_ops<cuda_backend>::copy_columns"));
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(dst.data(), "destination", "attention_step_ops<cuda_backend>::copy_columns"));
     return be.launch(s, [&](cudaStream_t cs) {
-#if defined(__CUDACC__)
       detail::cuda_steps::copy_columns_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
                                                       detail::cuda_steps::threads, 0, cs>>>(src, src_col0, dst, dst_col0, cols);
-#else
-      (void)cs;
-#endif
     });
   }
 
