@@ -4,6 +4,7 @@
 // (pinned memory does not grow); allocation fault injection; argument errors.
 #include "../attention/chunked_driver.hpp"
 #include "../attention/reference.hpp"
+#include "../backend/device_like_backend.hpp"
 
 #include <fpdt/layers/fpdt_attention.hpp>
 
@@ -472,5 +473,43 @@ TEST_CASE("fpdt_attention: stream-form sources and sinks run at enqueue time and
     CHECK(dq == plain.dq);
     CHECK(dk == plain.dk);
     CHECK(dv == plain.dv);
+  }
+}
+
+TEST_CASE("fpdt_attention: a backend without host tasks runs through attention_step_ops with an event-timed trace") {
+  // device_like_backend (tests/backend/device_like_backend.hpp) is what fpdt sees of a GPU
+  // backend: the layer must use its attention_step_ops specialization and stream-form callbacks,
+  // and the executor times steps with events. Same kernel and order: equal to the host bit for bit.
+  attn_shape const s{48, 48, 4, 2, 16};
+  auto p = random_problem<float>(s, 5);
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    fpdt::fpdt_attention_options o;
+    o.chunk = 12;
+    o.offload = offload;
+    fpdt::host_backend hb;
+    run_result const want = run_layer<float>(hb, p, o);
+    fpdt_test::device_like_backend be;
+    run_result const got = run_layer<float>(be, p, o);
+    CHECK(got.out == want.out);
+    CHECK(got.lse == want.lse);
+    CHECK(got.dq == want.dq);
+    CHECK(got.dk == want.dk);
+    CHECK(got.dv == want.dv);
+    auto layer = fpdt::fpdt_attention<float, fpdt_test::device_like_backend>::create(
+                     be, {s.sq, s.h, s.hkv, s.d}, o).value();
+    std::vector<float> out(s.q_size());
+    REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                          view(out, s.q_ext())).ok());
+    auto const& ev = layer.trace().events;
+    REQUIRE(ev.size() > 0);
+    std::size_t timed = 0, compute = 0;
+    for (auto const& e : ev) {
+      timed += e.begin_us >= 0 && e.end_us >= e.begin_us;
+      compute += e.on == fpdt::lane::compute;
+    }
+    CHECK(timed == ev.size());
+    CHECK(compute > 0);
+    CHECK(layer.trace().busy_us(fpdt::lane::compute) > 0);
   }
 }

@@ -20,6 +20,7 @@
 
 #include <array>
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -33,6 +34,18 @@ FPDT_NAMESPACE_BEGIN
 //! executor then times each step on the lane itself. Elsewhere the trace keeps the steps untimed.
 template <class B>
 inline constexpr bool runs_host_tasks_in_order = std::is_same_v<typename B::stream_type, host::stream>;
+
+//! True for device backends that time work with events: their streams do not run host tasks, and
+//! `create_event(true)` gives an event that `elapsed_seconds(start, end)` can measure between (CUDA).
+//! The executor then brackets each traced step with two such events on its lane and reads the
+//! times after the pass (device time, not enqueue time).
+template <class B>
+inline constexpr bool times_steps_with_events =
+    !runs_host_tasks_in_order<B> &&
+    requires(B& b, typename B::event_type const& e) {
+      { b.create_event(true) } -> std::same_as<result<typename B::event_type>>;
+      { elapsed_seconds(e, e) } -> std::same_as<result<double>>;
+    };
 
 //! Runs schedules on the four lanes of backend `B`; keeps its streams and events across passes.
 template <backend B> class executor {
@@ -61,8 +74,10 @@ public:
   //! \param s     the schedule (check it with `check_schedule` first)
   //! \param work  `status(schedule_step const&, std::size_t index, stream_type&)`: enqueues the
   //!              step's work on the given stream (not called for `release` markers)
-  //! \param trace when not null, receives one event per non-release step (timed on the host
-  //!              backend)
+  //! \param trace when not null, receives one event per non-release step, timed on the host
+  //!              backend (host tasks on the lane) and on backends that time with events
+  //!              (`times_steps_with_events`: two timing events per step, read after the pass);
+  //!              elsewhere, and for steps of a failed pass, untimed (-1)
   //! Errors: the first error `work` returns (with the step named; later steps are not enqueued,
   //! the lanes are drained first), or the first error a lane raised while running.
   template <class Work>
@@ -81,6 +96,16 @@ public:
     }
     auto const t0 = std::chrono::steady_clock::now();
     status failed{};
+    // Event timing: the step index of each trace event, and a start event every lane waits for
+    // (so no step starts before it and every elapsed time is >= 0).
+    std::vector<std::size_t> traced{};
+    if constexpr (times_steps_with_events<B>)
+      if (trace) {
+        FPDT_TRY(make_timing_events(n));
+        FPDT_TRY(be_->record(*timing_start_, stream(lane::compute)));
+        for (int l = 1; l < 4; ++l) FPDT_TRY(be_->wait(stream(static_cast<lane>(l)), *timing_start_));
+        traced.reserve(n);
+      }
     for (std::size_t k = 0; k < n && failed.ok(); ++k) {
       schedule_step const& st = s.steps[k];
       std::array<std::int64_t, 4> waits{-1, -1, -1, -1};
@@ -109,9 +134,16 @@ public:
       }
       if constexpr (runs_host_tasks_in_order<B>)
         if (te) failed = be_->launch(str, [te, t0] { te->begin_us = since(t0); });
+      if constexpr (times_steps_with_events<B>)
+        if (te) {
+          traced.push_back(k);
+          failed = be_->record(timing_begin_[k], str);
+        }
       if (failed.ok()) failed = work(st, k, str);
       if constexpr (runs_host_tasks_in_order<B>)
         if (te && failed.ok()) failed = be_->launch(str, [te, t0] { te->end_us = since(t0); });
+      if constexpr (times_steps_with_events<B>)
+        if (te && failed.ok()) failed = be_->record(timing_end_[k], str);
       if (failed.ok()) failed = be_->record(events_[k], str);
       if (!failed.ok())
         failed = failed.with_context(detail::concat("executor: step ", k, " (", to_string(st.kind),
@@ -122,11 +154,42 @@ public:
       status const sync = be_->synchronize(*str);
       if (first.ok() && !sync.ok()) first = sync;
     }
+    if constexpr (times_steps_with_events<B>)
+      if (trace && first.ok())
+        for (std::size_t t = 0; t < traced.size(); ++t) {
+          result<double> const b = elapsed_seconds(*timing_start_, timing_begin_[traced[t]]);
+          result<double> const e = elapsed_seconds(*timing_start_, timing_end_[traced[t]]);
+          if (b.ok() && e.ok()) {
+            trace->events[t].begin_us = *b * 1e6;
+            trace->events[t].end_us = *e * 1e6;
+          }
+        }
     return first;
   }
 
 private:
   explicit executor(B& be) noexcept : be_(&be) {}
+
+  // The start event and n begin/end timing events, made once and kept for later passes.
+  [[nodiscard]] status make_timing_events(std::size_t n) {
+    if constexpr (times_steps_with_events<B>) {
+      if (!timing_start_) {
+        auto e = be_->create_event(true);
+        if (!e) return e.error();
+        timing_start_.emplace(std::move(*e));
+      }
+      while (timing_begin_.size() < n) {
+        auto b = be_->create_event(true);
+        if (!b) return b.error();
+        auto e = be_->create_event(true);
+        if (!e) return e.error();
+        timing_begin_.push_back(std::move(*b));
+        timing_end_.push_back(std::move(*e));
+      }
+    }
+    (void)n;
+    return {};
+  }
   static double since(std::chrono::steady_clock::time_point t0) noexcept {
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
   }
@@ -134,6 +197,8 @@ private:
   B* be_;
   std::array<std::optional<stream_type>, 4> streams_{};
   std::vector<event_type> events_{};
+  std::optional<event_type> timing_start_{};                 // event-timed backends only
+  std::vector<event_type> timing_begin_{}, timing_end_{};    // per step, event-timed backends only
 };
 
 FPDT_NAMESPACE_END
