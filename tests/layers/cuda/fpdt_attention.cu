@@ -20,6 +20,8 @@ using fpdt_test::attn_shape;
 using fpdt_test::device_buffer;
 using namespace fpdt_test::chunked;
 
+static_assert(fpdt::times_steps_with_events<fpdt::cuda_backend>, "GPU traces are timed with events");
+
 namespace {
 
 // A kernel, an element type, a head dimension and the tolerance of the layer's scaled errors
@@ -85,6 +87,9 @@ run_result run_on_device(fpdt::cuda_backend& be, problem<T> const& p,
       fpdt::tensor_view<T const, 3>(v.view(s.kv_ext())), out.view(s.q_ext()), lse.view(s.lse_ext()));
   REQUIRE_MESSAGE(st.ok(), st.to_string());
   CHECK(be.device_memory().stats().peak_bytes == layer->predicted_forward_bytes());
+  std::size_t timed = 0;
+  for (auto const& e : layer->trace().events) timed += e.begin_us >= 0 && e.end_us >= e.begin_us;
+  CHECK(timed == layer->trace().events.size()); // device time from the executor's events
   be.device_memory().reset_peak();
   st = layer->backward(fpdt::tensor_view<T const, 3>(dout.view(s.q_ext())), dq.view(s.q_ext()),
                        dk.view(s.kv_ext()), dv.view(s.kv_ext()));
