@@ -44,7 +44,7 @@ timeout 200 "$bin_bench" --benchmark_filter='^cuda/(copy|attention)/' \
   --benchmark_out="$out/bench.json" --benchmark_out_format=json 2>&1 | tee "$out/bench.log" | tail -20
 
 echo "=== FPDT layer on the GPU, offload on versus off (C = 64K) ==="
-timeout 180 "$bin_bench" --benchmark_filter='^cuda/layer/' \
+FPDT_BENCH_TRACE_DIR="$out" timeout 180 "$bin_bench" --benchmark_filter='^cuda/layer/' \
   --benchmark_out="$out/layer.json" --benchmark_out_format=json 2>&1 | tee "$out/layer.log" | tail -8
 
 echo "=== PyTorch SDPA ==="
@@ -107,6 +107,11 @@ if runs[0] and runs[1]:
     print(f"  time (ms, best of runs) | {t[1]:.0f} | {t[0]:.0f} | {t[1] / t[0]:.2f}x")
     print(f"  TFLOP/s | {tf[1]:.1f} | {tf[0]:.1f} |")
     print(f"  layer device peak (GiB) | {peak[1]:.2f} | {peak[0]:.2f} | {peak[1] / max(peak[0], 1e-9):.2f}x")
+    hid = {k: v[-1].get("bwd_copy_hidden", 0) for k, v in runs.items()}
+    busy = {k: v[-1].get("bwd_compute_busy", 0) for k, v in runs.items()}
+    print(f"  backward: copy time hidden behind compute | {100 * hid[1]:.0f}% | - |")
+    print(f"  backward: compute lane busy share of the pass | {100 * busy[1]:.0f}% | {100 * busy[0]:.0f}% |")
+    print(f"  (offload trace for Perfetto: {out}/fpdt-layer-backward-trace.json)")
 else:
     print("  n/a (see layer.log)")
 EOF

@@ -4,7 +4,9 @@
 // run. Shape: C = 64K tokens, S = 4C, H = H_kv = 8 (a rank's share of 32 heads at P = 4), D = 128,
 // bf16, causal. Wall time of forward + backward per iteration (each pass ends with its lanes
 // synchronized). Counters: TFLOP/s (forward 4 S^2 H D / 2, backward 2.5x), device peak bytes of
-// the layer's arena, pinned host bytes. FPDT_BENCH_LAYER_CHUNK overrides C (tokens).
+// the layer's arena, pinned host bytes, and from the backward's trace (event-timed) the share of
+// copy time hidden behind compute and the compute lane's busy share. FPDT_BENCH_LAYER_CHUNK
+// overrides C (tokens); FPDT_BENCH_TRACE_DIR=DIR writes the offload run's backward trace there.
 #include <fpdt/fpdt.cuh>
 
 #include <benchmark/benchmark.h>
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -120,6 +123,14 @@ void bm_layer(benchmark::State& state) {
   state.counters["device_peak_bytes"] =
       static_cast<double>((*be)->device_memory().stats().peak_bytes);
   state.counters["pinned_bytes"] = static_cast<double>(layer->host_bytes());
+  // The backward (the last pass) from the executor's event timing: how much of the copy lanes'
+  // busy time ran while compute was busy, and the trace itself for Perfetto when asked for.
+  fpdt::pipeline_trace const& tr = layer->trace();
+  double const copy_us = tr.busy_us(fpdt::lane::h2d) + tr.busy_us(fpdt::lane::d2h);
+  state.counters["bwd_copy_hidden"] = copy_us > 0 ? tr.overlap_us() / copy_us : 1.0;
+  state.counters["bwd_compute_busy"] = tr.span_us() > 0 ? tr.busy_us(fpdt::lane::compute) / tr.span_us() : 0.0;
+  if (char const* dir = std::getenv("FPDT_BENCH_TRACE_DIR"); dir != nullptr && offload)
+    (void)tr.write_chrome_json(std::string(dir) + "/fpdt-layer-backward-trace.json");
 }
 
 } // namespace
