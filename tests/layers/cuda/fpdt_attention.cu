@@ -213,3 +213,36 @@ TEST_CASE("cuda fpdt_attention: a pageable host tensor is an error naming it, no
   CHECK(cudaGetLastError() == cudaSuccess); // nothing sticky
   CHECK(static_cast<float>(out[0]) == 7.0f);
 }
+
+TEST_CASE("cuda fpdt_attention: A18 offload on equals offload off bit for bit, over repeated passes") {
+  // On a GPU the lanes really run concurrently: a fetch that did not wait for its offload, or a
+  // compute that did not wait for its fetch, shows as a difference. The forward and dk, dv are
+  // deterministic (one writer per element, chunk pairs in schedule order); dq is accumulated with
+  // atomics, so it is compared to fp32 rounding.
+  using T = fpdt::bfloat16;
+  using K = fpdt::cuda_flash_chunk_kernel;
+  auto be = make_backend();
+  attn_shape const s{512, 512, 4, 2, 64};
+  auto p = random_problem<T>(s, 18);
+  fpdt::fpdt_attention_options o;
+  o.chunk = 64; // u = 8
+  o.offload = false;
+  run_result const want = run_on_device<T, K>(*be, p, o);
+  o.offload = true;
+  for (int it = 0; it < 10; ++it) {
+    CAPTURE(it);
+    o.ring_slots = 2 + it % 2;
+    run_result const got = run_on_device<T, K>(*be, p, o);
+    CHECK(got.out == want.out);
+    CHECK(got.lse == want.lse);
+    CHECK(got.dk == want.dk);
+    CHECK(got.dv == want.dv);
+    double worst = 0.0, scale = 0.0;
+    for (std::size_t i = 0; i < got.dq.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::abs(got.dq[i] - want.dq[i])));
+      scale = std::max(scale, static_cast<double>(std::abs(want.dq[i])));
+    }
+    CHECK(fpdt_test::no_nan(got.dq));
+    CHECK(worst <= 1e-5 * scale);
+  }
+}
