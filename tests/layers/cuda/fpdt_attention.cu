@@ -5,6 +5,7 @@
 // without a device (tests/backend/cuda/main.cu).
 #include "../../attention/chunked_driver.hpp"
 #include "../../attention/cuda/device_kernel.cuh"
+#include "../../attention/cuda/external_impls.cuh"
 #include "../../attention/reference.hpp"
 
 #include <fpdt/fpdt.cuh>
@@ -42,6 +43,14 @@ struct ref_f32 {
   using kernel = fpdt::cuda_reference_chunk_kernel;
   using type = float;
   static constexpr index_t d = 32;
+  static constexpr double tol = 1e-4;
+};
+// A user's kernel through the adapter point (LSE in base 2, +inf for empty rows): the layer sets
+// the adapter's stream and the adapter converts conventions at every chunk pair.
+struct external_f32 {
+  using kernel = fpdt::external_chunk_kernel<fpdt_test::log2_plus_inf_kernel>;
+  using type = float;
+  static constexpr index_t d = 16;
   static constexpr double tol = 1e-4;
 };
 
@@ -114,7 +123,7 @@ std::unique_ptr<fpdt::cuda_backend> make_backend() {
 } // namespace
 
 TEST_CASE_TEMPLATE("cuda fpdt_attention: equals float64 dense attention with offload on and off", C,
-                   flash_bf16, flash_f16, ref_f32) {
+                   flash_bf16, flash_f16, ref_f32, external_f32) {
   using T = typename C::type;
   auto be = make_backend();
   for (index_t u : {1, 3, 4})
