@@ -7,6 +7,8 @@
 #include <fpdt/attention/cuda/flash_attention.cuh>
 #include <fpdt/backend/cuda/cuda_check.hpp>
 
+#include "device_data.cuh"
+
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -19,25 +21,8 @@ namespace {
 
 using fpdt::index_t;
 
-struct device_mem {
-  void* p = nullptr;
-  explicit device_mem(std::size_t bytes) {
-    if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
-  }
-  ~device_mem() { cudaFree(p); }
-  device_mem(device_mem const&) = delete;
-  device_mem& operator=(device_mem const&) = delete;
-};
-
-// Uniform random bf16 values in [-1, 1) (never zeros: they would flatter the timing).
-void fill_random(void* dst, std::size_t count, std::uint32_t seed) {
-  std::vector<fpdt::bfloat16> h(count);
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (auto& x : h)
-    x = fpdt::bfloat16(dist(gen));
-  cudaMemcpy(dst, h.data(), count * sizeof(fpdt::bfloat16), cudaMemcpyHostToDevice);
-}
+using fpdt_bench::device_mem;
+using fpdt_bench::fill_random;
 
 void bm_flash(benchmark::State& state) {
   index_t const s = state.range(0), h = state.range(1), d = state.range(2);

@@ -9,6 +9,8 @@
 // overrides C (tokens); FPDT_BENCH_TRACE_DIR=DIR writes the offload run's backward trace there.
 #include <fpdt/fpdt.cuh>
 
+#include "device_data.cuh"
+
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -23,24 +25,8 @@ namespace {
 
 using fpdt::index_t;
 
-struct device_mem {
-  void* p = nullptr;
-  explicit device_mem(std::size_t bytes) {
-    if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
-  }
-  ~device_mem() { cudaFree(p); }
-  device_mem(device_mem const&) = delete;
-  device_mem& operator=(device_mem const&) = delete;
-};
-
-void fill_random(void* dst, std::size_t count, std::uint32_t seed) {
-  std::vector<fpdt::bfloat16> h(count);
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (auto& x : h)
-    x = fpdt::bfloat16(dist(gen));
-  cudaMemcpy(dst, h.data(), count * sizeof(fpdt::bfloat16), cudaMemcpyHostToDevice);
-}
+using fpdt_bench::device_mem;
+using fpdt_bench::fill_random;
 
 index_t chunk_tokens() {
   char const* e = std::getenv("FPDT_BENCH_LAYER_CHUNK");
