@@ -11,6 +11,7 @@
 //
 //   fpdt-attention [--ranks P] [--seq S] [--chunk C] [--heads H] [--kv-heads H_kv]
 //                  [--head-dim D] [--offload on|off] [--check] [--trace FILE] [--help]
+#include <fpdt/attention/host/dense_reference.hpp>
 #include <fpdt/fpdt.hpp>
 
 #include "../common/cli.hpp"
@@ -158,13 +159,11 @@ fpdt::status run_rank(options const& o, Comm& comm, rank_data& rd, bool write_tr
   return {};
 }
 
-struct dense_result {
-  std::vector<double> out, dq, dk, dv;
-};
+using dense_result = fpdt::dense_reference_result;
 
-// Dense float64 causal GQA attention (forward and backward) of the global inputs.
-dense_result dense_reference(options const& o) {
-  index_t const s = o.seq, h = o.heads, hk = o.kv_heads, dd = o.head_dim, grp = h / hk;
+// Dense float64 causal GQA attention (forward and backward) of the global inputs, on all threads.
+fpdt::result<dense_result> dense_reference(options const& o) {
+  index_t const s = o.seq, h = o.heads, hk = o.kv_heads, dd = o.head_dim;
   auto at = [&](index_t pos, index_t head, index_t heads, index_t d) {
     return static_cast<std::size_t>((pos * heads + head) * dd + d);
   };
@@ -177,47 +176,11 @@ dense_result dense_reference(options const& o) {
     return x;
   };
   auto q = input(1, h), k = input(2, hk), v = input(3, hk), dout = input(4, h);
-  std::vector<double> out(q.size()), dq(q.size(), 0.0), dk(k.size(), 0.0), dv(k.size(), 0.0);
-  double const scale = 1.0 / std::sqrt(static_cast<double>(dd));
-  std::vector<double> p(static_cast<std::size_t>(s)), dp(p.size());
-  for (index_t hh = 0; hh < h; ++hh) {
-    index_t const g = hh / grp;
-    for (index_t i = 0; i < s; ++i) {
-      double mx = -INFINITY;
-      for (index_t j = 0; j <= i; ++j) {
-        double x = 0;
-        for (index_t d = 0; d < dd; ++d)
-          x += q[at(i, hh, h, d)] * k[at(j, g, hk, d)];
-        p[static_cast<std::size_t>(j)] = x * scale;
-        mx = std::max(mx, x * scale);
-      }
-      double sum = 0;
-      for (index_t j = 0; j <= i; ++j)
-        sum += (p[static_cast<std::size_t>(j)] = std::exp(p[static_cast<std::size_t>(j)] - mx));
-      double delta = 0;
-      for (index_t d = 0; d < dd; ++d) {
-        double o_ = 0;
-        for (index_t j = 0; j <= i; ++j)
-          o_ += p[static_cast<std::size_t>(j)] / sum * v[at(j, g, hk, d)];
-        out[at(i, hh, h, d)] = o_;
-        delta += o_ * dout[at(i, hh, h, d)];
-      }
-      for (index_t j = 0; j <= i; ++j) {
-        double const pj = p[static_cast<std::size_t>(j)] / sum;
-        double dpj = 0;
-        for (index_t d = 0; d < dd; ++d) {
-          dpj += dout[at(i, hh, h, d)] * v[at(j, g, hk, d)];
-          dv[at(j, g, hk, d)] += pj * dout[at(i, hh, h, d)];
-        }
-        double const ds = pj * (dpj - delta) * scale;
-        for (index_t d = 0; d < dd; ++d) {
-          dq[at(i, hh, h, d)] += ds * k[at(j, g, hk, d)];
-          dk[at(j, g, hk, d)] += ds * q[at(i, hh, h, d)];
-        }
-      }
-    }
-  }
-  return {std::move(out), std::move(dq), std::move(dk), std::move(dv)};
+  auto view = [&](std::vector<double> const& x, index_t heads) {
+    return fpdt::contiguous_view(x.data(), std::array<index_t, 3>{s, heads, dd}).value();
+  };
+  return fpdt::dense_reference_backward(view(q, h), view(k, hk), view(v, hk), view(dout, h),
+                                        {.causal = true});
 }
 
 // The largest error of rank r's out, dq, dk, dv relative to each tensor's largest reference value.
@@ -267,12 +230,16 @@ void report(options const& o, index_t ranks, std::vector<rank_data> const& rd, c
 
 int finish_check(options const& o, index_t ranks, std::vector<rank_data> const& rd, int first_rank) {
   if (!o.check) return 0;
-  std::printf("  computing the dense float64 reference (one thread, O(S^2 H D): minutes at S = 4096)...\n");
+  std::printf("  computing the dense float64 reference (all threads, O(S^2 H D))...\n");
   std::fflush(stdout);
-  dense_result const ref = dense_reference(o); // once, for every rank of this process
+  auto const ref = dense_reference(o); // once, for every rank of this process
+  if (!ref) {
+    std::fprintf(stderr, "fpdt-attention: %s\n", ref.error().to_string().c_str());
+    return 2;
+  }
   double worst = 0;
   for (std::size_t i = 0; i < rd.size(); ++i)
-    worst = std::max(worst, rank_error(o, ranks, first_rank + static_cast<index_t>(i), rd[i], ref));
+    worst = std::max(worst, rank_error(o, ranks, first_rank + static_cast<index_t>(i), rd[i], *ref));
   bool const ok = worst <= 2e-2; // bf16 outputs and inputs; fp32 accumulation
   std::printf("  check against dense float64: max scaled error %.3g (tolerance 2e-2): %s\n", worst,
               ok ? "ok" : "MISMATCH");

@@ -23,6 +23,7 @@
 // as the reference (P = 1 only), in double precision.
 #pragma once
 
+#include <fpdt/attention/host/dense_reference.hpp>
 #include <fpdt/core/gemm.hpp>
 #include <fpdt/fpdt.hpp>
 #include <fpdt/layers/chunked_cross_entropy.hpp>
@@ -269,58 +270,24 @@ void rope(T* x, index_t n, index_t heads, index_t d, index_t const* pos, double 
 
 // ---- plain pieces (the reference: whole local sequence at once; P = 1) ----
 
-//! Dense causal GQA attention over n tokens: q [n, H, D], k, v [n, Hkv, D] -> out [n, H, D];
-//! with dout given, the gradients instead (dq, dk, dv overwritten). Double accumulation.
+//! Dense causal GQA attention over n tokens (fpdt::dense_reference_*, float64): q [n, H, D],
+//! k, v [n, Hkv, D] -> out [n, H, D]; with dout given, the gradients instead (dq, dk, dv overwritten).
 template <class T>
-void dense_attention(index_t n, index_t h, index_t hk, index_t d, T const* q, T const* k, T const* v, T* out,
-                     T const* dout, T* dq, T* dk, T* dv) {
-  double const scale = 1.0 / std::sqrt(static_cast<double>(d));
-  index_t const grp = h / hk;
-  std::vector<double> p(static_cast<std::size_t>(n));
-  if (dout != nullptr) {
-    std::fill(dq, dq + n * h * d, T(0));
-    std::fill(dk, dk + n * hk * d, T(0));
-    std::fill(dv, dv + n * hk * d, T(0));
+status dense_attention(index_t n, index_t h, index_t hk, index_t d, T const* q, T const* k, T const* v, T* out,
+                       T const* dout, T* dq, T* dk, T* dv) {
+  auto view = [&](T const* x, index_t heads) { return fpdt::contiguous_view(x, std::array<index_t, 3>{n, heads, d}).value(); };
+  fpdt::dense_reference_options const opt{.causal = true};
+  auto r = dout == nullptr ? fpdt::dense_reference_forward(view(q, h), view(k, hk), view(v, hk), opt)
+                           : fpdt::dense_reference_backward(view(q, h), view(k, hk), view(v, hk), view(dout, h), opt);
+  if (!r) return r.error();
+  auto put = [](std::vector<double> const& x, T* to) { std::transform(x.begin(), x.end(), to, [](double e) { return static_cast<T>(e); }); };
+  if (dout == nullptr) put(r->out, out);
+  else {
+    put(r->dq, dq);
+    put(r->dk, dk);
+    put(r->dv, dv);
   }
-  for (index_t hh = 0; hh < h; ++hh) {
-    index_t const g = hh / grp;
-    for (index_t i = 0; i < n; ++i) {
-      T const* qi = q + (i * h + hh) * d;
-      double mx = -INFINITY;
-      for (index_t j = 0; j <= i; ++j) {
-        double s = 0;
-        for (index_t e = 0; e < d; ++e) s += static_cast<double>(qi[e]) * static_cast<double>(k[(j * hk + g) * d + e]);
-        p[static_cast<std::size_t>(j)] = s * scale;
-        mx = std::max(mx, s * scale);
-      }
-      double sum = 0;
-      for (index_t j = 0; j <= i; ++j) sum += (p[static_cast<std::size_t>(j)] = std::exp(p[static_cast<std::size_t>(j)] - mx));
-      for (index_t j = 0; j <= i; ++j) p[static_cast<std::size_t>(j)] /= sum;
-      std::vector<double> o(static_cast<std::size_t>(d), 0.0);
-      for (index_t j = 0; j <= i; ++j)
-        for (index_t e = 0; e < d; ++e) o[static_cast<std::size_t>(e)] += p[static_cast<std::size_t>(j)] * static_cast<double>(v[(j * hk + g) * d + e]);
-      if (dout == nullptr) {
-        for (index_t e = 0; e < d; ++e) out[(i * h + hh) * d + e] = static_cast<T>(o[static_cast<std::size_t>(e)]);
-        continue;
-      }
-      T const* di = dout + (i * h + hh) * d;
-      double delta = 0;
-      for (index_t e = 0; e < d; ++e) delta += o[static_cast<std::size_t>(e)] * static_cast<double>(di[e]);
-      for (index_t j = 0; j <= i; ++j) {
-        double dp = 0;
-        double const pj = p[static_cast<std::size_t>(j)];
-        for (index_t e = 0; e < d; ++e) {
-          dp += static_cast<double>(di[e]) * static_cast<double>(v[(j * hk + g) * d + e]);
-          dv[(j * hk + g) * d + e] = static_cast<T>(static_cast<double>(dv[(j * hk + g) * d + e]) + pj * static_cast<double>(di[e]));
-        }
-        double const ds = pj * (dp - delta) * scale;
-        for (index_t e = 0; e < d; ++e) {
-          dq[(i * h + hh) * d + e] = static_cast<T>(static_cast<double>(dq[(i * h + hh) * d + e]) + ds * static_cast<double>(k[(j * hk + g) * d + e]));
-          dk[(j * hk + g) * d + e] = static_cast<T>(static_cast<double>(dk[(j * hk + g) * d + e]) + ds * static_cast<double>(qi[e]));
-        }
-      }
-    }
-  }
+  return {};
 }
 
 //! Which pieces the model uses for attention, MLP and loss.
@@ -681,7 +648,7 @@ private:
     std::vector<T> q(static_cast<std::size_t>(n * h * d)), k(static_cast<std::size_t>(n * hk * d)), v(k.size()), o(q.size());
     auto view = [&](std::vector<T>& b, index_t heads) { return fpdt::contiguous_view(b.data(), std::array<index_t, 3>{n, heads, d}).value(); };
     FPDT_TRY(src.produce(0, 0, view(q, h), view(k, hk), view(v, hk)));
-    dense_attention(n, h, hk, d, q.data(), k.data(), v.data(), o.data(), static_cast<T const*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+    FPDT_TRY(dense_attention(n, h, hk, d, q.data(), k.data(), v.data(), o.data(), static_cast<T const*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
     std::vector<float> lse(static_cast<std::size_t>(h * n));
     auto lv = fpdt::contiguous_view<float const>(lse.data(), std::array<index_t, 2>{h, n}).value();
     // Kept for this layer's backward (the plain reference holds the whole sequence).
@@ -723,7 +690,7 @@ private:
       auto& s = plain_saved_[static_cast<std::size_t>(l)];
       std::vector<T> dout(s[0].size()), dq(s[0].size()), dk(s[1].size()), dv(s[1].size());
       FPDT_TRY(dsrc.produce_dout(0, 0, fpdt::contiguous_view(dout.data(), std::array<index_t, 3>{n, hh, d}).value()));
-      dense_attention(n, hh, hk, d, s[0].data(), s[1].data(), s[2].data(), static_cast<T*>(nullptr), dout.data(), dq.data(), dk.data(), dv.data());
+      FPDT_TRY(dense_attention(n, hh, hk, d, s[0].data(), s[1].data(), s[2].data(), static_cast<T*>(nullptr), dout.data(), dq.data(), dk.data(), dv.data()));
       FPDT_TRY(gsnk.consume_dq(0, 0, fpdt::contiguous_view<T const>(dq.data(), std::array<index_t, 3>{n, hh, d}).value()));
       FPDT_TRY(gsnk.consume_dkv(0, 0, fpdt::contiguous_view<T const>(dk.data(), std::array<index_t, 3>{n, hk, d}).value(),
                                 fpdt::contiguous_view<T const>(dv.data(), std::array<index_t, 3>{n, hk, d}).value()));

@@ -1,6 +1,6 @@
-// Float64 dense attention written for the tests (independent of the library's kernels), plus the
-// small helpers the attention tests share: seeded random data, conversions to the model dtypes,
-// contiguous views and error metrics.
+// Float64 dense attention for the tests (fpdt::dense_reference_* on vectors, independent of the
+// library's kernels), plus the small helpers the attention tests share: seeded random data,
+// conversions to the model dtypes, contiguous views and error metrics.
 //
 // Layouts follow DESIGN.md 2.4/2.5: q [Sq, H, D], k and v [Sk, H_kv, D], out [Sq, H, D],
 // lse [H, Sq] (natural log), all row-major. Query head h uses key/value head h / (H / H_kv)
@@ -9,6 +9,7 @@
 // lse = -inf, and contributes nothing to any gradient.
 #pragma once
 
+#include <fpdt/attention/host/dense_reference.hpp>
 #include <fpdt/core/bfloat16.hpp>
 #include <fpdt/core/half.hpp>
 #include <fpdt/core/tensor_view.hpp>
@@ -63,222 +64,30 @@ struct attn_shape {
   [[nodiscard]] std::array<index_t, 2> lse_ext() const { return {h, sq}; }
 };
 
-//! Mask, offsets and scale of the reference.
-struct ref_options {
-  bool causal = false;         //!< causal by global position, else full
-  index_t q_offset = 0;        //!< global position of query row 0
-  index_t k_offset = 0;        //!< global position of key row 0
-  std::optional<double> scale; //!< softmax scale; 1/sqrt(D) when empty
-  unsigned threads = 2;        //!< host threads for the reference (over key/value heads)
-};
+//! Mask, offsets, scale and threads of the reference (`threads` 0: all hardware threads).
+using ref_options = fpdt::dense_reference_options;
 
 //! Forward and (optionally) backward of the reference, all float64.
-struct ref_result {
-  std::vector<double> out; //!< [Sq, H, D]
-  std::vector<double> lse; //!< [H, Sq], -inf for rows with no visible key
-  std::vector<double> dq;  //!< [Sq, H, D] (backward only)
-  std::vector<double> dk;  //!< [Sk, H_kv, D] (backward only)
-  std::vector<double> dv;  //!< [Sk, H_kv, D] (backward only)
-};
+using ref_result = fpdt::dense_reference_result;
 
 namespace detail {
 
-// Number of visible keys of query row i: a prefix [0, n) of the key rows for both masks.
-inline index_t visible_prefix(attn_shape const& s, ref_options const& o, index_t i) {
-  if (!o.causal) return s.sk;
-  index_t const n = o.q_offset + i - o.k_offset + 1; // keys with k_offset + j <= q_offset + i
-  return std::clamp<index_t>(n, 0, s.sk);
-}
-
-// Runs fn(g) for every key/value head g on up to `threads` threads (each g writes disjoint data).
-template <class F>
-void for_each_group(index_t groups, unsigned threads, F const& fn) {
-  unsigned const n =
-      static_cast<unsigned>(std::max<index_t>(1, std::min<index_t>(groups, threads)));
-  if (n <= 1) {
-    for (index_t g = 0; g < groups; ++g)
-      fn(g);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (unsigned t = 0; t < n; ++t)
-    pool.emplace_back([&fn, t, n, groups] {
-      for (index_t g = t; g < groups; g += n)
-        fn(g);
-    });
-  for (auto& th : pool)
-    th.join();
-}
-
-inline void check_sizes(attn_shape const& s, std::vector<double> const& q,
-                        std::vector<double> const& k, std::vector<double> const& v) {
-  if (s.h < 1 || s.hkv < 1 || s.h % s.hkv != 0 || s.d < 1 || q.size() != s.q_size() ||
-      k.size() != s.kv_size() || v.size() != s.kv_size())
-    throw std::invalid_argument("fpdt_test reference: inconsistent shapes");
-}
-
-// C[i, j] += sum_p A(i, p) B(p, j) for i < m, j < n, p < k, with A(i, p) = a[i * a_i + p * a_p],
-// B(p, j) = b[p * b_p + j * b_j], C row-major with leading dimension ldc. Plain float64 loops in
-// 4 x 4 register blocks (the A11 reference is 4096 x 4096 x 4 heads; naive loops would take most
-// of a minute at -O2).
-inline void matmul(index_t m, index_t n, index_t k, double const* a, index_t a_i, index_t a_p,
-                   double const* b, index_t b_p, index_t b_j, double* c, index_t ldc) {
-  index_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    double const* a0 = a + i * a_i;
-    double const* a1 = a0 + a_i;
-    double const* a2 = a1 + a_i;
-    double const* a3 = a2 + a_i;
-    index_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      double const* b0 = b + j * b_j;
-      double const* b1 = b0 + b_j;
-      double const* b2 = b1 + b_j;
-      double const* b3 = b2 + b_j;
-      // clang-format off
-      double c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
-      double c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
-      for (index_t p = 0; p < k; ++p) {
-        double const x0 = a0[p * a_p], x1 = a1[p * a_p], x2 = a2[p * a_p], x3 = a3[p * a_p];
-        double const y0 = b0[p * b_p], y1 = b1[p * b_p], y2 = b2[p * b_p], y3 = b3[p * b_p];
-        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
-        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
-        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
-        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
-      }
-      double* r0 = c + i * ldc + j;
-      double* r1 = r0 + ldc;
-      double* r2 = r1 + ldc;
-      double* r3 = r2 + ldc;
-      r0[0] += c00; r0[1] += c01; r0[2] += c02; r0[3] += c03;
-      r1[0] += c10; r1[1] += c11; r1[2] += c12; r1[3] += c13;
-      r2[0] += c20; r2[1] += c21; r2[2] += c22; r2[3] += c23;
-      r3[0] += c30; r3[1] += c31; r3[2] += c32; r3[3] += c33;
-      // clang-format on
-    }
-    for (; j < n; ++j)
-      for (index_t r = 0; r < 4; ++r) {
-        double acc = 0.0;
-        for (index_t p = 0; p < k; ++p)
-          acc += a[(i + r) * a_i + p * a_p] * b[p * b_p + j * b_j];
-        c[(i + r) * ldc + j] += acc;
-      }
-  }
-  for (; i < m; ++i)
-    for (index_t j = 0; j < n; ++j) {
-      double acc = 0.0;
-      for (index_t p = 0; p < k; ++p)
-        acc += a[i * a_i + p * a_p] * b[p * b_p + j * b_j];
-      c[i * ldc + j] += acc;
-    }
-}
-
-// The shared body: forward always, backward when dout is given. Per key/value head g and query
-// head of its group, blocks of query rows against all keys any row of the block sees: dense
-// scores S = Q K^T, the exact softmax of every row in float64 (max, exp, sum, log), O = P V; then
-// dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * O), dQ = dS K, dK += dS^T Q,
-// dV += P^T dO (the scale applied to S and to dS).
+// The library's dense reference on row-major views of the vectors; throws on inconsistent shapes.
 inline ref_result attention(std::vector<double> const& q, std::vector<double> const& k,
                             std::vector<double> const& v, std::vector<double> const* dout,
                             attn_shape const& s, ref_options const& o) {
-  check_sizes(s, q, k, v);
-  if (dout && dout->size() != s.q_size())
-    throw std::invalid_argument("fpdt_test reference: dout size");
-  double const scale = o.scale ? *o.scale : 1.0 / std::sqrt(static_cast<double>(s.d));
-  index_t const sq = s.sq, sk = s.sk, h = s.h, hkv = s.hkv, d = s.d, group = h / hkv;
-  constexpr index_t block = 128;
-  ref_result r;
-  r.out.assign(s.q_size(), 0.0);
-  r.lse.assign(s.lse_size(), -inf64);
-  if (dout) {
-    r.dq.assign(s.q_size(), 0.0);
-    r.dk.assign(s.kv_size(), 0.0);
-    r.dv.assign(s.kv_size(), 0.0);
-  }
-  auto at = [](index_t x) { return static_cast<std::size_t>(x); };
-  for_each_group(hkv, o.threads, [&](index_t g) {
-    std::vector<double> kg(at(sk * d)), vg(at(sk * d)), dkg(at(sk * d), 0.0), dvg(at(sk * d), 0.0);
-    for (index_t j = 0; j < sk; ++j)
-      for (index_t x = 0; x < d; ++x) {
-        kg[at(j * d + x)] = k[at((j * hkv + g) * d + x)];
-        vg[at(j * d + x)] = v[at((j * hkv + g) * d + x)];
-      }
-    std::vector<double> qb(at(block * d)), ob(at(block * d)), dob(at(block * d)),
-        dqb(at(block * d));
-    std::vector<double> pm, dsm; // [rows, n] scores -> probabilities, dP -> dS
-    std::vector<index_t> vis(at(block));
-    for (index_t hh = 0; hh < group; ++hh) {
-      index_t const head = g * group + hh;
-      for (index_t i0 = 0; i0 < sq; i0 += block) {
-        index_t const mb = std::min(block, sq - i0);
-        index_t n = 0; // keys any row of the block sees (a prefix)
-        for (index_t i = 0; i < mb; ++i) {
-          vis[at(i)] = visible_prefix(s, o, i0 + i);
-          n = std::max(n, vis[at(i)]);
-        }
-        if (n == 0) continue; // every row empty: out 0, lse -inf, no gradient
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            qb[at(i * d + x)] = q[at(((i0 + i) * h + head) * d + x)];
-        pm.assign(at(mb * n), 0.0);
-        matmul(mb, n, d, qb.data(), d, 1, kg.data(), 1, d, pm.data(), n); // S = Q K^T
-        for (index_t i = 0; i < mb; ++i) {
-          double* row = &pm[at(i * n)];
-          index_t const ni = vis[at(i)];
-          if (ni == 0) {
-            std::fill(row, row + n, 0.0);
-            continue;
-          }
-          double m = -inf64;
-          for (index_t j = 0; j < ni; ++j)
-            m = std::max(m, row[j] * scale);
-          double l = 0.0;
-          for (index_t j = 0; j < ni; ++j) {
-            row[j] = std::exp(row[j] * scale - m);
-            l += row[j];
-          }
-          for (index_t j = 0; j < ni; ++j)
-            row[j] /= l;
-          std::fill(row + ni, row + n, 0.0);
-          r.lse[at(head * sq + i0 + i)] = m + std::log(l);
-        }
-        std::fill(ob.begin(), ob.end(), 0.0);
-        matmul(mb, d, n, pm.data(), n, 1, vg.data(), d, 1, ob.data(), d); // O = P V
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            r.out[at(((i0 + i) * h + head) * d + x)] = ob[at(i * d + x)];
-        if (!dout) continue;
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            dob[at(i * d + x)] = (*dout)[at(((i0 + i) * h + head) * d + x)];
-        dsm.assign(at(mb * n), 0.0);
-        matmul(mb, n, d, dob.data(), d, 1, vg.data(), 1, d, dsm.data(), n); // dP = dO V^T
-        for (index_t i = 0; i < mb; ++i) {
-          double delta = 0.0;
-          for (index_t x = 0; x < d; ++x)
-            delta += dob[at(i * d + x)] * ob[at(i * d + x)];
-          double const* p = &pm[at(i * n)];
-          double* ds = &dsm[at(i * n)];
-          for (index_t j = 0; j < n; ++j)
-            ds[j] = p[j] * (ds[j] - delta) * scale; // 0 where masked
-        }
-        std::fill(dqb.begin(), dqb.end(), 0.0);
-        matmul(mb, d, n, dsm.data(), n, 1, kg.data(), d, 1, dqb.data(), d); // dQ = dS K
-        matmul(n, d, mb, dsm.data(), 1, n, qb.data(), d, 1, dkg.data(), d); // dK += dS^T Q
-        matmul(n, d, mb, pm.data(), 1, n, dob.data(), d, 1, dvg.data(), d); // dV += P^T dO
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            r.dq[at(((i0 + i) * h + head) * d + x)] = dqb[at(i * d + x)];
-      }
-    }
-    if (dout)
-      for (index_t j = 0; j < sk; ++j)
-        for (index_t x = 0; x < d; ++x) {
-          r.dk[at((j * hkv + g) * d + x)] = dkg[at(j * d + x)];
-          r.dv[at((j * hkv + g) * d + x)] = dvg[at(j * d + x)];
-        }
-  });
-  return r;
+  if (q.size() != s.q_size() || k.size() != s.kv_size() || v.size() != s.kv_size() ||
+      (dout && dout->size() != s.q_size()))
+    throw std::invalid_argument("fpdt_test reference: inconsistent shapes");
+  auto view = [](std::vector<double> const& x, std::array<index_t, 3> const& ext) {
+    return fpdt::contiguous_view(x.data(), ext).value();
+  };
+  auto r = dout ? fpdt::dense_reference_backward(view(q, s.q_ext()), view(k, s.kv_ext()),
+                                                 view(v, s.kv_ext()), view(*dout, s.q_ext()), o)
+                : fpdt::dense_reference_forward(view(q, s.q_ext()), view(k, s.kv_ext()),
+                                                view(v, s.kv_ext()), o);
+  if (!r) throw std::invalid_argument("fpdt_test reference: " + r.error().message());
+  return std::move(*r);
 }
 
 } // namespace detail

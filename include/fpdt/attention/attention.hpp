@@ -5,5 +5,6 @@
 
 #include "chunk_kernel.hpp"
 #include "host/chunk_attention.hpp"
+#include "host/dense_reference.hpp"
 #include "mask.hpp"
 #include "online_softmax.hpp"
