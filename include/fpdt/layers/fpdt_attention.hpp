@@ -79,10 +79,12 @@ struct fpdt_attention_options {
 //! Every caller callback of the layer (sources and sinks) has two forms:
 //! - plain, as above: runs as a host task on the lane's worker thread, in stream order (host
 //!   backend only: a CUDA stream cannot run it);
-//! - stream form, with one more parameter `Stream& stream` (the backend's `stream_type`, e.g.
+//! - stream form, with one more parameter `Stream& stream` (the backend's `stream_type`:
+//!   `fpdt::cuda::stream&` on `cuda_backend`, `fpdt::host::stream&` on `host_backend`; e.g.
 //!   `produce(c, first_token, q, k, v, stream)`): called on the thread that enqueues the pass,
 //!   when the step is enqueued, and must enqueue its work on `stream` (CUDA: launch on
-//!   `stream.native_handle()`); the views stay valid for that work. Any backend.
+//!   `stream.native_handle()`; host: `be.launch(stream, task)`); the views stay valid for that
+//!   work. Any backend. On a device backend the views are device memory (the layer's slots).
 //! When a type has both, the layer calls the stream form.
 template <class S, class T, class Stream = host::stream>
 concept chunk_source =
@@ -213,6 +215,26 @@ template <class F>
   }
 }
 
+// Whether a callback has the stream form (see chunk_source), for the device-backend checks.
+template <class S, class T, class Stream>
+concept stream_form_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+  { s.produce(c, c, v, v, v, st) } -> std::same_as<status>;
+};
+template <class S, class T, class Stream>
+concept stream_form_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
+                                    tensor_view<float const, 2> const& l, Stream& st) {
+  { s.consume(c, c, o, l, st) } -> std::same_as<status>;
+};
+template <class S, class T, class Stream>
+concept stream_form_dout = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+  { s.produce_dout(c, c, v, st) } -> std::same_as<status>;
+};
+template <class S, class Stream>
+concept stream_form_gradient_sink = requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
+  { s.consume_dq(c, c, g, st) } -> std::same_as<status>;
+  { s.consume_dkv(c, c, g, g, st) } -> std::same_as<status>;
+};
+
 // Stream-form sources and sinks over whole tensors, for the layer's tensor overloads: their copies
 // are `attention_step_ops<B>` steps on the lane's stream, so they work on every backend.
 template <class T, class B> struct step_tensor_source {
@@ -330,6 +352,14 @@ public:
   template <class Source, class Sink>
     requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
+    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_source<Source, T, stream_t>,
+                  "fpdt_attention::forward on this backend: the chunk source needs the stream form "
+                  "produce(c, first_token, q, k, v, stream) with stream a B::stream_type& "
+                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_sink<Sink, T, stream_t>,
+                  "fpdt_attention::forward on this backend: the chunk sink needs the stream form "
+                  "consume(c, first_token, out, lse, stream) with stream a B::stream_type& "
+                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
     saved_ = false;
     if (status st = prepare_forward(); !st.ok()) {
       fwd_rings_ = {};
@@ -379,6 +409,15 @@ public:
   template <class Dout, class Sink>
     requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
+    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_dout<Dout, T, stream_t>,
+                  "fpdt_attention::backward on this backend: the dout source needs the stream form "
+                  "produce_dout(c, first_token, dout, stream) with stream a B::stream_type& "
+                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_gradient_sink<Sink, stream_t>,
+                  "fpdt_attention::backward on this backend: the gradient sink needs the stream "
+                  "forms consume_dq(c, first_token, dq, stream) and consume_dkv(c, first_token, dk, "
+                  "dv, stream) with stream a B::stream_type& (fpdt::cuda::stream& on cuda_backend); "
+                  "the plain forms run on host_backend only");
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
