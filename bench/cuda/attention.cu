@@ -27,8 +27,7 @@ using fpdt_bench::fill_random;
 void bm_flash(benchmark::State& state) {
   index_t const s = state.range(0), h = state.range(1), d = state.range(2);
   bool const causal = state.range(3) != 0, backward = state.range(4) != 0;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+  if (!fpdt_bench::has_device()) {
     state.SkipWithError("no CUDA device");
     return;
   }

@@ -12,6 +12,12 @@
 
 namespace fpdt_bench {
 
+// True when a CUDA device answers; benchmarks skip with an error otherwise.
+inline bool has_device() {
+  int devices = 0;
+  return cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+}
+
 // cudaMalloc'd bytes, freed on destruction; p is null when the allocation failed.
 struct device_mem {
   void* p = nullptr;

@@ -38,8 +38,7 @@ void bm_layer(benchmark::State& state) {
   bool const offload = state.range(0) != 0;
   index_t const c = chunk_tokens(), s = 4 * c, h = 8, d = 128;
   state.SetLabel("C=" + std::to_string(c) + " S=" + std::to_string(s));
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+  if (!fpdt_bench::has_device()) {
     state.SkipWithError("no CUDA device");
     return;
   }

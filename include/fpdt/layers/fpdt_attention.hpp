@@ -71,6 +71,35 @@ struct fpdt_attention_options {
   std::optional<float> scale{};         //!< softmax scale; 1/sqrt(D) when empty
 };
 
+namespace detail::layer {
+// Whether a callback has the stream form (see chunk_source): the layer calls that form when
+// present, and a device backend needs it.
+template <class S, class T, class Stream>
+concept stream_form_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+  { s.produce(c, c, v, v, v, st) } -> std::same_as<status>;
+};
+template <class S, class T, class Stream>
+concept stream_form_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
+                                    tensor_view<float const, 2> const& l, Stream& st) {
+  { s.consume(c, c, o, l, st) } -> std::same_as<status>;
+};
+template <class S, class T, class Stream>
+concept stream_form_dout = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
+  { s.produce_dout(c, c, v, st) } -> std::same_as<status>;
+};
+template <class S, class Stream>
+concept stream_form_dq = requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
+  { s.consume_dq(c, c, g, st) } -> std::same_as<status>;
+};
+template <class S, class Stream>
+concept stream_form_dkv = requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
+  { s.consume_dkv(c, c, g, g, st) } -> std::same_as<status>;
+};
+template <class S, class Stream>
+concept stream_form_gradient_sink = stream_form_dq<S, Stream> && stream_form_dkv<S, Stream>;
+
+} // namespace detail::layer
+
 //! Where a layer's q, k, v chunks come from: a *const* member `produce(c, first_token, q, k, v)`
 //! writes chunk `c` (tokens [first_token, first_token + C)) into the device views `q [C, H, D]`,
 //! `k`, `v` `[C, H_kv, D]`, returning `status`. Called in chunk order; the layer holds the source
@@ -90,9 +119,7 @@ template <class S, class T, class Stream = host::stream>
 concept chunk_source =
     requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
       { s.produce(c, c, v, v, v) } -> std::same_as<status>;
-    } || requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
-      { s.produce(c, c, v, v, v, st) } -> std::same_as<status>;
-    };
+    } || detail::layer::stream_form_source<S, T, Stream>;
 
 //! Where a layer's output chunks go: `consume(c, first_token, out, lse)` (non-const is fine)
 //! receives chunk `c`'s final output `out [C, H, D]` in the model dtype and `lse [H, C]` fp32
@@ -103,10 +130,7 @@ template <class S, class T, class Stream = host::stream>
 concept chunk_sink =
     requires(S& s, index_t c, tensor_view<T const, 3> const& o, tensor_view<float const, 2> const& l) {
       { s.consume(c, c, o, l) } -> std::same_as<status>;
-    } || requires(S& s, index_t c, tensor_view<T const, 3> const& o,
-                  tensor_view<float const, 2> const& l, Stream& st) {
-      { s.consume(c, c, o, l, st) } -> std::same_as<status>;
-    };
+    } || detail::layer::stream_form_sink<S, T, Stream>;
 
 //! Where the gradient of a layer's output comes from in the backward: a *const* member
 //! `produce_dout(c, first_token, dout)` writes chunk `c`'s `dout [C, H, D]` (model dtype), on the
@@ -116,9 +140,7 @@ template <class S, class T, class Stream = host::stream>
 concept dout_source =
     requires(S const& s, index_t c, tensor_view<T, 3> const& v) {
       { s.produce_dout(c, c, v) } -> std::same_as<status>;
-    } || requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
-      { s.produce_dout(c, c, v, st) } -> std::same_as<status>;
-    };
+    } || detail::layer::stream_form_dout<S, T, Stream>;
 
 //! A `dout_source` reading slices of a whole dout `[S, H, D]` tensor.
 template <class T> struct tensor_dout_source {
@@ -138,14 +160,10 @@ template <class S, class Stream = host::stream>
 concept gradient_sink =
     (requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
       { s.consume_dq(c, c, g) } -> std::same_as<status>;
-    } || requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
-      { s.consume_dq(c, c, g, st) } -> std::same_as<status>;
-    }) &&
+    } || detail::layer::stream_form_dq<S, Stream>) &&
     (requires(S& s, index_t c, tensor_view<float const, 3> const& g) {
       { s.consume_dkv(c, c, g, g) } -> std::same_as<status>;
-    } || requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
-      { s.consume_dkv(c, c, g, g, st) } -> std::same_as<status>;
-    });
+    } || detail::layer::stream_form_dkv<S, Stream>);
 
 //! A `chunk_source` reading slices of whole q `[S, H, D]`, k and v `[S, H_kv, D]` tensors.
 template <class T> struct tensor_source {
@@ -214,26 +232,6 @@ template <class F>
     return make_error(errc::internal, what, chunk, ": threw a non-standard exception");
   }
 }
-
-// Whether a callback has the stream form (see chunk_source), for the device-backend checks.
-template <class S, class T, class Stream>
-concept stream_form_source = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
-  { s.produce(c, c, v, v, v, st) } -> std::same_as<status>;
-};
-template <class S, class T, class Stream>
-concept stream_form_sink = requires(S& s, index_t c, tensor_view<T const, 3> const& o,
-                                    tensor_view<float const, 2> const& l, Stream& st) {
-  { s.consume(c, c, o, l, st) } -> std::same_as<status>;
-};
-template <class S, class T, class Stream>
-concept stream_form_dout = requires(S const& s, index_t c, tensor_view<T, 3> const& v, Stream& st) {
-  { s.produce_dout(c, c, v, st) } -> std::same_as<status>;
-};
-template <class S, class Stream>
-concept stream_form_gradient_sink = requires(S& s, index_t c, tensor_view<float const, 3> const& g, Stream& st) {
-  { s.consume_dq(c, c, g, st) } -> std::same_as<status>;
-  { s.consume_dkv(c, c, g, g, st) } -> std::same_as<status>;
-};
 
 // Stream-form sources and sinks over whole tensors, for the layer's tensor overloads: their copies
 // are `attention_step_ops<B>` steps on the lane's stream, so they work on every backend.
@@ -656,7 +654,7 @@ private:
       std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
       auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
       index_t const c = st.i;
-      if constexpr (requires { source.produce(c, c, qv, kv, vv, s); })
+      if constexpr (detail::layer::stream_form_source<Source, T, stream_t>)
         return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv, s); }, "chunk source, chunk ", c);
       else
         return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
@@ -734,7 +732,7 @@ private:
       tensor_view<T const, 3> ov = q_view(os);
       tensor_view<float const, 2> lv = lse_view(os + rounded(qb));
       index_t const c = st.i;
-      if constexpr (requires { sink.consume(c, c, ov, lv, s); })
+      if constexpr (detail::layer::stream_form_sink<Sink, T, stream_t>)
         return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv, s); }, "chunk sink, chunk ", c);
       else
         return host_task(s, [&sink, ov, lv, c, this]() -> status {
@@ -852,7 +850,7 @@ private:
       // dout_i from the caller's source.
       index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
-      if constexpr (requires { dout.produce_dout(c, c, dst, s); })
+      if constexpr (detail::layer::stream_form_dout<Dout, T, stream_t>)
         return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst, s); }, "dout source, chunk ", c);
       else
         return host_task(s, [&dout, dst, c, this]() -> status {
@@ -897,7 +895,7 @@ private:
       if (st.what == payload::dq) {
         tensor_view<float const, 3> g = parts(st.slot_of(ring::q)).dq;
         index_t const c = st.i;
-        if constexpr (requires { sink.consume_dq(c, c, g, s); })
+        if constexpr (detail::layer::stream_form_dq<Sink, stream_t>)
           return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g, s); }, "gradient sink, dq chunk ", c);
         else
           return host_task(s, [&sink, g, c, this]() -> status {
@@ -906,7 +904,7 @@ private:
       }
       tensor_view<float const, 3> gk = dkv_view(0), gv = dkv_view(1);
       index_t const c = st.j;
-      if constexpr (requires { sink.consume_dkv(c, c, gk, gv, s); })
+      if constexpr (detail::layer::stream_form_dkv<Sink, stream_t>)
         return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv, s); }, "gradient sink, dk/dv chunk ", c);
       else
         return host_task(s, [&sink, gk, gv, c, this]() -> status {

@@ -170,24 +170,22 @@ public:
 private:
   explicit executor(B& be) noexcept : be_(&be) {}
 
-  // The start event and n begin/end timing events, made once and kept for later passes.
+  // The start event and n begin/end timing events, made once and kept for later passes. Only
+  // called (so only instantiated) for backends that time with events.
   [[nodiscard]] status make_timing_events(std::size_t n) {
-    if constexpr (times_steps_with_events<B>) {
-      if (!timing_start_) {
-        auto e = be_->create_event(true);
-        if (!e) return e.error();
-        timing_start_.emplace(std::move(*e));
-      }
-      while (timing_begin_.size() < n) {
-        auto b = be_->create_event(true);
-        if (!b) return b.error();
-        auto e = be_->create_event(true);
-        if (!e) return e.error();
-        timing_begin_.push_back(std::move(*b));
-        timing_end_.push_back(std::move(*e));
-      }
+    if (!timing_start_) {
+      auto e = be_->create_event(true);
+      if (!e) return e.error();
+      timing_start_.emplace(std::move(*e));
     }
-    (void)n;
+    while (timing_begin_.size() < n) {
+      auto b = be_->create_event(true);
+      if (!b) return b.error();
+      auto e = be_->create_event(true);
+      if (!e) return e.error();
+      timing_begin_.push_back(std::move(*b));
+      timing_end_.push_back(std::move(*e));
+    }
     return {};
   }
   static double since(std::chrono::steady_clock::time_point t0) noexcept {

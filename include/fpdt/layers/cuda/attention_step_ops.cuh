@@ -161,8 +161,9 @@ template <> struct attention_step_ops<cuda_backend> {
   [[nodiscard]] static status finalize(cuda_backend& be, stream_type& s, partial_view const& acc,
                                        tensor_view<T, 3> const& out,
                                        tensor_view<float, 2> const& lse) {
-    FPDT_TRY(copy_rows(be, s, acc.out, 0, out, 0, out.extent(0)));
-    return copy_columns(be, s, acc.lse, 0, lse, 0, lse.extent(1));
+    // The layer's own slots: no pointer checks on this per-chunk path.
+    FPDT_TRY(launch_copy_rows(be, s, acc.out, 0, out, 0, out.extent(0)));
+    return launch_copy_columns(be, s, acc.lse, 0, lse, 0, lse.extent(1));
   }
   //! Sets `bytes` bytes at device address `p` to zero (`cudaMemsetAsync`).
   [[nodiscard]] static status zero(cuda_backend& be, stream_type& s, void* p, std::size_t bytes) {
@@ -185,37 +186,56 @@ template <> struct attention_step_ops<cuda_backend> {
     });
   }
   //! Token rows [src_row0, src_row0 + rows) of `src [S, H, D]` into rows from `dst_row0` of
-  //! `dst`, converting the element type; both in memory the device can address.
+  //! `dst`, converting the element type; both in memory the device can address (else
+  //! `errc::invalid_argument` naming pageable host memory).
   template <class S, class D>
   [[nodiscard]] static status copy_rows(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
                                         index_t src_row0, tensor_view<D, 3> const& dst,
                                         index_t dst_row0, index_t rows) {
-    index_t const n = rows * dst.extent(1) * dst.extent(2);
-    if (n == 0) return {};
-    FPDT_TRY(detail::cuda_attention::check_device_pointer(src.data(), "source", "attention_step_ops<cuda_backend>::copy_rows"));
-    FPDT_TRY(detail::cuda_attention::check_device_pointer(dst.data(), "destination", "attention_step_ops<cuda_backend>::copy_rows"));
-    return be.launch(s, [&](cudaStream_t cs) {
-      detail::cuda_steps::copy_rows_kernel<S, D><<<detail::cuda_steps::blocks_for(rows * dst.extent(1), detail::cuda_steps::threads / 32),
-                                                   detail::cuda_steps::threads, 0, cs>>>(src, src_row0, dst, dst_row0, rows);
-    });
+    if (rows * dst.extent(1) * dst.extent(2) == 0) return {};
+    FPDT_TRY(check_pointers(src.data(), dst.data(), "attention_step_ops<cuda_backend>::copy_rows"));
+    return launch_copy_rows(be, s, src, src_row0, dst, dst_row0, rows);
   }
-  //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`.
+  //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`;
+  //! errors as `copy_rows`.
   template <class S, class D>
   [[nodiscard]] static status copy_columns(cuda_backend& be, stream_type& s,
                                            tensor_view<S, 2> const& src, index_t src_col0,
                                            tensor_view<D, 2> const& dst, index_t dst_col0,
                                            index_t cols) {
+    if (cols * dst.extent(0) == 0) return {};
+    FPDT_TRY(check_pointers(src.data(), dst.data(), "attention_step_ops<cuda_backend>::copy_columns"));
+    return launch_copy_columns(be, s, src, src_col0, dst, dst_col0, cols);
+  }
+
+private:
+  [[nodiscard]] static status check_pointers(void const* src, void const* dst, char const* who) {
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(src, "source", who));
+    return detail::cuda_attention::check_device_pointer(dst, "destination", who);
+  }
+  template <class S, class D>
+  [[nodiscard]] static status launch_copy_rows(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
+                                               index_t src_row0, tensor_view<D, 3> const& dst,
+                                               index_t dst_row0, index_t rows) {
+    index_t const warps = rows * dst.extent(1);
+    if (warps * dst.extent(2) == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+      detail::cuda_steps::copy_rows_kernel<S, D><<<detail::cuda_steps::blocks_for(warps, detail::cuda_steps::threads / 32),
+                                                   detail::cuda_steps::threads, 0, cs>>>(src, src_row0, dst, dst_row0, rows);
+    });
+  }
+  template <class S, class D>
+  [[nodiscard]] static status launch_copy_columns(cuda_backend& be, stream_type& s,
+                                                  tensor_view<S, 2> const& src, index_t src_col0,
+                                                  tensor_view<D, 2> const& dst, index_t dst_col0,
+                                                  index_t cols) {
     index_t const n = cols * dst.extent(0);
     if (n == 0) return {};
-    FPDT_TRY(detail::cuda_attention::check_device_pointer(src.data(), "source", "attention_step_ops<cuda_backend>::copy_columns"));
-    FPDT_TRY(detail::cuda_attention::check_device_pointer(dst.data(), "destination", "attention_step_ops<cuda_backend>::copy_columns"));
     return be.launch(s, [&](cudaStream_t cs) {
       detail::cuda_steps::copy_columns_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
                                                       detail::cuda_steps::threads, 0, cs>>>(src, src_col0, dst, dst_col0, cols);
     });
   }
-
-private:
   template <class Kernel> [[nodiscard]] static Kernel on_stream(Kernel const& kernel, stream_type& s) {
     static_assert(requires(Kernel& k) { k.stream = cudaStream_t{}; },
                   "fpdt_attention on cuda_backend: the chunk kernel needs a public "
