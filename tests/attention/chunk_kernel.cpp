@@ -710,6 +710,53 @@ TEST_CASE("chunk kernel: reference gradients match central finite differences in
   }
 }
 
+TEST_CASE("dense reference: any thread count gives the same bits, MQA and GQA alike") {
+  // Work items are query heads; the dK, dV partials of a key/value head's group are summed in
+  // head order afterwards, so neither the split nor the thread count may change a bit.
+  for (index_t const hkv : {index_t{1}, index_t{2}, index_t{6}}) {
+    CAPTURE(hkv);
+    attn_shape const s{130, 150, 6, hkv, 8}; // 130 rows: a full 128-row block and a short one
+    std::vector<double> const q = fpdt_test::random_normal(s.q_size(), 161),
+                              k = fpdt_test::random_normal(s.kv_size(), 162),
+                              v = fpdt_test::random_normal(s.kv_size(), 163),
+                              dout = fpdt_test::random_normal(s.q_size(), 164);
+    ref_options o;
+    o.causal = true;
+    o.q_offset = 20;
+    o.threads = 1;
+    ref_result const one = fpdt_test::reference_backward(q, k, v, dout, s, o);
+    for (unsigned const t : {2u, 3u, 0u}) {
+      CAPTURE(t);
+      o.threads = t;
+      ref_result const r = fpdt_test::reference_backward(q, k, v, dout, s, o);
+      CHECK(r.out == one.out);
+      CHECK(r.lse == one.lse);
+      CHECK(r.dq == one.dq);
+      CHECK(r.dk == one.dk);
+      CHECK(r.dv == one.dv);
+    }
+    // And the sum over a group is the sum of the per-head gradients: dk of MQA equals the sum of
+    // dk over single-head problems (each query head with the shared key/value head).
+    if (hkv == 1) {
+      std::vector<double> dk_sum(s.kv_size(), 0.0);
+      for (index_t head = 0; head < s.h; ++head) {
+        attn_shape const s1{s.sq, s.sk, 1, 1, s.d};
+        std::vector<double> q1(s1.q_size()), do1(s1.q_size());
+        for (index_t i = 0; i < s.sq; ++i)
+          for (index_t x = 0; x < s.d; ++x) {
+            q1[static_cast<std::size_t>(i * s.d + x)] = q[static_cast<std::size_t>((i * s.h + head) * s.d + x)];
+            do1[static_cast<std::size_t>(i * s.d + x)] = dout[static_cast<std::size_t>((i * s.h + head) * s.d + x)];
+          }
+        ref_result const r1 = fpdt_test::reference_backward(q1, k, v, do1, s1, o);
+        for (std::size_t i = 0; i < dk_sum.size(); ++i)
+          dk_sum[i] += r1.dk[i];
+      }
+      for (std::size_t i = 0; i < dk_sum.size(); ++i)
+        REQUIRE(one.dk[i] == doctest::Approx(dk_sum[i]).epsilon(1e-12));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Extreme scores
 // ---------------------------------------------------------------------------------------------

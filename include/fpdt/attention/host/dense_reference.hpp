@@ -19,8 +19,10 @@
 //!   out = 0 and lse = -inf, and contributes nothing to any gradient;
 //! - scale: 1/sqrt(D) unless given.
 //!
-//! Work is split over key/value heads (each owns its dk, dv) on `threads` host threads with
-//! `parallel_for`; the result does not depend on the thread count.
+//! Work is split over query heads on `threads` host threads with `parallel_for` (each head owns
+//! its rows of out, lse, dq and a dk, dv partial; the partials are summed per key/value head in
+//! head order afterwards), so MQA (H_kv = 1) uses every thread and the result does not depend on
+//! the thread count. Memory beside the result: two float64 `[H, Sk, D]` partials in the backward.
 #pragma once
 
 #include "../../config.hpp"
@@ -45,7 +47,7 @@ struct dense_reference_options {
   index_t q_offset = 0;          //!< global position of query row 0, in tokens (>= 0)
   index_t k_offset = 0;          //!< global position of key row 0, in tokens (>= 0)
   std::optional<double> scale{}; //!< softmax scale (finite); 1/sqrt(D) when empty
-  unsigned threads = 0; //!< host threads (work items are key/value heads); 0: all hardware threads
+  unsigned threads = 0; //!< host threads (work items are query heads); 0: all hardware threads
 };
 
 //! Output and gradients of the dense reference: row-major float64 vectors.
@@ -160,9 +162,20 @@ attention(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
     r.dk.assign(at(sk * hkv * d), 0.0);
     r.dv.assign(at(sk * hkv * d), 0.0);
   }
-  auto ran = parallel_for(at(hkv), o.threads, [&](std::size_t item, unsigned) {
-    index_t const g = static_cast<index_t>(item);
-    std::vector<double> kg(at(sk * d)), vg(at(sk * d)), dkg(at(sk * d), 0.0), dvg(at(sk * d), 0.0);
+  // One work item per query head (so MQA, H_kv = 1, still uses every thread). Each writes its
+  // own rows of out, lse, dq and its own dK, dV partial [Sk, D]; the partials of a key/value
+  // head's group are summed afterwards in query-head order, so the result does not depend on the
+  // thread count.
+  std::vector<double> dk_part, dv_part;
+  if (dout) {
+    dk_part.assign(at(h * sk * d), 0.0);
+    dv_part.assign(at(h * sk * d), 0.0);
+  }
+  auto ran = parallel_for(at(h), o.threads, [&](std::size_t item, unsigned) {
+    index_t const head = static_cast<index_t>(item), g = head / group;
+    std::vector<double> kg(at(sk * d)), vg(at(sk * d));
+    double* const dkg = dout ? dk_part.data() + at(head * sk * d) : nullptr;
+    double* const dvg = dout ? dv_part.data() + at(head * sk * d) : nullptr;
     for (index_t j = 0; j < sk; ++j)
       for (index_t x = 0; x < d; ++x) {
         kg[at(j * d + x)] = static_cast<double>(k(j, g, x));
@@ -172,78 +185,80 @@ attention(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
         dqb(at(block * d));
     std::vector<double> pm, dsm; // [rows, n] scores -> probabilities, dP -> dS
     std::vector<index_t> vis(at(block));
-    for (index_t hh = 0; hh < group; ++hh) {
-      index_t const head = g * group + hh;
-      for (index_t i0 = 0; i0 < sq; i0 += block) {
-        index_t const mb = std::min(block, sq - i0);
-        index_t n = 0; // keys any row of the block sees (a prefix)
-        for (index_t i = 0; i < mb; ++i) {
-          vis[at(i)] = visible_prefix(o, sk, i0 + i);
-          n = std::max(n, vis[at(i)]);
-        }
-        if (n == 0) continue; // every row empty: out 0, lse -inf, no gradient
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            qb[at(i * d + x)] = static_cast<double>(q(i0 + i, head, x));
-        pm.assign(at(mb * n), 0.0);
-        matmul(mb, n, d, qb.data(), d, 1, kg.data(), 1, d, pm.data(), n); // S = Q K^T
-        for (index_t i = 0; i < mb; ++i) {
-          double* row = &pm[at(i * n)];
-          index_t const ni = vis[at(i)];
-          if (ni == 0) {
-            std::fill(row, row + n, 0.0);
-            continue;
-          }
-          double m = -inf;
-          for (index_t j = 0; j < ni; ++j)
-            m = std::max(m, row[j] * scale);
-          double l = 0.0;
-          for (index_t j = 0; j < ni; ++j) {
-            row[j] = std::exp(row[j] * scale - m);
-            l += row[j];
-          }
-          for (index_t j = 0; j < ni; ++j)
-            row[j] /= l;
-          std::fill(row + ni, row + n, 0.0);
-          r.lse[at(head * sq + i0 + i)] = m + std::log(l);
-        }
-        std::fill(ob.begin(), ob.end(), 0.0);
-        matmul(mb, d, n, pm.data(), n, 1, vg.data(), d, 1, ob.data(), d); // O = P V
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            r.out[at(((i0 + i) * h + head) * d + x)] = ob[at(i * d + x)];
-        if (!dout) continue;
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            dob[at(i * d + x)] = static_cast<double>((*dout)(i0 + i, head, x));
-        dsm.assign(at(mb * n), 0.0);
-        matmul(mb, n, d, dob.data(), d, 1, vg.data(), 1, d, dsm.data(), n); // dP = dO V^T
-        for (index_t i = 0; i < mb; ++i) {
-          double delta = 0.0;
-          for (index_t x = 0; x < d; ++x)
-            delta += dob[at(i * d + x)] * ob[at(i * d + x)];
-          double const* p = &pm[at(i * n)];
-          double* ds = &dsm[at(i * n)];
-          for (index_t j = 0; j < n; ++j)
-            ds[j] = p[j] * (ds[j] - delta) * scale; // 0 where masked
-        }
-        std::fill(dqb.begin(), dqb.end(), 0.0);
-        matmul(mb, d, n, dsm.data(), n, 1, kg.data(), d, 1, dqb.data(), d); // dQ = dS K
-        matmul(n, d, mb, dsm.data(), 1, n, qb.data(), d, 1, dkg.data(), d); // dK += dS^T Q
-        matmul(n, d, mb, pm.data(), 1, n, dob.data(), d, 1, dvg.data(), d); // dV += P^T dO
-        for (index_t i = 0; i < mb; ++i)
-          for (index_t x = 0; x < d; ++x)
-            r.dq[at(((i0 + i) * h + head) * d + x)] = dqb[at(i * d + x)];
+    for (index_t i0 = 0; i0 < sq; i0 += block) {
+      index_t const mb = std::min(block, sq - i0);
+      index_t n = 0; // keys any row of the block sees (a prefix)
+      for (index_t i = 0; i < mb; ++i) {
+        vis[at(i)] = visible_prefix(o, sk, i0 + i);
+        n = std::max(n, vis[at(i)]);
       }
-    }
-    if (dout)
-      for (index_t j = 0; j < sk; ++j)
-        for (index_t x = 0; x < d; ++x) {
-          r.dk[at((j * hkv + g) * d + x)] = dkg[at(j * d + x)];
-          r.dv[at((j * hkv + g) * d + x)] = dvg[at(j * d + x)];
+      if (n == 0) continue; // every row empty: out 0, lse -inf, no gradient
+      for (index_t i = 0; i < mb; ++i)
+        for (index_t x = 0; x < d; ++x)
+          qb[at(i * d + x)] = static_cast<double>(q(i0 + i, head, x));
+      pm.assign(at(mb * n), 0.0);
+      matmul(mb, n, d, qb.data(), d, 1, kg.data(), 1, d, pm.data(), n); // S = Q K^T
+      for (index_t i = 0; i < mb; ++i) {
+        double* row = &pm[at(i * n)];
+        index_t const ni = vis[at(i)];
+        if (ni == 0) {
+          std::fill(row, row + n, 0.0);
+          continue;
         }
+        double m = -inf;
+        for (index_t j = 0; j < ni; ++j)
+          m = std::max(m, row[j] * scale);
+        double l = 0.0;
+        for (index_t j = 0; j < ni; ++j) {
+          row[j] = std::exp(row[j] * scale - m);
+          l += row[j];
+        }
+        for (index_t j = 0; j < ni; ++j)
+          row[j] /= l;
+        std::fill(row + ni, row + n, 0.0);
+        r.lse[at(head * sq + i0 + i)] = m + std::log(l);
+      }
+      std::fill(ob.begin(), ob.end(), 0.0);
+      matmul(mb, d, n, pm.data(), n, 1, vg.data(), d, 1, ob.data(), d); // O = P V
+      for (index_t i = 0; i < mb; ++i)
+        for (index_t x = 0; x < d; ++x)
+          r.out[at(((i0 + i) * h + head) * d + x)] = ob[at(i * d + x)];
+      if (!dout) continue;
+      for (index_t i = 0; i < mb; ++i)
+        for (index_t x = 0; x < d; ++x)
+          dob[at(i * d + x)] = static_cast<double>((*dout)(i0 + i, head, x));
+      dsm.assign(at(mb * n), 0.0);
+      matmul(mb, n, d, dob.data(), d, 1, vg.data(), 1, d, dsm.data(), n); // dP = dO V^T
+      for (index_t i = 0; i < mb; ++i) {
+        double delta = 0.0;
+        for (index_t x = 0; x < d; ++x)
+          delta += dob[at(i * d + x)] * ob[at(i * d + x)];
+        double const* p = &pm[at(i * n)];
+        double* ds = &dsm[at(i * n)];
+        for (index_t j = 0; j < n; ++j)
+          ds[j] = p[j] * (ds[j] - delta) * scale; // 0 where masked
+      }
+      std::fill(dqb.begin(), dqb.end(), 0.0);
+      matmul(mb, d, n, dsm.data(), n, 1, kg.data(), d, 1, dqb.data(), d); // dQ = dS K
+      matmul(n, d, mb, dsm.data(), 1, n, qb.data(), d, 1, dkg, d); // dK += dS^T Q
+      matmul(n, d, mb, pm.data(), 1, n, dob.data(), d, 1, dvg, d); // dV += P^T dO
+      for (index_t i = 0; i < mb; ++i)
+        for (index_t x = 0; x < d; ++x)
+          r.dq[at(((i0 + i) * h + head) * d + x)] = dqb[at(i * d + x)];
+    }
   });
   if (!ran) return ran.error().with_context(who);
+  if (dout)
+    for (index_t g = 0; g < hkv; ++g)
+      for (index_t hh = 0; hh < group; ++hh) {
+        double const* pk = dk_part.data() + at((g * group + hh) * sk * d);
+        double const* pv = dv_part.data() + at((g * group + hh) * sk * d);
+        for (index_t j = 0; j < sk; ++j)
+          for (index_t x = 0; x < d; ++x) {
+            r.dk[at((j * hkv + g) * d + x)] += pk[at(j * d + x)];
+            r.dv[at((j * hkv + g) * d + x)] += pv[at(j * d + x)];
+          }
+      }
   return r;
 }
 
