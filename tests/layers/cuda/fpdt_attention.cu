@@ -1,7 +1,8 @@
 // GPU tests of fpdt_attention on cuda_backend (layers/cuda/attention_step_ops.cuh): the same
 // problems and float64 reference as the host layer's tests (tests/layers/fpdt_attention.cpp), run
 // with the tensor-core and reference kernels, offload on and off, causal and full; the device
-// peak equals the schedule's prediction as on the host; a stream-form source and sink. Skipped
+// peak equals the schedule's prediction as on the host; a stream-form source and sink; CASES.md
+// A12 (the backward reads the chunk that was offloaded) and A18 (copies racing compute). Skipped
 // without a device (tests/backend/cuda/main.cu).
 #include "../../attention/chunked_driver.hpp"
 #include "../../attention/cuda/device_kernel.cuh"
@@ -13,7 +14,10 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 using fpdt::index_t;
@@ -80,9 +84,10 @@ template <class T> struct device_tensor {
 // arena's peak against the layer's predictions, as the host test does.
 template <class T, class K>
 run_result run_on_device(fpdt::cuda_backend& be, problem<T> const& p,
-                         fpdt::fpdt_attention_options const& o) {
+                         fpdt::fpdt_attention_options const& o, K kernel = {}) {
   attn_shape const& s = p.s;
-  auto layer = fpdt::fpdt_attention<T, fpdt::cuda_backend, K>::create(be, {s.sq, s.h, s.hkv, s.d}, o);
+  auto layer = fpdt::fpdt_attention<T, fpdt::cuda_backend, K>::create(be, {s.sq, s.h, s.hkv, s.d}, o,
+                                                                      std::move(kernel));
   REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
   device_tensor<T> q(p.q), k(p.k), v(p.v), dout(p.dout);
   device_tensor<T> out(s.q_size());
@@ -253,5 +258,99 @@ TEST_CASE("cuda fpdt_attention: A18 offload on equals offload off bit for bit, o
     }
     CHECK(fpdt_test::no_nan(got.dq));
     CHECK(worst <= 1e-5 * scale);
+  }
+}
+
+namespace {
+// The reference kernel, recording a checksum of the K and V each backward chunk pair reads
+// (waiting for its stream, then reading the device slots): the A12 check that the chunk fetched
+// back is the one that was offloaded.
+struct recording_device_kernel {
+  fpdt::cuda_reference_chunk_kernel inner{};
+  cudaStream_t stream = nullptr; // set by the layer to its compute lane's stream
+  std::shared_ptr<std::map<std::pair<int, int>, std::uint64_t>> seen =
+      std::make_shared<std::map<std::pair<int, int>, std::uint64_t>>();
+  std::shared_ptr<std::mutex> m = std::make_shared<std::mutex>();
+  static std::uint64_t hash_rows(std::vector<float> const& x, std::uint64_t h = 1469598103934665603ull) {
+    for (float const f : x) {
+      std::uint32_t b;
+      std::memcpy(&b, &f, 4);
+      h = (h ^ b) * 1099511628211ull;
+    }
+    return h;
+  }
+  // Host copy of a [S, H, D] view with contiguous D, on host or device, in index order.
+  static std::vector<float> gather(fpdt::tensor_view<float const, 3> const& t) {
+    std::vector<float> out(static_cast<std::size_t>(t.size()));
+    REQUIRE((t.extent(2) == 1 || t.stride(2) == 1));
+    std::size_t at = 0;
+    for (index_t a = 0; a < t.extent(0); ++a)
+      for (index_t b = 0; b < t.extent(1); ++b, at += static_cast<std::size_t>(t.extent(2)))
+        REQUIRE(cudaMemcpy(out.data() + at, &t(a, b, 0), static_cast<std::size_t>(t.extent(2)) * 4,
+                           cudaMemcpyDefault) == cudaSuccess);
+    return out;
+  }
+  fpdt::status forward(fpdt::chunk_forward_args<float> const& a) const {
+    fpdt::cuda_reference_chunk_kernel k = inner;
+    k.stream = stream;
+    return k.forward(a);
+  }
+  fpdt::status backward(fpdt::chunk_backward_args<float> const& a) const {
+    FPDT_CUDA_CHECK(cudaStreamSynchronize(stream)); // the fetch of this chunk has been waited for
+    std::uint64_t const h = hash_rows(gather(a.k)) * 31 + hash_rows(gather(a.v));
+    {
+      std::lock_guard lock(*m);
+      (*seen)[{static_cast<int>(a.q_offset), static_cast<int>(a.k_offset)}] = h;
+    }
+    fpdt::cuda_reference_chunk_kernel k = inner;
+    k.stream = stream;
+    return k.backward(a);
+  }
+};
+static_assert(fpdt::chunk_kernel<recording_device_kernel, float>);
+} // namespace
+
+TEST_CASE("cuda fpdt_attention: A12 the backward reads the chunk that was offloaded") {
+  // As the host test: S = 16, H = 2, D = 8, fp32, chunks of 8; chunk 1's K and V are chunk 0's
+  // plus 3, so a chunk fetched from the wrong slot gives wrong gradients and a wrong checksum.
+  attn_shape const s{16, 16, 2, 2, 8};
+  auto p = random_problem<float>(s, 12);
+  for (index_t r = 8; r < 16; ++r)
+    for (index_t x = 0; x < 2 * 8; ++x) {
+      auto const at = static_cast<std::size_t>(r * 16 + x), src = static_cast<std::size_t>((r - 8) * 16 + x);
+      p.k[at] = p.k[src] + 3.0f;
+      p.v[at] = p.v[src] + 3.0f;
+    }
+  p.kd = fpdt_test::to_double(p.k);
+  p.vd = fpdt_test::to_double(p.v);
+  auto be = make_backend();
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    recording_device_kernel kernel;
+    fpdt::fpdt_attention_options o;
+    o.chunk = 8;
+    o.offload = true;
+    o.ring_slots = 2;
+    o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
+    run_options ro;
+    ro.mask = o.mask;
+    run_result const r = run_on_device<float, recording_device_kernel>(*be, p, o, kernel);
+    check_against_reference(r, reference_of(p, ro), p, 1e-5);
+    for (int j = 0; j < 2; ++j) {
+      std::vector<float> kj, vj;
+      for (index_t row = 8 * j; row < 8 * j + 8; ++row)
+        for (index_t x = 0; x < 2 * 8; ++x) {
+          kj.push_back(p.k[static_cast<std::size_t>(row * 16 + x)]);
+          vj.push_back(p.v[static_cast<std::size_t>(row * 16 + x)]);
+        }
+      std::uint64_t const want = recording_device_kernel::hash_rows(kj) * 31 +
+                                 recording_device_kernel::hash_rows(vj);
+      for (int i = 0; i < 2; ++i) {
+        if (causal && j > i) continue;
+        auto it = kernel.seen->find({8 * i, 8 * j});
+        REQUIRE(it != kernel.seen->end());
+        CHECK(it->second == want);
+      }
+    }
   }
 }
