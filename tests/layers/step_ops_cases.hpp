@@ -251,4 +251,73 @@ template <class Fx> void copies_and_zero_touch_only_their_range() {
   for (std::size_t i = 0; i < 24; ++i) CHECK(gz[i] == (i >= 4 && i < 14 ? 0.0f : 3.0f));
 }
 
+// The Ulysses pack and unpack around sequence_parallel_attention's all-to-all on device backends,
+// against the block formula written out here: a packed [P][rows][heads][D] buffer from a strided
+// (head-major) local view; unpacks into the head side; and the summing unpack of replicated
+// key/value heads (CASES.md A3's shape: P = 4, H_kv = 2), which must add the replicas of each head
+// in rank order (the first assigned), so device and host agree bit for bit.
+template <class Fx> void ulysses_pack_unpack_match_formula() {
+  auto be = make_backend<Fx>();
+  auto s = make_stream(*be, fpdt::lane::comm);
+  using ops = fpdt::attention_step_ops<typename Fx::backend>;
+  struct lay_case {
+    index_t p, h, hkv, d, c;
+  };
+  for (lay_case const lc : {lay_case{4, 8, 2, 3, 8}, lay_case{2, 4, 4, 5, 6}})
+    for (fpdt::head_kind const kind : {fpdt::head_kind::query, fpdt::head_kind::key_value}) {
+      CAPTURE(lc.p);
+      CAPTURE(lc.hkv);
+      CAPTURE(static_cast<int>(kind));
+      auto const l = fpdt::ulysses_layout::make(lc.p, lc.h, lc.hkv, lc.d, lc.c).value();
+      index_t const pc = l.piece(), ht = l.total_heads(kind), hr = l.heads_per_rank(kind), d = lc.d;
+      fpdt::ulysses_blocks const seq = fpdt::ulysses_blocks::local_side(l, kind);
+      fpdt::ulysses_blocks const heads = fpdt::ulysses_blocks::head_side(l, kind);
+      CHECK(seq.add == (kind == fpdt::head_kind::key_value && lc.hkv < lc.p));
+      // Pack the local side from a head-major buffer [Ht, pc, D] seen as [pc, Ht, D].
+      std::vector<float> const src = normal(static_cast<std::size_t>(pc * ht * d), 61);
+      auto dsrc = upload(*be, s, src);
+      fpdt::tensor_view<float const, 3> const sv(dsrc.template as<float const>(), {pc, ht, d}, {d, pc * d, 1});
+      std::size_t const n = static_cast<std::size_t>(lc.p * pc * hr * d);
+      auto dsend = upload(*be, s, std::vector<float>(n, -7.0f));
+      FPDT_TEST_OK(ops::ulysses_pack(*be, s, sv, dsend.template as<float>(), seq));
+      auto const sent = download<float>(*be, s, dsend.data(), n);
+      for (index_t r = 0; r < lc.p; ++r)
+        for (index_t t = 0; t < pc; ++t)
+          for (index_t hh = 0; hh < hr; ++hh)
+            for (index_t x = 0; x < d; ++x) {
+              index_t const head = l.first_head(kind, r) + hh;
+              CHECK(same_bits(sent[static_cast<std::size_t>(((r * pc + t) * hr + hh) * d + x)],
+                              src[static_cast<std::size_t>((head * pc + t) * d + x)]));
+            }
+      // Unpack into the head side [C, hr, D]: block r is rows [r pc, (r + 1) pc).
+      auto dhead = upload(*be, s, std::vector<float>(n, -7.0f));
+      FPDT_TEST_OK(ops::ulysses_unpack(*be, s, dsend.template as<float const>(),
+                                       dview<float>(dhead, std::array<index_t, 3>{lc.c, hr, d}), heads));
+      auto const gh = download<float>(*be, s, dhead.data(), n);
+      CHECK(gh == sent); // the head side's blocks are its consecutive row ranges
+      // Unpack the head side's blocks back into the local side [pc, Ht, D] (head_to_seq's half),
+      // summing replicas in rank order.
+      std::size_t const nl = static_cast<std::size_t>(pc * ht * d);
+      auto dloc = upload(*be, s, std::vector<float>(nl, -7.0f));
+      FPDT_TEST_OK(ops::ulysses_unpack(*be, s, dsend.template as<float const>(),
+                                       dview<float>(dloc, std::array<index_t, 3>{pc, ht, d}), seq));
+      auto const gl = download<float>(*be, s, dloc.data(), nl);
+      for (index_t t = 0; t < pc; ++t)
+        for (index_t head = 0; head < ht; ++head)
+          for (index_t x = 0; x < d; ++x) {
+            float want = 0.0f;
+            bool any = false;
+            for (index_t r = 0; r < lc.p; ++r) {
+              index_t const h0 = l.first_head(kind, r);
+              if (head < h0 || head >= h0 + hr) continue;
+              float const v = sent[static_cast<std::size_t>(((r * pc + t) * hr + (head - h0)) * d + x)];
+              want = any ? want + v : v;
+              any = true;
+            }
+            REQUIRE(any);
+            CHECK(same_bits(gl[static_cast<std::size_t>((t * ht + head) * d + x)], want));
+          }
+    }
+}
+
 } // namespace fpdt_test::step_ops

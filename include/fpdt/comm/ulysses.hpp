@@ -15,11 +15,13 @@
 #pragma once
 
 #include "../config.hpp"
+#include "../core/dtype.hpp"
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
 #include "communicator.hpp"
 
 #include <cstddef>
+#include <concepts>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -81,6 +83,62 @@ struct ulysses_layout {
   }
 };
 
+//! A communicator whose all-to-all is ordered on a device stream, for
+//! `sequence_parallel_attention` on a device backend: `nccl_communicator` (with `Stream` =
+//! `fpdt::cuda::stream`), or a user's type with the same members:
+//! - `rank()`, `size()`;
+//! - `all_to_all(send, recv, count_per_rank, dtype, stream.native_handle())` returning `status`:
+//!   enqueues, on the stream, the exchange of `count_per_rank` elements of `dtype` with every rank
+//!   (block r of `send` to rank r, block r of `recv` from rank r); argument errors are returned
+//!   before anything is enqueued. Calls are matched across ranks by their order (no tags).
+template <class C, class Stream>
+concept stream_communicator =
+    requires(C& c, void const* send, void* recv, std::size_t n, dtype t, Stream& st) {
+      { c.rank() } -> std::convertible_to<int>;
+      { c.size() } -> std::convertible_to<int>;
+      { c.all_to_all(send, recv, n, t, st.native_handle()) } -> std::same_as<status>;
+    };
+
+//! Where the P blocks of one Ulysses all-to-all sit in a `[rows, heads, D]` view (DESIGN.md 2.5):
+//! block r (the part sent to, or received from, rank r) covers rows [row0(r), row0(r) + rows) and
+//! heads [head0(r), head0(r) + heads), all of D; in the send and receive buffers the blocks are
+//! contiguous `[P][rows][heads][D]`. `local_side` describes the sequence-sharded `[C/P, H or H_kv,
+//! D]` view, `head_side` the head-sharded `[C, H/P or H_kv/P or 1, D]` one: `seq_to_head` packs the
+//! local side and unpacks the head side, `head_to_seq` the reverse.
+struct ulysses_blocks {
+  index_t ranks = 1;    //!< P
+  index_t rows = 0;     //!< rows of one block
+  index_t heads = 0;    //!< heads of one block
+  index_t row_step = 0; //!< row0(r) = r * row_step
+  index_t head_num = 0; //!< head0(r) = r * head_num / head_den
+  index_t head_den = 1; //!< (see head_num)
+  //! Unpacking: blocks that land on the same elements (replicated key/value heads) are summed,
+  //! in rank order (the first is assigned, the others added in fp32).
+  bool add = false;
+
+  //! First row of block r.
+  [[nodiscard]] FPDT_HOST_DEVICE constexpr index_t row0(index_t r) const noexcept { return r * row_step; }
+  //! First head of block r.
+  [[nodiscard]] FPDT_HOST_DEVICE constexpr index_t head0(index_t r) const noexcept {
+    return r * head_num / head_den;
+  }
+  //! Elements of one block.
+  [[nodiscard]] FPDT_HOST_DEVICE constexpr index_t block_size(index_t d) const noexcept { return rows * heads * d; }
+
+  //! The blocks of the local (sequence-sharded) view `[C/P, H or H_kv, D]`: block r holds this
+  //! rank's tokens for rank r's heads.
+  [[nodiscard]] static ulysses_blocks local_side(ulysses_layout const& l, head_kind k) noexcept {
+    bool const rep = k == head_kind::key_value && l.kv_replicated;
+    index_t const hr = l.heads_per_rank(k);
+    return {l.ranks, l.piece(), hr, 0, rep ? l.kv_heads : hr, rep ? l.ranks : 1, rep};
+  }
+  //! The blocks of the head-sharded view `[C, H/P or H_kv/P or 1, D]`: block r holds rank r's
+  //! tokens of the chunk (rows [r C/P, (r + 1) C/P)) for this rank's heads.
+  [[nodiscard]] static ulysses_blocks head_side(ulysses_layout const& l, head_kind k) noexcept {
+    return {l.ranks, l.piece(), l.heads_per_rank(k), l.piece(), 0, 1, false};
+  }
+};
+
 namespace detail::ulysses {
 template <class V, class T>
 [[nodiscard]] status check(char const* who, V const& v, index_t rows, index_t heads, index_t d,
@@ -90,24 +148,26 @@ template <class V, class T>
                       detail::shape_string(v.extents()), " must be [", rows, ", ", heads, ", ", d, "]");
   return {};
 }
-// Copies the block v(row0 + s, h0 + h, x), s < rows, h < heads, into `out` in that order.
-template <class V, class T>
-T* gather_block(V const& v, index_t row0, index_t h0, index_t rows, index_t heads, T* out) {
-  for (index_t s = 0; s < rows; ++s)
-    for (index_t h = 0; h < heads; ++h)
-      for (index_t x = 0; x < v.extent(2); ++x)
-        *out++ = v(row0 + s, h0 + h, x);
-  return out;
+// send[r][s][h][x] = v(m.row0(r) + s, m.head0(r) + h, x) for every block r.
+template <class V, class T> void pack(V const& v, T* send, ulysses_blocks const& m) {
+  for (index_t r = 0; r < m.ranks; ++r)
+    for (index_t s = 0; s < m.rows; ++s)
+      for (index_t h = 0; h < m.heads; ++h)
+        for (index_t x = 0; x < v.extent(2); ++x)
+          *send++ = v(m.row0(r) + s, m.head0(r) + h, x);
 }
-// The inverse: writes (or, with `add`, adds in fp32) the sequential `in` into the block.
-template <class V, class T>
-void scatter_block(T const* in, V const& v, index_t row0, index_t h0, index_t rows, index_t heads,
-                   bool add) {
-  for (index_t s = 0; s < rows; ++s)
-    for (index_t h = 0; h < heads; ++h)
-      for (index_t x = 0; x < v.extent(2); ++x, ++in)
-        v(row0 + s, h0 + h, x) =
-            add ? static_cast<T>(static_cast<float>(v(row0 + s, h0 + h, x)) + static_cast<float>(*in)) : *in;
+// The inverse: v(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x]; with m.add, a block that
+// lands where the previous one did is added (in fp32) instead.
+template <class V, class T> void unpack(T const* recv, V const& v, ulysses_blocks const& m) {
+  for (index_t r = 0; r < m.ranks; ++r) {
+    bool const add = m.add && r > 0 && m.head0(r) == m.head0(r - 1) && m.row0(r) == m.row0(r - 1);
+    for (index_t s = 0; s < m.rows; ++s)
+      for (index_t h = 0; h < m.heads; ++h)
+        for (index_t x = 0; x < v.extent(2); ++x, ++recv) {
+          auto& dst = v(m.row0(r) + s, m.head0(r) + h, x);
+          dst = add ? static_cast<T>(static_cast<float>(dst) + static_cast<float>(*recv)) : *recv;
+        }
+  }
 }
 } // namespace detail::ulysses
 
@@ -130,13 +190,9 @@ template <class T, communicator Comm>
   FPDT_TRY((detail::ulysses::check<decltype(out), T>("seq_to_head", out, l.chunk, hr, d, "out")));
   std::size_t const block = static_cast<std::size_t>(pc * hr * d);
   std::vector<T> send(block * static_cast<std::size_t>(p)), recv(send.size());
-  for (index_t r = 0; r < p; ++r) // block r: this rank's tokens, rank r's heads
-    detail::ulysses::gather_block(local, 0, l.first_head(kind, r), pc, hr,
-                                  send.data() + static_cast<std::size_t>(r) * block);
+  detail::ulysses::pack(local, send.data(), ulysses_blocks::local_side(l, kind));
   FPDT_TRY(comm.all_to_all(send.data(), recv.data(), block * sizeof(T), tag));
-  for (index_t r = 0; r < p; ++r) // block r: rank r's tokens, this rank's heads
-    detail::ulysses::scatter_block(recv.data() + static_cast<std::size_t>(r) * block, out, r * pc, 0,
-                                   pc, hr, false);
+  detail::ulysses::unpack(recv.data(), out, ulysses_blocks::head_side(l, kind));
   return {};
 }
 
@@ -156,18 +212,10 @@ template <class T, communicator Comm>
   FPDT_TRY((detail::ulysses::check<decltype(local), T>("head_to_seq", local, pc, l.total_heads(kind), d, "local")));
   std::size_t const block = static_cast<std::size_t>(pc * hr * d);
   std::vector<T> send(block * static_cast<std::size_t>(p)), recv(send.size());
-  for (index_t r = 0; r < p; ++r) // block r: rank r's tokens, this rank's heads
-    detail::ulysses::gather_block(in, r * pc, 0, pc, hr, send.data() + static_cast<std::size_t>(r) * block);
+  detail::ulysses::pack(in, send.data(), ulysses_blocks::head_side(l, kind));
   FPDT_TRY(comm.all_to_all(send.data(), recv.data(), block * sizeof(T), tag));
-  bool const sum = kind == head_kind::key_value && l.kv_replicated;
-  if (sum) // replicas of a key/value head are added up, in rank order
-    for (index_t s = 0; s < pc; ++s)
-      for (index_t h = 0; h < l.kv_heads; ++h)
-        for (index_t x = 0; x < d; ++x)
-          local(s, h, x) = T(0);
-  for (index_t r = 0; r < p; ++r) // block r: this rank's tokens, rank r's heads
-    detail::ulysses::scatter_block(recv.data() + static_cast<std::size_t>(r) * block, local, 0,
-                                   l.first_head(kind, r), pc, hr, sum);
+  // Replicas of a key/value head (P > H_kv) are summed in rank order.
+  detail::ulysses::unpack(recv.data(), local, ulysses_blocks::local_side(l, kind));
   return {};
 }
 

@@ -21,12 +21,17 @@
 //! - `delta(be, s, out, dout, delta [H, C])`;
 //! - `copy_rows(be, s, src, src_row0, dst, dst_row0, rows)`: token rows of `[S, H, D]` views,
 //!   converting the element type; `copy_columns(be, s, src, src_col0, dst, dst_col0, cols)`: token
-//!   columns of `[H, S]` views.
+//!   columns of `[H, S]` views;
+//! - `ulysses_pack(be, s, src [rows, heads, D], send, blocks)` and `ulysses_unpack(be, s, recv, dst,
+//!   blocks)`: the two halves of a Ulysses all-to-all around the communicator's exchange
+//!   (`ulysses_blocks`, comm/ulysses.hpp), used by `sequence_parallel_attention` on device
+//!   backends; `send` and `recv` are contiguous `[P][rows][heads][D]` device buffers.
 #pragma once
 
 #include "../attention/chunk_kernel.hpp"
 #include "../attention/online_softmax.hpp"
 #include "../backend/host/host_backend.hpp"
+#include "../comm/ulysses.hpp"
 #include "../config.hpp"
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
@@ -121,6 +126,19 @@ template <class B> struct host_attention_step_ops {
                                            tensor_view<D, 2> const& dst, index_t dst_col0,
                                            index_t cols) {
     return be.launch(s, [=] { detail::layer::copy_columns(src, src_col0, dst, dst_col0, cols); });
+  }
+  //! send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x) for every block r of `m`.
+  template <class U>
+  [[nodiscard]] static status ulysses_pack(B& be, stream_type& s, tensor_view<U const, 3> const& src,
+                                           U* send, ulysses_blocks const& m) {
+    return be.launch(s, [=] { detail::ulysses::pack(src, send, m); });
+  }
+  //! dst(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x]; blocks landing on the same
+  //! elements summed in rank order when `m.add`.
+  template <class U>
+  [[nodiscard]] static status ulysses_unpack(B& be, stream_type& s, U const* recv,
+                                             tensor_view<U, 3> const& dst, ulysses_blocks const& m) {
+    return be.launch(s, [=] { detail::ulysses::unpack(recv, dst, m); });
   }
 };
 

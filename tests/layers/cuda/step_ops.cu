@@ -32,3 +32,6 @@ TEST_CASE("attention_step_ops cuda: delta equals the float64 row sums") {
 TEST_CASE("attention_step_ops cuda: copies and zero touch only their range") {
   copies_and_zero_touch_only_their_range<cuda_fixture>();
 }
+TEST_CASE("attention_step_ops cuda: Ulysses pack and unpack match the block formula, replicas summed in rank order (A3)") {
+  ulysses_pack_unpack_match_formula<cuda_fixture>();
+}

@@ -15,7 +15,11 @@
 //!   thread per element. The copies check that both pointers are memory the device can address
 //!   (`errc::invalid_argument` naming pageable host memory, instead of a fault);
 //! - delta = rowsum(dout * out): one warp per row, fp32 sums, a shuffle reduction;
-//! - zero: `cudaMemsetAsync`.
+//! - zero: `cudaMemsetAsync`;
+//! - Ulysses pack and unpack (`sequence_parallel_attention` around the NCCL all-to-all): one
+//!   thread per element; an unpack that sums replicated key/value heads has one thread per
+//!   destination element adding its blocks in rank order, as the host does (no atomics, so the
+//!   sum is deterministic and equal to the host's).
 //!
 //! The chunk kernel must have a `cudaStream_t stream` member (the CUDA kernels of
 //! `attention/cuda/` and `external_chunk_kernel` do): the step copies the kernel, sets the copy's
@@ -124,6 +128,52 @@ __global__ void delta_kernel(tensor_view<T const, 3> out, tensor_view<T const, 3
     if (lane == 0) delta(hh, s) = acc;
   }
 }
+// send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x), one thread per element.
+template <class U>
+__global__ void ulysses_pack_kernel(tensor_view<U const, 3> src, U* send, ulysses_blocks m) {
+  index_t const d = src.extent(2), n = m.ranks * m.block_size(d);
+  for (index_t e = global_thread(); e < n; e += grid_threads()) {
+    index_t t = e / d;
+    index_t const x = e % d, h = t % m.heads;
+    t /= m.heads;
+    index_t const s = t % m.rows, r = t / m.rows;
+    send[e] = src(m.row0(r) + s, m.head0(r) + h, x);
+  }
+}
+
+// dst(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x], one thread per element.
+template <class U>
+__global__ void ulysses_unpack_kernel(U const* recv, tensor_view<U, 3> dst, ulysses_blocks m) {
+  index_t const d = dst.extent(2), n = m.ranks * m.block_size(d);
+  for (index_t e = global_thread(); e < n; e += grid_threads()) {
+    index_t t = e / d;
+    index_t const x = e % d, h = t % m.heads;
+    t /= m.heads;
+    index_t const s = t % m.rows, r = t / m.rows;
+    dst(m.row0(r) + s, m.head0(r) + h, x) = recv[e];
+  }
+}
+
+// The summing unpack (m.add: replicated key/value heads, blocks of one head and rows from 0): one
+// thread per element of dst [rows, heads of dst, D], adding the blocks that cover its head in rank
+// order (the first assigned, then fp32 additions, as detail::ulysses::unpack on the host).
+template <class U>
+__global__ void ulysses_unpack_sum_kernel(U const* recv, tensor_view<U, 3> dst, ulysses_blocks m) {
+  index_t const d = dst.extent(2), hd = dst.extent(1), n = m.rows * hd * d;
+  for (index_t e = global_thread(); e < n; e += grid_threads()) {
+    index_t const x = e % d, h = (e / d) % hd, s = e / (d * hd);
+    U acc{};
+    bool any = false;
+    for (index_t r = 0; r < m.ranks; ++r) {
+      index_t const h0 = m.head0(r);
+      if (h < h0 || h >= h0 + m.heads) continue;
+      U const v = recv[((r * m.rows + s) * m.heads + (h - h0)) * d + x];
+      acc = any ? static_cast<U>(static_cast<float>(acc) + static_cast<float>(v)) : v;
+      any = true;
+    }
+    if (any) dst(s, h, x) = acc;
+  }
+}
 } // namespace detail::cuda_steps
 
 //! `fpdt_attention`'s steps on `cuda_backend` (see the file comment). Every member queues its
@@ -206,6 +256,35 @@ template <> struct attention_step_ops<cuda_backend> {
     if (cols * dst.extent(0) == 0) return {};
     FPDT_TRY(check_pointers(src.data(), dst.data(), "attention_step_ops<cuda_backend>::copy_columns"));
     return launch_copy_columns(be, s, src, src_col0, dst, dst_col0, cols);
+  }
+
+  //! send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x) for every block r of `m`; `src`
+  //! and `send` in device memory (the layer's own buffers: not checked).
+  template <class U>
+  [[nodiscard]] static status ulysses_pack(cuda_backend& be, stream_type& s,
+                                           tensor_view<U const, 3> const& src, U* send,
+                                           ulysses_blocks const& m) {
+    index_t const n = m.ranks * m.block_size(src.extent(2));
+    if (n == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+      detail::cuda_steps::ulysses_pack_kernel<U><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
+                                                   detail::cuda_steps::threads, 0, cs>>>(src, send, m);
+    });
+  }
+  //! dst(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x]; blocks landing on the same
+  //! elements summed in rank order when `m.add` (deterministic, equal to the host's).
+  template <class U>
+  [[nodiscard]] static status ulysses_unpack(cuda_backend& be, stream_type& s, U const* recv,
+                                             tensor_view<U, 3> const& dst, ulysses_blocks const& m) {
+    index_t const n = m.add ? dst.size() : m.ranks * m.block_size(dst.extent(2));
+    if (n == 0) return {};
+    return be.launch(s, [&](cudaStream_t cs) {
+      unsigned const blocks = detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads);
+      if (m.add)
+        detail::cuda_steps::ulysses_unpack_sum_kernel<U><<<blocks, detail::cuda_steps::threads, 0, cs>>>(recv, dst, m);
+      else
+        detail::cuda_steps::ulysses_unpack_kernel<U><<<blocks, detail::cuda_steps::threads, 0, cs>>>(recv, dst, m);
+    });
   }
 
 private:
