@@ -17,6 +17,8 @@ struct device_like_backend {
   using backend_tag = fpdt::backend_tag;
   struct stream_type {
     fpdt::host::stream inner; // the host stream doing the work
+    // What a stream-ordered communicator is handed (as a cudaStream_t for NCCL).
+    fpdt::host::stream* native_handle() noexcept { return &inner; }
   };
   using event_type = fpdt::host::event;
 

@@ -3,6 +3,7 @@
 // gathered outputs and gradients equal dense float64 attention over the global sequence.
 #include "../attention/chunked_driver.hpp"
 #include "../attention/reference.hpp"
+#include "../backend/device_like_backend.hpp"
 
 #include <fpdt/comm/communicator.hpp>
 #include <fpdt/layers/sequence_parallel_attention.hpp>
@@ -74,7 +75,7 @@ run_result gather_io(fpdt::token_layout const& tl, attn_shape const& s, std::vec
 
 // Runs forward and backward of `layers` (one per rank, made by make_layer on its own backend) on P
 // threads; returns the gathered global result.
-template <class MakeLayer>
+template <class Backend = fpdt::host_backend, class MakeLayer>
 run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, MakeLayer make_layer,
                      std::vector<fpdt::status>* statuses = nullptr) {
   attn_shape const& s = p.s;
@@ -88,7 +89,7 @@ run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, Make
   for (index_t r = 0; r < ranks; ++r)
     ts.emplace_back([&, r] {
       auto comm = world.communicator(static_cast<int>(r)).value();
-      fpdt::host_backend be;
+      Backend be;
       rank_io& x = io[static_cast<std::size_t>(r)];
       st[static_cast<std::size_t>(r)] = make_layer(be, comm, r, x, tl);
     });
@@ -383,4 +384,166 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
     CHECK(fwd_peak[r] == fwd_want[r]);
     CHECK(bwd_peak[r] == bwd_want[r]);
   }
+}
+
+namespace {
+// A stream_communicator over the in-process communicator for device_like_backend, standing in for
+// NCCL: all_to_all runs after the work queued on the stream so far (it synchronizes the stream,
+// then exchanges), and calls are matched across ranks by their order (a counter as the tag), as
+// NCCL matches them.
+struct stream_local_communicator {
+  fpdt::local_communicator* comm;
+  std::uint64_t next_tag = 0;
+  int calls = 0;
+  [[nodiscard]] int rank() const noexcept { return comm->rank(); }
+  [[nodiscard]] int size() const noexcept { return comm->size(); }
+  fpdt::status all_to_all(void const* send, void* recv, std::size_t count, fpdt::dtype t,
+                          fpdt::host::stream* s) {
+    ++calls;
+    FPDT_TRY(s->synchronize());
+    return comm->all_to_all(send, recv, count * fpdt::size_bytes(t), next_tag++);
+  }
+  void abort(std::string const& reason) const { comm->abort(reason); }
+};
+static_assert(fpdt::stream_communicator<stream_local_communicator, fpdt_test::device_like_backend::stream_type>);
+static_assert(!fpdt::communicator<stream_local_communicator>);
+
+using device_layer = fpdt::sequence_parallel_attention<float, stream_local_communicator,
+                                                       fpdt_test::device_like_backend>;
+} // namespace
+
+TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-all, stream-form callbacks, events) equals the host path bit for bit") {
+  // device_like_backend is a device backend to fpdt (no host tasks), so the layer takes the path
+  // it takes on cuda_backend with NCCL: jobs on its own worker, packs and unpacks as step ops on
+  // the comm stream, hand-overs by events, dout exchanged by a job. Everything runs on host
+  // threads here, so the result must equal the host path's bit for bit; the device peak must be
+  // the predicted one. CASES.md A3 (H = 16, H_kv = 2, P = 4: replicated key/value heads whose
+  // gradients are summed) is in the grid.
+  struct grid_case {
+    index_t ranks, h, hkv, u;
+  };
+  for (grid_case const g : {grid_case{2, 8, 2, 3}, grid_case{2, 8, 1, 1}, grid_case{4, 16, 2, 3},
+                            grid_case{4, 8, 8, 2}})
+    for (bool causal : {true, false}) {
+      CAPTURE(g.ranks);
+      CAPTURE(g.h);
+      CAPTURE(g.hkv);
+      CAPTURE(g.u);
+      CAPTURE(causal);
+      index_t const chunk = 2 * g.ranks, d = 8;
+      attn_shape const s{chunk * g.u, chunk * g.u, g.h, g.hkv, d};
+      auto p = random_problem<float>(s, 700 + static_cast<std::uint32_t>(g.ranks * 10 + g.hkv + g.u));
+      bool const offload = g.u % 2 == 1;
+      fpdt::fpdt_attention_options const o{.chunk = chunk, .offload = offload,
+                                           .mask = causal ? fpdt::causal_mask : fpdt::full_mask};
+      std::vector<fpdt::status> st_host, st_dev;
+      run_result const want = run_ranks(p, g.ranks, chunk, [&](fpdt::host_backend& be, fpdt::local_communicator& comm,
+                                                                index_t, rank_io& x, fpdt::token_layout const& tl) {
+        auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+            be, comm, {s.sq, g.h, g.hkv, d}, o, 0, fpdt::host_chunk_kernel{1});
+        if (!layer) return layer.error();
+        return run_one(*layer, x, s, tl.local_tokens());
+      }, &st_host);
+      std::vector<int> calls(static_cast<std::size_t>(g.ranks), 0);
+      std::vector<char> peaks_ok(static_cast<std::size_t>(g.ranks), 0);
+      run_result const got = run_ranks<fpdt_test::device_like_backend>(
+          p, g.ranks, chunk,
+          [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
+              fpdt::token_layout const& tl) -> fpdt::status {
+            stream_local_communicator sc{&comm};
+            auto layer = device_layer::create(be, sc, {s.sq, g.h, g.hkv, d}, o, 0, fpdt::host_chunk_kernel{1});
+            if (!layer) return layer.error();
+            index_t const lt = tl.local_tokens();
+            std::array<index_t, 3> const qe{lt, s.h, s.d}, ke{lt, s.hkv, s.d};
+            be.device_memory().reset_peak();
+            FPDT_TRY(layer->forward(fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                                    fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                                    fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
+                                    fpdt::contiguous_view(x.out.data(), qe).value()));
+            bool ok = be.device_memory().peak_bytes() ==
+                      layer->local_layer().predicted_forward_bytes() + layer->forward_exchange_bytes();
+            be.device_memory().reset_peak();
+            FPDT_TRY(layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                                     fpdt::contiguous_view(x.dq.data(), qe).value(),
+                                     fpdt::contiguous_view(x.dk.data(), ke).value(),
+                                     fpdt::contiguous_view(x.dv.data(), ke).value()));
+            ok = ok && be.device_memory().peak_bytes() ==
+                           layer->local_layer().predicted_backward_bytes() + layer->backward_exchange_bytes();
+            peaks_ok[static_cast<std::size_t>(r)] = ok;
+            calls[static_cast<std::size_t>(r)] = sc.calls;
+            return {};
+          },
+          &st_dev);
+      for (auto const& x : st_host)
+        REQUIRE_MESSAGE(x.ok(), x.to_string());
+      for (auto const& x : st_dev)
+        REQUIRE_MESSAGE(x.ok(), x.to_string());
+      check_global(got, p, causal, 1e-4);
+      CHECK(got.out == want.out);
+      CHECK(got.dq == want.dq);
+      CHECK(got.dk == want.dk);
+      CHECK(got.dv == want.dv);
+      // Per chunk: q, k, v, out, lse in the forward; dq, dk, dv in the backward; and dout at each
+      // fetch of the query-side bundle (with offload, once per chunk pair of the backward).
+      index_t const dout_fetches = !offload ? g.u : (causal ? g.u * (g.u + 1) / 2 : g.u * g.u);
+      for (std::size_t r = 0; r < calls.size(); ++r) {
+        CHECK(calls[r] == static_cast<int>(8 * g.u + dout_fetches));
+        CHECK(peaks_ok[r]);
+      }
+    }
+}
+
+namespace {
+// A stream-form sink that fails at chunk 1 of rank 1 (its work enqueued on the comm stream).
+struct failing_stream_sink {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float, 3> out;
+  int rank;
+  fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& o,
+                       fpdt::tensor_view<float const, 2> const&, fpdt_test::device_like_backend::stream_type& s) {
+    if (rank == 1 && c == 1) return fpdt::make_error(fpdt::errc::internal, "sink refuses chunk 1");
+    return fpdt::attention_step_ops<fpdt_test::device_like_backend>::copy_rows(*be, s, o, 0, out, first, o.extent(0));
+  }
+};
+struct stream_source {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float const, 3> q, k, v;
+  fpdt::status produce(index_t, index_t first, fpdt::tensor_view<float, 3> const& qc,
+                       fpdt::tensor_view<float, 3> const& kc, fpdt::tensor_view<float, 3> const& vc,
+                       fpdt_test::device_like_backend::stream_type& s) const {
+    using ops = fpdt::attention_step_ops<fpdt_test::device_like_backend>;
+    FPDT_TRY(ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
+    FPDT_TRY(ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
+    return ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
+  }
+};
+} // namespace
+
+TEST_CASE("sequence parallel attention: on the device path a failing sink on one rank fails every rank, and the layer runs again") {
+  index_t const ranks = 2, chunk = 4, sq = 16;
+  attn_shape const s{sq, sq, 4, 2, 8};
+  auto p = random_problem<float>(s, 93);
+  std::vector<fpdt::status> st;
+  auto const t0 = std::chrono::steady_clock::now();
+  (void)run_ranks<fpdt_test::device_like_backend>(
+      p, ranks, chunk,
+      [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
+          fpdt::token_layout const& tl) -> fpdt::status {
+        stream_local_communicator sc{&comm};
+        auto layer = device_layer::create(be, sc, {sq, 4, 2, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
+        if (!layer) return layer.error();
+        std::array<index_t, 3> const qe{tl.local_tokens(), 4, 8}, ke{tl.local_tokens(), 2, 8};
+        stream_source src{&be, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                          fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                          fpdt::contiguous_view<float const>(x.v.data(), ke).value()};
+        failing_stream_sink snk{&be, fpdt::contiguous_view(x.out.data(), qe).value(), static_cast<int>(r)};
+        return layer->forward(src, snk);
+      },
+      &st);
+  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+  REQUIRE(st.size() == 2);
+  CHECK(st[1].code() == fpdt::errc::internal);
+  CHECK(st[1].message().find("sink refuses chunk 1") != std::string::npos);
+  CHECK_FALSE(st[0].ok()); // the peer's exchanges fail through the abort, not a timeout
+  CHECK(st[0].code() == fpdt::errc::comm_error);
 }

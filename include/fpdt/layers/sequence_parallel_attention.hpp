@@ -25,6 +25,22 @@
 //! `max_in_flight` (2) output or gradient jobs wait at once; the compute lane waits for the
 //! oldest beyond that. Consequence for callers: the source, sink and gradient sink are called on
 //! the comm lane's thread (one call at a time, in chunk order), concurrently with the kernel.
+//!
+//! Device backends (`cuda_backend`, whose streams cannot run host tasks) take a
+//! `stream_communicator` (`nccl_communicator`): its all-to-alls are enqueued on the comm lane's
+//! device stream and matched across ranks by order, not tags. The jobs then run on a host worker
+//! thread of the layer and enqueue device work: the caller's stream-form source or sink on the
+//! comm stream, a pack kernel, the all-to-all, an unpack kernel (`attention_step_ops<B>::
+//! ulysses_pack`/`ulysses_unpack`, which sum replicated key/value gradients in rank order as the
+//! host does), then wait for the comm stream. Hand-overs between the per-rank layer's lanes and the
+//! comm stream are ordered by events: a job waits for the event recorded after the copy that
+//! freed its buffer. Every exchange, dout's included (on the host it runs on the h2d lane), is a
+//! job, so each rank issues its collectives in the schedule's order. The caller's callbacks must
+//! have the stream form (`fpdt::cuda::stream&`) and are called on the worker thread. A job that
+//! fails makes the pass's later jobs fail without communicating, so a rank never joins a
+//! collective out of order; NCCL cannot be aborted by fpdt (the caller owns the `ncclComm_t`), so
+//! after an error the caller must abort its communicator (`ncclCommAbort`) for the peers' pending
+//! exchanges to end.
 #pragma once
 
 #include "../comm/communicator.hpp"
@@ -37,6 +53,7 @@
 
 #include <array>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <future>
@@ -87,21 +104,30 @@ auto view3(V& v, index_t a, index_t b, index_t c) {
 //! FPDT attention on P ranks (see the file comment).
 //!
 //! \tparam T      model dtype (float, bfloat16, half)
-//! \tparam Comm   a `communicator` (`local_communicator`, `mpi_communicator`)
-//! \tparam B      backend of the per-rank layer (`host_backend`)
+//! \tparam Comm   a `communicator` (`local_communicator`, `mpi_communicator`) on a backend whose
+//!                streams run host tasks; a `stream_communicator` (`nccl_communicator`) on a device
+//!                backend
+//! \tparam B      backend of the per-rank layer (`host_backend`; `cuda_backend` with
+//!                `<fpdt/fpdt.cuh>` included)
 //! \tparam Kernel chunk kernel
 //!
 //! Shapes per rank: local q `[S/P, H, D]`, k and v `[S/P, H_kv, D]`, out `[S/P, H, D]`; gradients
 //! fp32 dq `[S/P, H, D]`, dk and dv `[S/P, H_kv, D]`. Chunk sources and sinks see local chunks of
 //! C/P tokens and local token indices (`first_token` = c C/P).
-template <class T, communicator Comm, class B = host_backend, class Kernel = host_chunk_kernel>
+template <class T, class Comm, class B = host_backend, class Kernel = host_chunk_kernel>
 class sequence_parallel_attention {
-  // The comm lane is a host thread that copies chunks between the layer's slots and host
-  // exchange buffers; a device backend needs those copies on its own streams (and NCCL on one).
-  static_assert(runs_host_tasks_in_order<B>,
-                "sequence_parallel_attention: the all-to-all lane copies chunks with host code, so "
-                "the per-rank backend must run host tasks (host_backend); on cuda_backend use "
-                "fpdt_attention per rank for now");
+  // Host path: the comm lane's jobs are host tasks on the backend's comm stream and exchange with
+  // a tagged, blocking `communicator`. Device path: the jobs run on the layer's own host worker
+  // and enqueue the exchange on the backend's comm stream (see the file comment).
+  static constexpr bool host_path = runs_host_tasks_in_order<B>;
+  using stream_t = typename B::stream_type;
+  static_assert(!host_path || communicator<Comm>,
+                "sequence_parallel_attention on a backend whose streams run host tasks needs a "
+                "`communicator` (local_communicator, mpi_communicator)");
+  static_assert(host_path || stream_communicator<Comm, stream_t>,
+                "sequence_parallel_attention on a device backend needs a `stream_communicator` "
+                "whose all_to_all(send, recv, count, dtype, stream.native_handle()) is stream-ordered "
+                "(nccl_communicator on cuda_backend)");
 
 public:
   //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
@@ -139,9 +165,17 @@ public:
                              l->heads_per_rank(head_kind::key_value), global.head_dim};
     auto inner = fpdt_attention<T, B, Kernel>::create(be, per_rank, options, std::move(kernel));
     if (!inner) return inner.error();
-    auto lane_stream = be.create_stream(lane::comm, default_priority(lane::comm));
+    auto lane_stream = be.create_stream(lane::comm); // the backend's priority for the comm lane
     if (!lane_stream) return lane_stream.error();
     auto cl = std::make_unique<comm_lane>(be, std::move(*lane_stream));
+    if constexpr (!host_path) {
+      cl->worker.emplace("sequence_parallel_attention comm jobs");
+      for (auto* e : {&cl->ev_src, &cl->ev_dout, &cl->ev_slot[0], &cl->ev_slot[1]}) {
+        auto ev = be.create_event();
+        if (!ev) return ev.error();
+        e->emplace(std::move(*ev));
+      }
+    }
     return result<sequence_parallel_attention>(
         sequence_parallel_attention(comm, *l, global, salt, std::move(*inner), std::move(cl)));
   }
@@ -152,14 +186,28 @@ public:
   //! Forward: local q, k, v chunks from `source` (a `chunk_source` over local chunks), local out
   //! chunks to `sink` (a `chunk_sink`; its lse view is `[H, C/P]`). Errors: those of the per-rank
   //! layer and of the communicator (a peer's failure or a timeout, within the world's timeout).
+  //! On a device backend the source and sink must have the stream form (a last
+  //! `B::stream_type&` parameter: enqueue on it); they are called on the layer's comm worker thread.
   template <class Source, class Sink>
-    requires chunk_source<Source, T> && chunk_sink<Sink, T>
+    requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    source_adapter<Source> src{this, &source};
-    sink_adapter<Sink> snk{this, &sink};
     lane_->begin_pass();
     if (status st = allocate_forward(); !st.ok()) return finish(st);
-    return finish(inner_.forward(src, snk));
+    if constexpr (host_path) {
+      source_adapter<Source> src{this, &source};
+      sink_adapter<Sink> snk{this, &sink};
+      return finish(inner_.forward(src, snk));
+    } else {
+      static_assert(detail::layer::stream_form_source<Source, T, stream_t>,
+                    "sequence_parallel_attention::forward on a device backend: the chunk source needs "
+                    "the stream form produce(c, first_token, q, k, v, B::stream_type&)");
+      static_assert(detail::layer::stream_form_sink<Sink, T, stream_t>,
+                    "sequence_parallel_attention::forward on a device backend: the chunk sink needs "
+                    "the stream form consume(c, first_token, out, lse, B::stream_type&)");
+      device_source_adapter<Source> src{this, &source};
+      device_sink_adapter<Sink> snk{this, &sink};
+      return finish(inner_.forward(src, snk));
+    }
   }
 
   //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`.
@@ -170,21 +218,41 @@ public:
     FPDT_TRY(abort_on_error(check_local("k", k.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("v", v.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("out", out.extents(), shape_.heads)));
-    tensor_source<T> src{q, k, v};
-    tensor_sink<T> snk{out, {}};
-    return forward(src, snk);
+    if constexpr (host_path) {
+      tensor_source<T> src{q, k, v};
+      tensor_sink<T> snk{out, {}};
+      return forward(src, snk);
+    } else {
+      detail::layer::step_tensor_source<T, B> src{lane_->be, q, k, v};
+      detail::layer::step_tensor_sink<T, B> snk{lane_->be, out, {}};
+      return forward(src, snk);
+    }
   }
 
   //! Backward: local dout chunks from `dout` (a `dout_source` over local chunks), local fp32
   //! gradients to `sink` (a `gradient_sink`). Errors: as `forward`.
+  //! On a device backend both need the stream form, as in `forward`.
   template <class Dout, class Sink>
-    requires dout_source<Dout, T> && gradient_sink<Sink>
+    requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    dout_adapter<Dout> src{this, &dout};
-    grad_adapter<Sink> snk{this, &sink};
     lane_->begin_pass();
     if (status st = allocate_backward(); !st.ok()) return finish(st);
-    return finish(inner_.backward(src, snk));
+    if constexpr (host_path) {
+      dout_adapter<Dout> src{this, &dout};
+      grad_adapter<Sink> snk{this, &sink};
+      return finish(inner_.backward(src, snk));
+    } else {
+      static_assert(detail::layer::stream_form_dout<Dout, T, stream_t>,
+                    "sequence_parallel_attention::backward on a device backend: the dout source needs "
+                    "the stream form produce_dout(c, first_token, dout, B::stream_type&)");
+      static_assert(detail::layer::stream_form_gradient_sink<Sink, stream_t>,
+                    "sequence_parallel_attention::backward on a device backend: the gradient sink "
+                    "needs the stream forms consume_dq(..., B::stream_type&) and consume_dkv(..., "
+                    "B::stream_type&)");
+      device_dout_adapter<Dout> src{this, &dout};
+      device_grad_adapter<Sink> snk{this, &sink};
+      return finish(inner_.backward(src, snk));
+    }
   }
 
   //! Backward from a local dout `[S/P, H, D]` into local fp32 dq `[S/P, H, D]`, dk, dv
@@ -195,9 +263,15 @@ public:
     FPDT_TRY(abort_on_error(check_local("dq", dq.extents(), shape_.heads)));
     FPDT_TRY(abort_on_error(check_local("dk", dk.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("dv", dv.extents(), shape_.kv_heads)));
-    tensor_dout_source<T> src{dout};
-    tensor_gradient_sink snk{dq, dk, dv};
-    return backward(src, snk);
+    if constexpr (host_path) {
+      tensor_dout_source<T> src{dout};
+      tensor_gradient_sink snk{dq, dk, dv};
+      return backward(src, snk);
+    } else {
+      detail::layer::step_tensor_dout_source<T, B> src{lane_->be, dout};
+      detail::layer::step_tensor_gradient_sink<B> snk{lane_->be, dq, dk, dv};
+      return backward(src, snk);
+    }
   }
 
   //! The per-rank one-rank layer (its schedules, trace, predicted bytes).
@@ -222,7 +296,17 @@ private:
   struct comm_lane {
     comm_lane(B& backend, typename B::stream_type&& st) : be(&backend), stream(std::move(st)) {}
     B* be;
+    // Host path: runs the jobs. Device path: the stream the jobs enqueue their device work on.
     typename B::stream_type stream;
+    // Device path only: the host worker that runs the jobs, and the events that order the
+    // hand-overs: ev_src after the copies out of pq, pk, pv; ev_dout where the dout slot is free
+    // on the h2d lane; ev_slot[i] after the copy into output slot i.
+    std::optional<host::stream> worker;
+    std::optional<typename B::event_type> ev_src, ev_dout;
+    std::array<std::optional<typename B::event_type>, 2> ev_slot;
+    bool failed = false;       // device path: a job of this pass failed (written by the worker only)
+    bool src_recorded = false; // device path: ev_src has been recorded in this pass
+    detail::sp::buffer<std::byte> send, recv; // device path: the all-to-all's packed blocks
     //! One exchange queued on the lane.
     struct job {
       index_t chunk = -1;        //!< the chunk it exchanges
@@ -251,13 +335,27 @@ private:
       auto task = std::make_shared<std::packaged_task<status()>>(
           [this, fn_ = std::forward<F>(fn), kind, i, jj, bytes]() mutable -> status {
             trace_event e{kind, lane::comm, static_cast<std::int32_t>(i), static_cast<std::int32_t>(jj), bytes, since(), -1};
-            status st = fn_();
+            status st;
+            if constexpr (host_path) {
+              st = fn_();
+            } else if (failed) {
+              // A collective skipped on this rank must not be matched with the next one.
+              st = make_error(errc::comm_error, "sequence_parallel_attention: exchange skipped, an "
+                                                "earlier exchange of this pass failed on this rank");
+            } else {
+              st = fn_();
+              failed = !st.ok();
+            }
             e.end_us = since();
             events.push_back(e);
             return st;
           });
       j.done = task->get_future();
-      status st = be->launch(stream, [task] { (*task)(); });
+      status st;
+      if constexpr (host_path)
+        st = be->launch(stream, [task] { (*task)(); });
+      else
+        worker->enqueue([task] { (*task)(); });
       if (!st.ok()) j.done = {}; // never runs: nobody may wait for it
       return st;
     }
@@ -268,6 +366,8 @@ private:
       t0 = std::chrono::steady_clock::now();
       events.clear();
       next_slot = 0;
+      failed = false;
+      src_recorded = false;
     }
     // Waits for every queued job (the first error wins), then frees the pass's buffers.
     [[nodiscard]] status drain() {
@@ -281,6 +381,12 @@ private:
       prefetch.reset();
       for (auto& j : outputs) take(j);
       outputs.clear();
+      if constexpr (!host_path) { // device work a failed job left queued, before its buffers go
+        status const st = be->synchronize(stream);
+        if (first.ok() && !st.ok()) first = st;
+      }
+      send = {};
+      recv = {};
       pq = {};
       pk = {};
       pv = {};
@@ -327,6 +433,20 @@ private:
   [[nodiscard]] std::size_t bwd_tmp() const noexcept {
     return std::max(local(layout_.heads), 2 * local(layout_.kv_heads));
   }
+  // Device path: bytes of each of the send and receive scratch buffers of a pass (the largest
+  // exchange: q or out and lse in the forward, dout and fp32 dq in the backward).
+  [[nodiscard]] std::size_t fwd_scratch() const noexcept {
+    return host_path ? 0 : std::max(q_chunk() * sizeof(T), lse_chunk() * 4);
+  }
+  [[nodiscard]] std::size_t bwd_scratch() const noexcept {
+    return host_path ? 0 : q_chunk() * std::max(sizeof(T), std::size_t{4});
+  }
+  [[nodiscard]] status allocate_scratch(std::size_t bytes) {
+    if (bytes == 0) return {};
+    auto& ln = *lane_;
+    FPDT_TRY(ln.send.reset(ln.be->device_memory(), bytes, "all-to-all send blocks"));
+    return ln.recv.reset(ln.be->device_memory(), bytes, "all-to-all receive blocks");
+  }
 
   [[nodiscard]] status allocate_forward() {
     auto& ln = *lane_;
@@ -339,7 +459,8 @@ private:
       FPDT_TRY(ln.f[i].reset(mem, lse_chunk(), "lse chunk to exchange"));
     }
     FPDT_TRY(ln.tmp.reset(mem, fwd_tmp(), "local q/k/v or out chunk"));
-    return ln.tmp_f.reset(mem, static_cast<std::size_t>(piece() * layout_.heads), "local lse chunk");
+    FPDT_TRY(ln.tmp_f.reset(mem, static_cast<std::size_t>(piece() * layout_.heads), "local lse chunk"));
+    return allocate_scratch(fwd_scratch());
   }
   [[nodiscard]] status allocate_backward() {
     auto& ln = *lane_;
@@ -347,24 +468,28 @@ private:
     for (std::size_t i = 0; i < max_in_flight; ++i)
       FPDT_TRY(ln.f[i].reset(mem, grad_slot(), "gradient chunk to exchange"));
     FPDT_TRY(ln.tmp_f.reset(mem, bwd_tmp(), "local gradient chunk"));
-    return ln.dout_tmp.reset(mem, local(layout_.heads), "local dout chunk");
+    FPDT_TRY(ln.dout_tmp.reset(mem, local(layout_.heads), "local dout chunk"));
+    return allocate_scratch(bwd_scratch());
   }
 
 public:
   //! Device bytes the forward's exchange buffers take beside the per-rank layer's
   //! (`local_layer().predicted_forward_bytes()`): the next chunk's global q, k, v, two out and
-  //! lse chunks in flight, and one local chunk for the running exchange; allocated for the pass.
+  //! lse chunks in flight, and one local chunk for the running exchange; on a device backend
+  //! also the packed send and receive blocks of one all-to-all. Allocated for the pass.
   [[nodiscard]] std::size_t forward_exchange_bytes() const noexcept {
     auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
     return r(q_chunk(), sizeof(T)) + 2 * r(kv_chunk(), sizeof(T)) +
            max_in_flight * (r(q_chunk(), sizeof(T)) + r(lse_chunk(), 4)) + r(fwd_tmp(), sizeof(T)) +
-           r(static_cast<std::size_t>(piece() * layout_.heads), 4);
+           r(static_cast<std::size_t>(piece() * layout_.heads), 4) + 2 * r(fwd_scratch(), 1);
   }
   //! Device bytes the backward's exchange buffers take beside the per-rank layer's: two
-  //! gradient chunks in flight, one local gradient chunk and one local dout chunk.
+  //! gradient chunks in flight, one local gradient chunk and one local dout chunk (and on a
+  //! device backend the send and receive blocks).
   [[nodiscard]] std::size_t backward_exchange_bytes() const noexcept {
     auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
-    return max_in_flight * r(grad_slot(), 4) + r(bwd_tmp(), 4) + r(local(layout_.heads), sizeof(T));
+    return max_in_flight * r(grad_slot(), 4) + r(bwd_tmp(), 4) + r(local(layout_.heads), sizeof(T)) +
+           2 * r(bwd_scratch(), 1);
   }
 
 private:
@@ -394,8 +519,9 @@ private:
 
   // A failed pass on this rank must not leave its peers waiting for exchanges it will never join.
   [[nodiscard]] status abort_on_error(status st) {
-    if (!st.ok() && st.code() != errc::comm_error && st.code() != errc::timeout)
-      comm_->abort(st.message());
+    if constexpr (requires { comm_->abort(st.message()); })
+      if (!st.ok() && st.code() != errc::comm_error && st.code() != errc::timeout)
+        comm_->abort(st.message());
     return st;
   }
 
@@ -580,6 +706,241 @@ private:
         return detail::layer::guarded(
             [&] { return u->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv)); },
             "gradient sink, dk/dv chunk ", c);
+      });
+    }
+  };
+
+  // ----- Device path (see the file comment) -----
+
+  // One Ulysses all-to-all of `src` into `dst` on the comm lane's device stream: pack the blocks
+  // into the send buffer, the communicator's stream-ordered all-to-all, unpack (summing replicated
+  // key/value heads in head_to_seq). Called from jobs only, so exchanges are serialized.
+  template <class U>
+  [[nodiscard]] status exchange(ulysses_layout const& l, head_kind kind, bool to_heads,
+                                tensor_view<U const, 3> const& src, tensor_view<U, 3> const& dst) {
+    using ops = attention_step_ops<B>;
+    auto& ln = *lane_;
+    ulysses_blocks const seq = ulysses_blocks::local_side(l, kind), heads = ulysses_blocks::head_side(l, kind);
+    ulysses_blocks const& from = to_heads ? seq : heads;
+    ulysses_blocks const& to = to_heads ? heads : seq;
+    std::size_t const block = static_cast<std::size_t>(from.block_size(l.head_dim));
+    if (block * static_cast<std::size_t>(l.ranks) * sizeof(U) > ln.send.size())
+      return make_error(errc::internal, "sequence_parallel_attention: an exchange of ",
+                        block * static_cast<std::size_t>(l.ranks) * sizeof(U),
+                        " bytes exceeds the pass's send buffer of ", ln.send.size(), " bytes");
+    U* send = reinterpret_cast<U*>(ln.send.data());
+    U* recv = reinterpret_cast<U*>(ln.recv.data());
+    FPDT_TRY(ops::ulysses_pack(*ln.be, ln.stream, src, send, from));
+    FPDT_TRY(comm_->all_to_all(static_cast<void const*>(send), static_cast<void*>(recv), block,
+                               dtype_of<U>, ln.stream.native_handle()));
+    return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
+  }
+
+  // Queues chunk c's source job: after the copies out of pq, pk, pv of the previous chunk
+  // (`after_copies`), the caller's stream-form source writes local chunk c, then the q, k, v
+  // all-to-alls fill pq, pk, pv; the job ends when the comm stream has done all of it.
+  template <class Source>
+  [[nodiscard]] status start_prefetch_device(Source const* user, index_t c, bool after_copies) {
+    auto& ln = *lane_;
+    ln.prefetch.emplace();
+    auto& j = *ln.prefetch;
+    j.chunk = c;
+    std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
+    return ln.launch(j, step_kind::produce, c, c, bytes, [this, user, c, after_copies]() -> status {
+      auto const& lay = layout_;
+      auto& lane = *lane_;
+      if (after_copies) FPDT_TRY(lane.be->wait(lane.stream, *lane.ev_src));
+      index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
+                    hk = lay.heads_per_rank(head_kind::key_value);
+      T* base = lane.tmp.data();
+      auto qv = contiguous_view(base, std::array<index_t, 3>{pc, lay.heads, d}).value();
+      auto kv = contiguous_view(base + local(lay.heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+      auto vv = contiguous_view(base + local(lay.heads + lay.kv_heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+      FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv, lane.stream); },
+                                      "chunk source, chunk ", c));
+      FPDT_TRY(exchange<T>(lay, head_kind::query, true, qv, detail::sp::view3(lane.pq, lay.chunk, hq, d)));
+      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, kv, detail::sp::view3(lane.pk, lay.chunk, hk, d)));
+      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, vv, detail::sp::view3(lane.pv, lay.chunk, hk, d)));
+      return lane.be->synchronize(lane.stream);
+    });
+  }
+
+  // Chunk c on the lane's stream s: wait for its job (queued while chunk c - 1 was handed over),
+  // copy the global q, k, v chunk into the layer's slots on s, record ev_src, queue chunk c + 1's.
+  template <class Source> struct device_source_adapter {
+    sequence_parallel_attention* self;
+    Source const* user;
+    [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k,
+                                 tensor_view<T, 3> const& v, stream_t& s) const {
+      using ops = attention_step_ops<B>;
+      auto& lane = *self->lane_;
+      auto const& l = self->layout_;
+      if (!lane.prefetch || lane.prefetch->chunk != c) { // out of order: wait for the lane, then fetch c
+        if (lane.prefetch && lane.prefetch->done.valid()) (void)lane.prefetch->done.get();
+        lane.prefetch.reset();
+        FPDT_TRY(self->start_prefetch_device(user, c, lane.src_recorded));
+      }
+      status st = lane.prefetch->done.valid() ? lane.prefetch->done.get()
+                                              : make_error(errc::internal, "comm lane: chunk ", c, " was not queued");
+      lane.prefetch.reset();
+      FPDT_TRY(st);
+      index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
+      B& be = *lane.be;
+      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pq, l.chunk, hq, d)), 0, q, 0, l.chunk));
+      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pk, l.chunk, hk, d)), 0, k, 0, l.chunk));
+      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pv, l.chunk, hk, d)), 0, v, 0, l.chunk));
+      FPDT_TRY(be.record(*lane.ev_src, s));
+      lane.src_recorded = true;
+      if (c + 1 < self->shape_.sequence / l.chunk) FPDT_TRY(self->start_prefetch_device(user, c + 1, true));
+      return {};
+    }
+  };
+
+  // Chunk c's out and lse are copied into a free exchange slot on s (ev_slot after them); the
+  // job exchanges them on the comm stream and hands the local chunk to the caller's sink there.
+  template <class Sink> struct device_sink_adapter {
+    sequence_parallel_attention* self;
+    Sink* user;
+    [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
+                                 tensor_view<float const, 2> const& lse, stream_t& s) {
+      using ops = attention_step_ops<B>;
+      auto& lane = *self->lane_;
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
+      auto const& l = self->layout_;
+      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
+      int const slot = j.slot;
+      auto const si = static_cast<std::size_t>(slot);
+      B& be = *lane.be;
+      FPDT_TRY(ops::copy_rows(be, s, out, 0, detail::sp::view3(lane.out[si], l.chunk, hr, d), 0, l.chunk));
+      auto fb = contiguous_view(lane.f[si].data(), std::array<index_t, 2>{hr, l.chunk}).value();
+      FPDT_TRY(ops::copy_columns(be, s, lse, 0, fb, 0, l.chunk));
+      FPDT_TRY(be.record(*lane.ev_slot[si], s));
+      sequence_parallel_attention* me = self;
+      Sink* u = user;
+      std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
+      return lane.launch(j, step_kind::sink, c, -1, bytes, [me, u, c, d, hr, si]() -> status {
+        auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+        index_t const pc = me->piece();
+        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
+        FPDT_TRY(me->template exchange<T>(lay, head_kind::query, false,
+                                          tensor_view<T const, 3>(detail::sp::view3(ln.out[si], lay.chunk, hr, d)), ov));
+        // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
+        auto lse3 = make_tensor_view<float const>(ln.f[si].data(), std::array<index_t, 3>{lay.chunk, hr, 1},
+                                                  std::array<index_t, 3>{1, lay.chunk, 1});
+        if (!lse3) return lse3.error();
+        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, 1},
+                                       std::array<index_t, 3>{1, pc, 1});
+        if (!local3) return local3.error();
+        ulysses_layout one = lay;
+        one.head_dim = 1;
+        FPDT_TRY(me->template exchange<float>(one, head_kind::query, false, *lse3, *local3));
+        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{lay.heads, pc}).value();
+        FPDT_TRY(detail::layer::guarded(
+            [&] { return u->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local, ln.stream); },
+            "chunk sink, chunk ", c));
+        return ln.be->synchronize(ln.stream);
+      });
+    }
+  };
+
+  // dout of chunk c: a job (so every collective is issued in one order), after the h2d lane's
+  // slot is free (ev_dout): the caller's local chunk, then its all-to-all straight into the slot.
+  // The h2d lane's enqueuing waits for the job, so the slot is written when the step returns.
+  template <class Dout> struct device_dout_adapter {
+    sequence_parallel_attention* self;
+    Dout const* user;
+    [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout, stream_t& s) const {
+      auto& lane = *self->lane_;
+      FPDT_TRY(lane.be->record(*lane.ev_dout, s));
+      sequence_parallel_attention* me = self;
+      Dout const* u = user;
+      typename comm_lane::job j;
+      j.chunk = c;
+      status const queued = lane.launch(j, step_kind::fetch, c, -1, self->q_chunk() * sizeof(T), [me, u, c, dout]() -> status {
+        auto const& l = me->layout_;
+        auto& ln = *me->lane_;
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_dout));
+        index_t const pc = me->piece();
+        auto dv = contiguous_view(ln.dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
+        FPDT_TRY(detail::layer::guarded([&] { return u->produce_dout(c, c * pc, dv, ln.stream); },
+                                        "dout source, chunk ", c));
+        FPDT_TRY(me->template exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv), dout));
+        return ln.be->synchronize(ln.stream);
+      });
+      if (!queued.ok()) return queued;
+      return j.done.get();
+    }
+  };
+
+  // Gradients of chunk c are copied into a free exchange slot on s (ev_slot after them); the job
+  // exchanges them on the comm stream and hands the local chunks to the caller's gradient sink.
+  template <class Sink> struct device_grad_adapter {
+    sequence_parallel_attention* self;
+    Sink* user;
+    [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g, stream_t& s) {
+      using ops = attention_step_ops<B>;
+      auto& lane = *self->lane_;
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
+      auto const& l = self->layout_;
+      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
+      auto const si = static_cast<std::size_t>(j.slot);
+      FPDT_TRY(ops::copy_rows(*lane.be, s, g, 0, detail::sp::view3(lane.f[si], l.chunk, hr, d), 0, l.chunk));
+      FPDT_TRY(lane.be->record(*lane.ev_slot[si], s));
+      sequence_parallel_attention* me = self;
+      Sink* u = user;
+      return lane.launch(j, step_kind::sink, c, -1, self->q_chunk() * 4, [me, u, c, d, hr, si]() -> status {
+        auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+        index_t const pc = me->piece();
+        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
+        FPDT_TRY(me->template exchange<float>(lay, head_kind::query, false,
+                                              tensor_view<float const, 3>(detail::sp::view3(ln.f[si], lay.chunk, hr, d)), v));
+        FPDT_TRY(detail::layer::guarded(
+            [&] { return u->consume_dq(c, c * pc, tensor_view<float const, 3>(v), ln.stream); },
+            "gradient sink, dq chunk ", c));
+        return ln.be->synchronize(ln.stream);
+      });
+    }
+    [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
+                                     tensor_view<float const, 3> const& gv, stream_t& s) {
+      using ops = attention_step_ops<B>;
+      auto& lane = *self->lane_;
+      auto jr = lane.next_output(c);
+      if (!jr) return jr.error();
+      auto& j = **jr;
+      auto const& l = self->layout_;
+      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
+      auto const si = static_cast<std::size_t>(j.slot);
+      float* slot_base = lane.f[si].data();
+      std::size_t const half = self->kv_chunk();
+      FPDT_TRY(ops::copy_rows(*lane.be, s, gk, 0, contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk));
+      FPDT_TRY(ops::copy_rows(*lane.be, s, gv, 0, contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk));
+      FPDT_TRY(lane.be->record(*lane.ev_slot[si], s));
+      sequence_parallel_attention* me = self;
+      Sink* u = user;
+      return lane.launch(j, step_kind::sink, -1, c, 2 * half * 4, [me, u, c, d, hr, si, slot_base, half]() -> status {
+        auto const& lay = me->layout_;
+        auto& ln = *me->lane_;
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+        index_t const pc = me->piece();
+        std::size_t const lk = me->local(lay.kv_heads);
+        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
+        FPDT_TRY(me->template exchange<float>(lay, head_kind::key_value, false,
+                                              contiguous_view<float const>(slot_base, std::array<index_t, 3>{lay.chunk, hr, d}).value(), kv));
+        FPDT_TRY(me->template exchange<float>(lay, head_kind::key_value, false,
+                                              contiguous_view<float const>(slot_base + half, std::array<index_t, 3>{lay.chunk, hr, d}).value(), vv));
+        FPDT_TRY(detail::layer::guarded(
+            [&] { return u->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv), ln.stream); },
+            "gradient sink, dk/dv chunk ", c));
+        return ln.be->synchronize(ln.stream);
       });
     }
   };

@@ -8,12 +8,13 @@
 //! all-gather and barrier serve set-up and checks. DESIGN.md section 3: fpdt never creates the
 //! NCCL world; the caller passes its own `ncclComm_t` and the stream of the comm lane.
 //!
-//! Interface meant for the `communicator` concept (issue 5, not landed yet): every operation
-//! takes untyped device pointers, counts in elements of a run-time `fpdt::dtype`, and the lane
-//! to run on (here a `cudaStream_t`); it enqueues asynchronously and returns a `status` that
-//! reports argument errors (before anything is enqueued) and enqueue errors. Completion is
+//! Models `stream_communicator` (comm/ulysses.hpp), which `sequence_parallel_attention` needs on
+//! `cuda_backend`; the host's `communicator` concept (tagged, blocking) is a different one. Every
+//! operation takes untyped device pointers, counts in elements of a run-time `fpdt::dtype`, and
+//! the lane to run on (here a `cudaStream_t`); it enqueues asynchronously and returns a `status`
+//! that reports argument errors (before anything is enqueued) and enqueue errors. Completion is
 //! stream-ordered: record an event on the stream after the call and wait on it from other
-//! lanes. The in-process and MPI models should offer the same member names and argument order.
+//! lanes. Operations are matched across ranks by their order on each rank.
 //!
 //! Needs NCCL and the CUDA runtime (link `fpdt::nccl`); compiles with a plain C++ compiler.
 #pragma once
