@@ -5,9 +5,9 @@
 # cudaMemcpyAsync; the FPDT layer with offload on versus off at C = 64K). Target: under 8 minutes.
 #
 # Usage: scripts/gpu-check.sh [OUTDIR]
-#   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests and fpdt-cuda-bench from DIR instead of building
-#                     (build them elsewhere with: cmake --preset default && cmake --build
-#                     build/default --target fpdt-cuda-tests fpdt-cuda-bench)
+#   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests, fpdt-cuda-bench and (if there) fpdt-nccl-tests from DIR
+#                     instead of building (build them elsewhere with: cmake --preset default &&
+#                     cmake --build build/default --target fpdt-cuda-tests fpdt-cuda-bench fpdt-nccl-tests)
 #   FPDT_GPU_LIB=DIR  prepended to LD_LIBRARY_PATH (e.g. a carried libbenchmark)
 # Logs and JSON go to OUTDIR (default build/gpu-check).
 set -uo pipefail
@@ -27,17 +27,32 @@ else
     -DFPDT_HEADER_CHECKS=OFF -DFPDT_INSTALL=OFF -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/configure.log" 2>&1 &&
     cmake --build build/gpu -j"$(nproc)" --target fpdt-cuda-tests fpdt-cuda-bench >"$out/build.log" 2>&1 ||
     { echo "gpu-check: build failed (see $out/build.log)"; tail -30 "$out/build.log"; exit 1; }
+  # NCCL's tests (sequence_parallel_attention on the GPU) where NCCL was found.
+  cmake --build build/gpu -j"$(nproc)" --target fpdt-nccl-tests >>"$out/build.log" 2>&1 || true
   bin=build/gpu
   [[ -x $bin/tests/fpdt-cuda-tests ]] && bin_tests=$bin/tests/fpdt-cuda-tests
+  [[ -x $bin/tests/fpdt-nccl-tests ]] && bin_nccl=$bin/tests/fpdt-nccl-tests
   [[ -x $bin/bench/fpdt-cuda-bench ]] && bin_bench=$bin/bench/fpdt-cuda-bench
 fi
 bin_tests=${bin_tests:-$bin/fpdt-cuda-tests}
+bin_nccl=${bin_nccl:-$bin/fpdt-nccl-tests}
 bin_bench=${bin_bench:-$bin/fpdt-cuda-bench}
 
 echo "=== GPU tests ==="
 timeout 300 "$bin_tests" 2>&1 | tee "$out/tests.log" | grep -vE '^\s*$' | tail -60
 tests_rc=${PIPESTATUS[0]}
 echo "gpu tests exit code: $tests_rc"
+if [[ -x $bin_nccl ]]; then
+  echo "=== NCCL tests (one-rank world; sequence_parallel_attention on cuda_backend) ==="
+  timeout 120 "$bin_nccl" 2>&1 | tee "$out/nccl.log" | grep -vE '^\s*$' | tail -20
+  nccl_rc=${PIPESTATUS[0]}
+  echo "nccl tests exit code: $nccl_rc"
+  if [[ $nccl_rc == 127 ]]; then
+    echo "nccl tests not run: the binary cannot load (libnccl missing here?)"
+  elif [[ $tests_rc == 0 && $nccl_rc != 0 ]]; then
+    tests_rc=$nccl_rc
+  fi
+fi
 
 echo "=== GPU benchmarks ==="
 timeout 200 "$bin_bench" --benchmark_filter='^cuda/(copy|attention)/' \
