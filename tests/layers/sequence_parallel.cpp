@@ -388,9 +388,10 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
 
 namespace {
 // A stream_communicator over the in-process communicator for device_like_backend, standing in for
-// NCCL: all_to_all runs after the work queued on the stream so far (it synchronizes the stream,
-// then exchanges), and calls are matched across ranks by their order (a counter as the tag), as
-// NCCL matches them.
+// NCCL: all_to_all enqueues the exchange on the stream and returns (the stream's worker thread
+// runs it after the work queued before it), and calls are matched across ranks by their order (a
+// counter as the tag), as NCCL matches them. An exchange that fails (an abort) puts the stream in
+// its error state, as an NCCL error would.
 struct stream_local_communicator {
   fpdt::local_communicator* comm;
   std::uint64_t next_tag = 0;
@@ -400,8 +401,10 @@ struct stream_local_communicator {
   fpdt::status all_to_all(void const* send, void* recv, std::size_t count, fpdt::dtype t,
                           fpdt::host::stream* s) {
     ++calls;
-    FPDT_TRY(s->synchronize());
-    return comm->all_to_all(send, recv, count * fpdt::size_bytes(t), next_tag++);
+    s->enqueue([c = comm, send, recv, bytes = count * fpdt::size_bytes(t), tag = next_tag++]() -> fpdt::status {
+      return c->all_to_all(send, recv, bytes, tag);
+    });
+    return {};
   }
   void abort(std::string const& reason) const { comm->abort(reason); }
 };
@@ -410,15 +413,91 @@ static_assert(!fpdt::communicator<stream_local_communicator>);
 
 using device_layer = fpdt::sequence_parallel_attention<float, stream_local_communicator,
                                                        fpdt_test::device_like_backend>;
+using dl_stream = fpdt_test::device_like_backend::stream_type;
+using dl_ops = fpdt::attention_step_ops<fpdt_test::device_like_backend>;
+
+// Stream-form callbacks as a trainer writes them for a GPU: each enqueues row copies on the stream
+// it is given (the comm stream), and records the thread it was called on.
+struct stream_source {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float const, 3> q, k, v;
+  std::vector<std::thread::id>* threads = nullptr;
+  fpdt::status produce(index_t, index_t first, fpdt::tensor_view<float, 3> const& qc,
+                       fpdt::tensor_view<float, 3> const& kc, fpdt::tensor_view<float, 3> const& vc,
+                       dl_stream& s) const {
+    if (threads) threads->push_back(std::this_thread::get_id());
+    FPDT_TRY(dl_ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
+    FPDT_TRY(dl_ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
+    return dl_ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
+  }
+};
+// Writes out [S/P, H, D] and lse [H, S/P]; fails at chunk `fail_at` of rank `fail_rank`.
+struct stream_sink {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float, 3> out;
+  fpdt::tensor_view<float, 2> lse;
+  int rank = 0, fail_rank = -1;
+  index_t fail_at = -1;
+  fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& o,
+                       fpdt::tensor_view<float const, 2> const& l, dl_stream& s) {
+    if (rank == fail_rank && c == fail_at) return fpdt::make_error(fpdt::errc::internal, "sink refuses chunk ", c);
+    FPDT_TRY(dl_ops::copy_rows(*be, s, o, 0, out, first, o.extent(0)));
+    return dl_ops::copy_columns(*be, s, l, 0, lse, first, l.extent(1));
+  }
+};
+struct stream_dout {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float const, 3> dout;
+  fpdt::status produce_dout(index_t, index_t first, fpdt::tensor_view<float, 3> const& d, dl_stream& s) const {
+    return dl_ops::copy_rows(*be, s, dout, first, d, 0, d.extent(0));
+  }
+};
+// Writes dq, dk, dv; fails at dq (or dk/dv, `fail_dkv`) chunk `fail_at` of rank `fail_rank`.
+struct stream_grads {
+  fpdt_test::device_like_backend* be;
+  fpdt::tensor_view<float, 3> dq, dk, dv;
+  int rank = 0, fail_rank = -1;
+  index_t fail_at = -1;
+  bool fail_dkv = false;
+  fpdt::status consume_dq(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& g, dl_stream& s) {
+    if (rank == fail_rank && c == fail_at && !fail_dkv) return fpdt::make_error(fpdt::errc::internal, "dq sink refuses chunk ", c);
+    return dl_ops::copy_rows(*be, s, g, 0, dq, first, g.extent(0));
+  }
+  fpdt::status consume_dkv(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& gk,
+                           fpdt::tensor_view<float const, 3> const& gv, dl_stream& s) {
+    if (rank == fail_rank && c == fail_at && fail_dkv) return fpdt::make_error(fpdt::errc::internal, "dkv sink refuses chunk ", c);
+    FPDT_TRY(dl_ops::copy_rows(*be, s, gk, 0, dk, first, gk.extent(0)));
+    return dl_ops::copy_rows(*be, s, gv, 0, dv, first, gv.extent(0));
+  }
+};
+
+// Local lse [H, S/P] of every rank into the global [H, S] (through token_layout, as [S/P, H] rows).
+std::vector<double> gather_lse(fpdt::token_layout const& tl, index_t h, std::vector<std::vector<float>> const& lse) {
+  index_t const lt = tl.local_tokens(), sq = tl.sequence();
+  std::vector<float> rows(static_cast<std::size_t>(sq * h), fnan);
+  for (std::size_t r = 0; r < lse.size(); ++r) {
+    std::vector<float> t(static_cast<std::size_t>(lt * h));
+    for (index_t i = 0; i < lt; ++i)
+      for (index_t hh = 0; hh < h; ++hh)
+        t[static_cast<std::size_t>(i * h + hh)] = lse[r][static_cast<std::size_t>(hh * lt + i)];
+    gather(tl, t, h, static_cast<index_t>(r), rows);
+  }
+  std::vector<double> g(static_cast<std::size_t>(h * sq));
+  for (index_t i = 0; i < sq; ++i)
+    for (index_t hh = 0; hh < h; ++hh)
+      g[static_cast<std::size_t>(hh * sq + i)] = rows[static_cast<std::size_t>(i * h + hh)];
+  return g;
+}
 } // namespace
 
 TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-all, stream-form callbacks, events) equals the host path bit for bit") {
   // device_like_backend is a device backend to fpdt (no host tasks), so the layer takes the path
-  // it takes on cuda_backend with NCCL: jobs on its own worker, packs and unpacks as step ops on
-  // the comm stream, hand-overs by events, dout exchanged by a job. Everything runs on host
-  // threads here, so the result must equal the host path's bit for bit; the device peak must be
-  // the predicted one. CASES.md A3 (H = 16, H_kv = 2, P = 4: replicated key/value heads whose
-  // gradients are summed) is in the grid.
+  // it takes on cuda_backend with NCCL: exchanges enqueued on the comm stream from the caller's
+  // thread (pack and unpack as step ops, a stream-ordered all-to-all), hand-overs by events, the
+  // caller's stream-form callbacks called on the caller's thread. Everything runs on host threads
+  // here, so out, lse, dq, dk, dv must equal the host path's bit for bit; the device peak must be
+  // the predicted one, and the trace must time every exchange. CASES.md A3 (H = 16, H_kv = 2,
+  // P = 4: replicated key/value heads whose gradients are summed) is in the grid.
   struct grid_case {
     index_t ranks, h, hkv, u;
   };
@@ -436,30 +515,51 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
       bool const offload = g.u % 2 == 1;
       fpdt::fpdt_attention_options const o{.chunk = chunk, .offload = offload,
                                            .mask = causal ? fpdt::causal_mask : fpdt::full_mask};
+      auto tl = fpdt::token_layout::make(s.sq, g.ranks, chunk).value();
+      index_t const lt = tl.local_tokens();
+      auto const ru = static_cast<std::size_t>(g.ranks);
+      std::vector<std::vector<float>> lse_host(ru, std::vector<float>(static_cast<std::size_t>(g.h * lt), fnan)),
+          lse_dev = lse_host;
       std::vector<fpdt::status> st_host, st_dev;
       run_result const want = run_ranks(p, g.ranks, chunk, [&](fpdt::host_backend& be, fpdt::local_communicator& comm,
-                                                                index_t, rank_io& x, fpdt::token_layout const& tl) {
+                                                                index_t r, rank_io& x, fpdt::token_layout const&) -> fpdt::status {
         auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
             be, comm, {s.sq, g.h, g.hkv, d}, o, 0, fpdt::host_chunk_kernel{1});
         if (!layer) return layer.error();
-        return run_one(*layer, x, s, tl.local_tokens());
+        std::array<index_t, 3> const qe{lt, s.h, s.d}, ke{lt, s.hkv, s.d};
+        fpdt::tensor_source<float> src{fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                                       fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                                       fpdt::contiguous_view<float const>(x.v.data(), ke).value()};
+        fpdt::tensor_sink<float> snk{fpdt::contiguous_view(x.out.data(), qe).value(),
+                                     fpdt::contiguous_view(lse_host[static_cast<std::size_t>(r)].data(),
+                                                           std::array<index_t, 2>{s.h, lt}).value()};
+        FPDT_TRY(layer->forward(src, snk));
+        return layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                               fpdt::contiguous_view(x.dq.data(), qe).value(),
+                               fpdt::contiguous_view(x.dk.data(), ke).value(),
+                               fpdt::contiguous_view(x.dv.data(), ke).value());
       }, &st_host);
-      std::vector<int> calls(static_cast<std::size_t>(g.ranks), 0);
-      std::vector<char> peaks_ok(static_cast<std::size_t>(g.ranks), 0);
-      run_result const got = run_ranks<fpdt_test::device_like_backend>(
+      std::vector<int> calls(ru, 0);
+      std::vector<char> peaks_ok(ru, 0), threads_ok(ru, 0);
+      std::vector<fpdt::pipeline_trace> fwd_trace(ru), bwd_trace(ru);
+      run_result got = run_ranks<fpdt_test::device_like_backend>(
           p, g.ranks, chunk,
           [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
-              fpdt::token_layout const& tl) -> fpdt::status {
+              fpdt::token_layout const&) -> fpdt::status {
+            auto const ri = static_cast<std::size_t>(r);
             stream_local_communicator sc{&comm};
             auto layer = device_layer::create(be, sc, {s.sq, g.h, g.hkv, d}, o, 0, fpdt::host_chunk_kernel{1});
             if (!layer) return layer.error();
-            index_t const lt = tl.local_tokens();
             std::array<index_t, 3> const qe{lt, s.h, s.d}, ke{lt, s.hkv, s.d};
+            std::vector<std::thread::id> src_threads;
+            stream_source src{&be, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                              fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                              fpdt::contiguous_view<float const>(x.v.data(), ke).value(), &src_threads};
+            stream_sink snk{&be, fpdt::contiguous_view(x.out.data(), qe).value(),
+                            fpdt::contiguous_view(lse_dev[ri].data(), std::array<index_t, 2>{s.h, lt}).value()};
             be.device_memory().reset_peak();
-            FPDT_TRY(layer->forward(fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
-                                    fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
-                                    fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
-                                    fpdt::contiguous_view(x.out.data(), qe).value()));
+            FPDT_TRY(layer->forward(src, snk));
+            fwd_trace[ri] = layer->trace();
             bool ok = be.device_memory().peak_bytes() ==
                       layer->local_layer().predicted_forward_bytes() + layer->forward_exchange_bytes();
             be.device_memory().reset_peak();
@@ -467,10 +567,13 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
                                      fpdt::contiguous_view(x.dq.data(), qe).value(),
                                      fpdt::contiguous_view(x.dk.data(), ke).value(),
                                      fpdt::contiguous_view(x.dv.data(), ke).value()));
+            bwd_trace[ri] = layer->trace();
             ok = ok && be.device_memory().peak_bytes() ==
                            layer->local_layer().predicted_backward_bytes() + layer->backward_exchange_bytes();
-            peaks_ok[static_cast<std::size_t>(r)] = ok;
-            calls[static_cast<std::size_t>(r)] = sc.calls;
+            peaks_ok[ri] = ok;
+            calls[ri] = sc.calls;
+            threads_ok[ri] = src_threads.size() == static_cast<std::size_t>(g.u);
+            for (auto const& id : src_threads) threads_ok[ri] = threads_ok[ri] && id == std::this_thread::get_id();
             return {};
           },
           &st_dev);
@@ -478,72 +581,97 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
         REQUIRE_MESSAGE(x.ok(), x.to_string());
       for (auto const& x : st_dev)
         REQUIRE_MESSAGE(x.ok(), x.to_string());
-      check_global(got, p, causal, 1e-4);
+      std::vector<double> const lse_g = gather_lse(tl, g.h, lse_dev);
+      got.lse.assign(lse_g.begin(), lse_g.end());
+      run_options ro;
+      ro.mask = o.mask;
+      check_against_reference(got, reference_of(p, ro), p, 1e-4);
       CHECK(got.out == want.out);
+      CHECK(lse_dev == lse_host);
       CHECK(got.dq == want.dq);
       CHECK(got.dk == want.dk);
       CHECK(got.dv == want.dv);
       // Per chunk: q, k, v, out, lse in the forward; dq, dk, dv in the backward; and dout at each
       // fetch of the query-side bundle (with offload, once per chunk pair of the backward).
       index_t const dout_fetches = !offload ? g.u : (causal ? g.u * (g.u + 1) / 2 : g.u * g.u);
-      for (std::size_t r = 0; r < calls.size(); ++r) {
+      auto count = [](fpdt::pipeline_trace const& t, fpdt::step_kind k) {
+        std::size_t n = 0;
+        for (auto const& e : t.events)
+          if (e.on == fpdt::lane::comm && e.kind == k) {
+            ++n;
+            CHECK(e.begin_us >= 0); // timed with the backend's events
+            CHECK(e.end_us >= e.begin_us);
+          }
+        return n;
+      };
+      auto const uu = static_cast<std::size_t>(g.u);
+      for (std::size_t r = 0; r < ru; ++r) {
         CHECK(calls[r] == static_cast<int>(8 * g.u + dout_fetches));
         CHECK(peaks_ok[r]);
+        CHECK(threads_ok[r]); // stream-form callbacks run on the caller's thread, once per chunk
+        CHECK(count(fwd_trace[r], fpdt::step_kind::produce) == uu);
+        CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == uu);
+        CHECK(count(bwd_trace[r], fpdt::step_kind::fetch) == static_cast<std::size_t>(dout_fetches));
+        CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == 2 * uu);
       }
     }
 }
 
-namespace {
-// A stream-form sink that fails at chunk 1 of rank 1 (its work enqueued on the comm stream).
-struct failing_stream_sink {
-  fpdt_test::device_like_backend* be;
-  fpdt::tensor_view<float, 3> out;
-  int rank;
-  fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& o,
-                       fpdt::tensor_view<float const, 2> const&, fpdt_test::device_like_backend::stream_type& s) {
-    if (rank == 1 && c == 1) return fpdt::make_error(fpdt::errc::internal, "sink refuses chunk 1");
-    return fpdt::attention_step_ops<fpdt_test::device_like_backend>::copy_rows(*be, s, o, 0, out, first, o.extent(0));
-  }
-};
-struct stream_source {
-  fpdt_test::device_like_backend* be;
-  fpdt::tensor_view<float const, 3> q, k, v;
-  fpdt::status produce(index_t, index_t first, fpdt::tensor_view<float, 3> const& qc,
-                       fpdt::tensor_view<float, 3> const& kc, fpdt::tensor_view<float, 3> const& vc,
-                       fpdt_test::device_like_backend::stream_type& s) const {
-    using ops = fpdt::attention_step_ops<fpdt_test::device_like_backend>;
-    FPDT_TRY(ops::copy_rows(*be, s, q, first, qc, 0, qc.extent(0)));
-    FPDT_TRY(ops::copy_rows(*be, s, k, first, kc, 0, kc.extent(0)));
-    return ops::copy_rows(*be, s, v, first, vc, 0, vc.extent(0));
-  }
-};
-} // namespace
-
-TEST_CASE("sequence parallel attention: on the device path a failing sink on one rank fails every rank, and the layer runs again") {
+TEST_CASE("sequence parallel attention: on the device path a failing sink on one rank fails every rank promptly with the cause") {
+  // Rank 1's sink fails in the forward (chunk 1), or its gradient sink in the backward (dq or
+  // dk/dv, chunk 0 or 1). Rank 1 must report its own error (not an echo of it), the layer must
+  // abort the communicator so rank 0's pending exchanges fail at once (comm_error), not after the
+  // world's 20 s timeout.
   index_t const ranks = 2, chunk = 4, sq = 16;
   attn_shape const s{sq, sq, 4, 2, 8};
   auto p = random_problem<float>(s, 93);
-  std::vector<fpdt::status> st;
-  auto const t0 = std::chrono::steady_clock::now();
-  (void)run_ranks<fpdt_test::device_like_backend>(
-      p, ranks, chunk,
-      [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
-          fpdt::token_layout const& tl) -> fpdt::status {
-        stream_local_communicator sc{&comm};
-        auto layer = device_layer::create(be, sc, {sq, 4, 2, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
-        if (!layer) return layer.error();
-        std::array<index_t, 3> const qe{tl.local_tokens(), 4, 8}, ke{tl.local_tokens(), 2, 8};
-        stream_source src{&be, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
-                          fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
-                          fpdt::contiguous_view<float const>(x.v.data(), ke).value()};
-        failing_stream_sink snk{&be, fpdt::contiguous_view(x.out.data(), qe).value(), static_cast<int>(r)};
-        return layer->forward(src, snk);
-      },
-      &st);
-  CHECK(std::chrono::steady_clock::now() - t0 < 10s);
-  REQUIRE(st.size() == 2);
-  CHECK(st[1].code() == fpdt::errc::internal);
-  CHECK(st[1].message().find("sink refuses chunk 1") != std::string::npos);
-  CHECK_FALSE(st[0].ok()); // the peer's exchanges fail through the abort, not a timeout
-  CHECK(st[0].code() == fpdt::errc::comm_error);
+  struct fail_case {
+    bool backward, dkv;
+    index_t chunk;
+    bool causal, offload;
+  };
+  for (fail_case const fc : {fail_case{false, false, 1, true, true}, fail_case{true, false, 0, true, true},
+                             fail_case{true, true, 0, false, true}, fail_case{true, false, 1, false, false},
+                             fail_case{true, true, 1, true, false}}) {
+    CAPTURE(fc.backward);
+    CAPTURE(fc.dkv);
+    CAPTURE(fc.chunk);
+    CAPTURE(fc.causal);
+    CAPTURE(fc.offload);
+    std::vector<fpdt::status> st;
+    auto const t0 = std::chrono::steady_clock::now();
+    (void)run_ranks<fpdt_test::device_like_backend>(
+        p, ranks, chunk,
+        [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
+            fpdt::token_layout const& tl) -> fpdt::status {
+          stream_local_communicator sc{&comm};
+          auto layer = device_layer::create(be, sc, {sq, 4, 2, 8},
+                                            {.chunk = chunk, .offload = fc.offload,
+                                             .mask = fc.causal ? fpdt::causal_mask : fpdt::full_mask},
+                                            0, fpdt::host_chunk_kernel{1});
+          if (!layer) return layer.error();
+          index_t const lt = tl.local_tokens();
+          std::array<index_t, 3> const qe{lt, 4, 8}, ke{lt, 2, 8};
+          std::vector<float> lse(static_cast<std::size_t>(4 * lt));
+          stream_source src{&be, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                            fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                            fpdt::contiguous_view<float const>(x.v.data(), ke).value()};
+          stream_sink snk{&be, fpdt::contiguous_view(x.out.data(), qe).value(),
+                          fpdt::contiguous_view(lse.data(), std::array<index_t, 2>{4, lt}).value(),
+                          static_cast<int>(r), fc.backward ? -1 : 1, fc.chunk};
+          FPDT_TRY(layer->forward(src, snk));
+          stream_dout dsrc{&be, fpdt::contiguous_view<float const>(x.dout.data(), qe).value()};
+          stream_grads gs{&be, fpdt::contiguous_view(x.dq.data(), qe).value(),
+                          fpdt::contiguous_view(x.dk.data(), ke).value(),
+                          fpdt::contiguous_view(x.dv.data(), ke).value(), static_cast<int>(r),
+                          fc.backward ? 1 : -1, fc.chunk, fc.dkv};
+          return layer->backward(dsrc, gs);
+        },
+        &st);
+    CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+    REQUIRE(st.size() == 2);
+    CHECK(st[1].code() == fpdt::errc::internal);
+    CHECK(st[1].message().find("refuses chunk") != std::string::npos);
+    CHECK(st[0].code() == fpdt::errc::comm_error); // the peer's exchanges end through the abort
+  }
 }

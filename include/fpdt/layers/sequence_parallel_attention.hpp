@@ -28,19 +28,21 @@
 //!
 //! Device backends (`cuda_backend`, whose streams cannot run host tasks) take a
 //! `stream_communicator` (`nccl_communicator`): its all-to-alls are enqueued on the comm lane's
-//! device stream and matched across ranks by order, not tags. The jobs then run on a host worker
-//! thread of the layer and enqueue device work: the caller's stream-form source or sink on the
-//! comm stream, a pack kernel, the all-to-all, an unpack kernel (`attention_step_ops<B>::
-//! ulysses_pack`/`ulysses_unpack`, which sum replicated key/value gradients in rank order as the
-//! host does), then wait for the comm stream. Hand-overs between the per-rank layer's lanes and the
-//! comm stream are ordered by events: a job waits for the event recorded after the copy that
-//! freed its buffer. Every exchange, dout's included (on the host it runs on the h2d lane), is a
-//! job, so each rank issues its collectives in the schedule's order. The caller's callbacks must
-//! have the stream form (`fpdt::cuda::stream&`) and are called on the worker thread. A job that
-//! fails makes the pass's later jobs fail without communicating, so a rank never joins a
-//! collective out of order; NCCL cannot be aborted by fpdt (the caller owns the `ncclComm_t`), so
-//! after an error the caller must abort its communicator (`ncclCommAbort`) for the peers' pending
-//! exchanges to end.
+//! device stream and matched across ranks by order, not tags. There is no worker thread: while
+//! the per-rank layer enqueues its pass, this layer's adapters enqueue each exchange on the comm
+//! stream from the caller's thread (the caller's stream-form source or sink on the comm stream, a
+//! pack kernel, the all-to-all, an unpack kernel: `attention_step_ops<B>::ulysses_pack` /
+//! `ulysses_unpack`, which sum replicated key/value gradients in rank order as the host does), and
+//! events order the hand-overs both ways: the comm stream waits for the copy that filled or freed
+//! a buffer on a lane, and the lane waits for the exchange that filled its slot. Nothing blocks
+//! the host until the pass ends, so the all-to-all of chunk c + 1 runs beside chunk c's compute,
+//! and every rank issues its collectives in the schedule's order (dout's too, which on the host
+//! run on the h2d lane). The caller's callbacks need the stream form (`fpdt::cuda::stream&`) and
+//! are called on the caller's thread, in chunk order. After the first error of a pass nothing more
+//! is enqueued (so a rank never joins a collective out of order) and that error is returned. NCCL
+//! cannot be aborted by fpdt (the caller owns the `ncclComm_t`): after an error the caller must
+//! abort its communicator (`ncclCommAbort`) for the peers' pending exchanges to end; a
+//! communicator with an `abort(reason)` member is aborted by the layer, as on the host.
 #pragma once
 
 #include "../comm/communicator.hpp"
@@ -117,8 +119,8 @@ auto view3(V& v, index_t a, index_t b, index_t c) {
 template <class T, class Comm, class B = host_backend, class Kernel = host_chunk_kernel>
 class sequence_parallel_attention {
   // Host path: the comm lane's jobs are host tasks on the backend's comm stream and exchange with
-  // a tagged, blocking `communicator`. Device path: the jobs run on the layer's own host worker
-  // and enqueue the exchange on the backend's comm stream (see the file comment).
+  // a tagged, blocking `communicator`. Device path: the exchanges are enqueued on the backend's
+  // comm stream from the caller's thread, ordered by events (see the file comment).
   static constexpr bool host_path = runs_host_tasks_in_order<B>;
   using stream_t = typename B::stream_type;
   static_assert(!host_path || communicator<Comm>,
@@ -169,11 +171,16 @@ public:
     if (!lane_stream) return lane_stream.error();
     auto cl = std::make_unique<comm_lane>(be, std::move(*lane_stream));
     if constexpr (!host_path) {
-      cl->worker.emplace("sequence_parallel_attention comm jobs");
-      for (auto* e : {&cl->ev_src, &cl->ev_dout, &cl->ev_slot[0], &cl->ev_slot[1]}) {
+      for (auto* e : {&cl->ev_src, &cl->ev_pq, &cl->ev_dout_free, &cl->ev_dout_ready, &cl->ev_in[0],
+                      &cl->ev_in[1], &cl->ev_free[0], &cl->ev_free[1]}) {
         auto ev = be.create_event();
         if (!ev) return ev.error();
         e->emplace(std::move(*ev));
+      }
+      if constexpr (times_steps_with_events<B>) {
+        auto ev = be.create_event(true);
+        if (!ev) return ev.error();
+        cl->t_start.emplace(std::move(*ev));
       }
     }
     return result<sequence_parallel_attention>(
@@ -187,11 +194,12 @@ public:
   //! chunks to `sink` (a `chunk_sink`; its lse view is `[H, C/P]`). Errors: those of the per-rank
   //! layer and of the communicator (a peer's failure or a timeout, within the world's timeout).
   //! On a device backend the source and sink must have the stream form (a last
-  //! `B::stream_type&` parameter: enqueue on it); they are called on the layer's comm worker thread.
+  //! `B::stream_type&` parameter, the comm stream: enqueue on it); they are called on the
+  //! caller's thread while the pass is enqueued.
   template <class Source, class Sink>
     requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    lane_->begin_pass();
+    if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = allocate_forward(); !st.ok()) return finish(st);
     if constexpr (host_path) {
       source_adapter<Source> src{this, &source};
@@ -235,7 +243,7 @@ public:
   template <class Dout, class Sink>
     requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    lane_->begin_pass();
+    if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = allocate_backward(); !st.ok()) return finish(st);
     if constexpr (host_path) {
       dout_adapter<Dout> src{this, &dout};
@@ -278,8 +286,10 @@ public:
   [[nodiscard]] fpdt_attention<T, B, Kernel> const& local_layer() const noexcept { return inner_; }
   //! The last pass: the per-rank layer's steps plus this layer's comm-lane steps (`produce`:
   //! a chunk's source and q/k/v all-to-alls; `sink`: an output or gradient exchange and the
-  //! caller's sink), on the same clock to within the few microseconds between the two starts.
-  //! Valid after a pass has returned.
+  //! caller's sink; on a device backend also `fetch`: a dout exchange), on the same clock to
+  //! within the few microseconds between the two starts (on a device backend both are timed with
+  //! the backend's events, from a start event on the compute and on the comm stream; untimed (-1)
+  //! where the backend has no timing events). Valid after a pass has returned.
   [[nodiscard]] pipeline_trace trace() const {
     pipeline_trace t = inner_.trace();
     t.events.insert(t.events.end(), lane_->events.begin(), lane_->events.end());
@@ -287,26 +297,36 @@ public:
   }
   //! The head sharding.
   [[nodiscard]] ulysses_layout const& layout() const noexcept { return layout_; }
-  //! Output or gradient exchange jobs that may wait on the comm lane at once.
+  //! Output or gradient exchanges that may be in flight on the comm lane at once (exchange slots).
   static constexpr std::size_t max_in_flight = 2;
 
 private:
-  // The comm lane: a stream of the backend and the jobs queued on it. Only the compute lane's
-  // worker queues and waits for jobs while a pass runs; the caller's thread drains them after.
+  // The comm lane: a stream of the backend and what is queued on it. Host path: only the lanes'
+  // workers queue and wait for jobs while a pass runs; the caller's thread drains them after.
   struct comm_lane {
     comm_lane(B& backend, typename B::stream_type&& st) : be(&backend), stream(std::move(st)) {}
     B* be;
-    // Host path: runs the jobs. Device path: the stream the jobs enqueue their device work on.
+    // Host path: runs the jobs. Device path: the stream the exchanges are enqueued on.
     typename B::stream_type stream;
-    // Device path only: the host worker that runs the jobs, and the events that order the
-    // hand-overs: ev_src after the copies out of pq, pk, pv; ev_dout where the dout slot is free
-    // on the h2d lane; ev_slot[i] after the copy into output slot i.
-    std::optional<host::stream> worker;
-    std::optional<typename B::event_type> ev_src, ev_dout;
-    std::array<std::optional<typename B::event_type>, 2> ev_slot;
-    bool failed = false;       // device path: a job of this pass failed (written by the worker only)
-    bool src_recorded = false; // device path: ev_src has been recorded in this pass
-    detail::sp::buffer<std::byte> send, recv; // device path: the all-to-all's packed blocks
+    // Device path only (see the file comment), all used on the caller's thread at enqueue time.
+    // Events ordering the hand-overs: ev_src after the copies out of pq, pk, pv (on the lane that
+    // copies); ev_pq after the exchanges into them (comm stream); ev_dout_free where the dout slot
+    // is free (h2d lane); ev_dout_ready after the exchange into it (comm stream); ev_in[i] after
+    // the copy into output slot i; ev_free[i] after slot i's exchange and the caller's sink.
+    using event_type = typename B::event_type;
+    std::optional<event_type> ev_src, ev_pq, ev_dout_free, ev_dout_ready;
+    std::array<std::optional<event_type>, 2> ev_in, ev_free;
+    bool src_recorded = false;             // ev_src recorded in this pass
+    std::array<bool, 2> slot_used{};       // ev_free[i] recorded in this pass
+    index_t prefetched = -1;               // the chunk whose q, k, v exchange is enqueued
+    status failure;                        // the pass's first error: later exchanges are skipped
+    detail::sp::buffer<std::byte> send, recv; // the all-to-all's packed blocks
+    // Timing (backends that time with events): a start event on the comm stream, two per
+    // exchange step, read when the pass is drained.
+    std::optional<event_type> t_start;
+    std::vector<event_type> t_events;
+    std::size_t t_used = 0;
+    std::vector<std::pair<trace_event, std::size_t>> timed; // step, index of its begin event
     //! One exchange queued on the lane.
     struct job {
       index_t chunk = -1;        //!< the chunk it exchanges
@@ -335,39 +355,31 @@ private:
       auto task = std::make_shared<std::packaged_task<status()>>(
           [this, fn_ = std::forward<F>(fn), kind, i, jj, bytes]() mutable -> status {
             trace_event e{kind, lane::comm, static_cast<std::int32_t>(i), static_cast<std::int32_t>(jj), bytes, since(), -1};
-            status st;
-            if constexpr (host_path) {
-              st = fn_();
-            } else if (failed) {
-              // A collective skipped on this rank must not be matched with the next one.
-              st = make_error(errc::comm_error, "sequence_parallel_attention: exchange skipped, an "
-                                                "earlier exchange of this pass failed on this rank");
-            } else {
-              st = fn_();
-              failed = !st.ok();
-            }
+            status st = fn_();
             e.end_us = since();
             events.push_back(e);
             return st;
           });
       j.done = task->get_future();
-      status st;
-      if constexpr (host_path)
-        st = be->launch(stream, [task] { (*task)(); });
-      else
-        worker->enqueue([task] { (*task)(); });
+      status st = be->launch(stream, [task] { (*task)(); });
       if (!st.ok()) j.done = {}; // never runs: nobody may wait for it
       return st;
     }
     [[nodiscard]] double since() const noexcept {
       return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     }
-    void begin_pass() {
+    [[nodiscard]] status begin_pass() {
+      if constexpr (!host_path && times_steps_with_events<B>) FPDT_TRY(be->record(*t_start, stream));
       t0 = std::chrono::steady_clock::now();
       events.clear();
       next_slot = 0;
-      failed = false;
       src_recorded = false;
+      slot_used = {};
+      prefetched = -1;
+      failure = {};
+      t_used = 0;
+      timed.clear();
+      return {};
     }
     // Waits for every queued job (the first error wins), then frees the pass's buffers.
     [[nodiscard]] status drain() {
@@ -381,9 +393,20 @@ private:
       prefetch.reset();
       for (auto& j : outputs) take(j);
       outputs.clear();
-      if constexpr (!host_path) { // device work a failed job left queued, before its buffers go
+      if constexpr (!host_path) { // the pass's exchanges, before their buffers go
         status const st = be->synchronize(stream);
         if (first.ok() && !st.ok()) first = st;
+        if constexpr (times_steps_with_events<B>)
+          if (st.ok())
+            for (auto& [e, b] : timed) {
+              auto t0e = elapsed_seconds(*t_start, t_events[b]);
+              auto t1e = elapsed_seconds(*t_start, t_events[b + 1]);
+              if (t0e && t1e) {
+                e.begin_us = *t0e * 1e6;
+                e.end_us = *t1e * 1e6;
+              }
+              events.push_back(e);
+            }
       }
       send = {};
       recv = {};
@@ -710,11 +733,12 @@ private:
     }
   };
 
-  // ----- Device path (see the file comment) -----
+  // ----- Device path (see the file comment): everything below runs on the caller's thread
+  // while the per-rank layer enqueues its pass, and only enqueues work. -----
 
-  // One Ulysses all-to-all of `src` into `dst` on the comm lane's device stream: pack the blocks
-  // into the send buffer, the communicator's stream-ordered all-to-all, unpack (summing replicated
-  // key/value heads in head_to_seq). Called from jobs only, so exchanges are serialized.
+  // One Ulysses all-to-all of `src` into `dst` on the comm stream: pack the blocks into the send
+  // buffer, the communicator's stream-ordered all-to-all, unpack (summing replicated key/value
+  // heads in head_to_seq).
   template <class U>
   [[nodiscard]] status exchange(ulysses_layout const& l, head_kind kind, bool to_heads,
                                 tensor_view<U const, 3> const& src, tensor_view<U, 3> const& dst) {
@@ -736,211 +760,249 @@ private:
     return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
   }
 
-  // Queues chunk c's source job: after the copies out of pq, pk, pv of the previous chunk
-  // (`after_copies`), the caller's stream-form source writes local chunk c, then the q, k, v
-  // all-to-alls fill pq, pk, pv; the job ends when the comm stream has done all of it.
-  template <class Source>
-  [[nodiscard]] status start_prefetch_device(Source const* user, index_t c, bool after_copies) {
+  // Runs `fn`, which enqueues on the comm stream, as the comm lane's traced step `kind`. The
+  // pass's first error is kept: once one call failed, later ones enqueue nothing (a collective
+  // skipped on this rank must not be matched with its next one) and return that error.
+  template <class F>
+  [[nodiscard]] status device_step(step_kind kind, index_t i, index_t j, std::uint64_t bytes, F&& fn) {
     auto& ln = *lane_;
-    ln.prefetch.emplace();
-    auto& j = *ln.prefetch;
-    j.chunk = c;
+    if (!ln.failure.ok()) return ln.failure;
+    status st = [&]() -> status {
+      std::size_t b = 0;
+      if constexpr (times_steps_with_events<B>) {
+        while (ln.t_events.size() < ln.t_used + 2) {
+          auto e = ln.be->create_event(true);
+          if (!e) return e.error();
+          ln.t_events.push_back(std::move(*e));
+        }
+        b = ln.t_used;
+        ln.t_used += 2;
+        FPDT_TRY(ln.be->record(ln.t_events[b], ln.stream));
+      }
+      FPDT_TRY(fn());
+      if constexpr (times_steps_with_events<B>) {
+        FPDT_TRY(ln.be->record(ln.t_events[b + 1], ln.stream));
+        ln.timed.emplace_back(trace_event{kind, lane::comm, static_cast<std::int32_t>(i),
+                                          static_cast<std::int32_t>(j), bytes, -1, -1},
+                              b);
+      } else {
+        ln.events.push_back(trace_event{kind, lane::comm, static_cast<std::int32_t>(i),
+                                        static_cast<std::int32_t>(j), bytes, -1, -1});
+      }
+      return {};
+    }();
+    if (!st.ok()) ln.failure = st;
+    return st;
+  }
+  // Keeps the pass's first error from a hand-over step outside device_step (copies, records).
+  [[nodiscard]] status noted(status st) {
+    if (!st.ok() && lane_->failure.ok()) lane_->failure = st;
+    return st;
+  }
+
+  // Enqueues chunk c's q, k, v on the comm stream: after the copies out of pq, pk, pv of the
+  // previous chunk (ev_src), the caller's stream-form source writes local chunk c, the q, k, v
+  // all-to-alls fill pq, pk, pv, then ev_pq.
+  template <class Source> [[nodiscard]] status enqueue_prefetch(Source const* user, index_t c) {
     std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
-    return ln.launch(j, step_kind::produce, c, c, bytes, [this, user, c, after_copies]() -> status {
+    return device_step(step_kind::produce, c, c, bytes, [&]() -> status {
       auto const& lay = layout_;
-      auto& lane = *lane_;
-      if (after_copies) FPDT_TRY(lane.be->wait(lane.stream, *lane.ev_src));
+      auto& ln = *lane_;
+      if (ln.src_recorded) FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_src));
       index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
                     hk = lay.heads_per_rank(head_kind::key_value);
-      T* base = lane.tmp.data();
+      T* base = ln.tmp.data();
       auto qv = contiguous_view(base, std::array<index_t, 3>{pc, lay.heads, d}).value();
       auto kv = contiguous_view(base + local(lay.heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
       auto vv = contiguous_view(base + local(lay.heads + lay.kv_heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-      FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv, lane.stream); },
+      FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv, ln.stream); },
                                       "chunk source, chunk ", c));
-      FPDT_TRY(exchange<T>(lay, head_kind::query, true, qv, detail::sp::view3(lane.pq, lay.chunk, hq, d)));
-      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, kv, detail::sp::view3(lane.pk, lay.chunk, hk, d)));
-      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, vv, detail::sp::view3(lane.pv, lay.chunk, hk, d)));
-      return lane.be->synchronize(lane.stream);
+      FPDT_TRY(exchange<T>(lay, head_kind::query, true, qv, detail::sp::view3(ln.pq, lay.chunk, hq, d)));
+      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, kv, detail::sp::view3(ln.pk, lay.chunk, hk, d)));
+      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, vv, detail::sp::view3(ln.pv, lay.chunk, hk, d)));
+      FPDT_TRY(ln.be->record(*ln.ev_pq, ln.stream));
+      ln.prefetched = c;
+      return {};
     });
   }
 
-  // Chunk c on the lane's stream s: wait for its job (queued while chunk c - 1 was handed over),
-  // copy the global q, k, v chunk into the layer's slots on s, record ev_src, queue chunk c + 1's.
+  // Device path: the next output slot for stream s, once the exchange that last read it is done.
+  [[nodiscard]] result<std::size_t> take_slot(stream_t& s) {
+    auto& ln = *lane_;
+    auto const i = static_cast<std::size_t>(ln.next_slot);
+    ln.next_slot = (ln.next_slot + 1) % static_cast<int>(max_in_flight);
+    if (ln.slot_used[i]) FPDT_TRY(ln.be->wait(s, *ln.ev_free[i]));
+    return i;
+  }
+  // Device path: slot i was filled on s; its exchange may start.
+  [[nodiscard]] status fill_slot(stream_t& s, std::size_t i) {
+    auto& ln = *lane_;
+    FPDT_TRY(ln.be->record(*ln.ev_in[i], s));
+    ln.slot_used[i] = true;
+    return {};
+  }
+
+  // Chunk c on stream s: its q, k, v exchange (enqueued with chunk c - 1, or now) is waited for
+  // (ev_pq), copied into the layer's slots on s (then ev_src), and chunk c + 1's is enqueued.
   template <class Source> struct device_source_adapter {
     sequence_parallel_attention* self;
     Source const* user;
     [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k,
                                  tensor_view<T, 3> const& v, stream_t& s) const {
       using ops = attention_step_ops<B>;
-      auto& lane = *self->lane_;
+      auto& ln = *self->lane_;
+      if (!ln.failure.ok()) return ln.failure;
+      if (ln.prefetched != c) FPDT_TRY(self->enqueue_prefetch(user, c)); // first chunk, or out of order
+      ln.prefetched = -1;
       auto const& l = self->layout_;
-      if (!lane.prefetch || lane.prefetch->chunk != c) { // out of order: wait for the lane, then fetch c
-        if (lane.prefetch && lane.prefetch->done.valid()) (void)lane.prefetch->done.get();
-        lane.prefetch.reset();
-        FPDT_TRY(self->start_prefetch_device(user, c, lane.src_recorded));
-      }
-      status st = lane.prefetch->done.valid() ? lane.prefetch->done.get()
-                                              : make_error(errc::internal, "comm lane: chunk ", c, " was not queued");
-      lane.prefetch.reset();
-      FPDT_TRY(st);
       index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
-      B& be = *lane.be;
-      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pq, l.chunk, hq, d)), 0, q, 0, l.chunk));
-      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pk, l.chunk, hk, d)), 0, k, 0, l.chunk));
-      FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(lane.pv, l.chunk, hk, d)), 0, v, 0, l.chunk));
-      FPDT_TRY(be.record(*lane.ev_src, s));
-      lane.src_recorded = true;
-      if (c + 1 < self->shape_.sequence / l.chunk) FPDT_TRY(self->start_prefetch_device(user, c + 1, true));
+      B& be = *ln.be;
+      status const st = [&]() -> status {
+        FPDT_TRY(be.wait(s, *ln.ev_pq));
+        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pq, l.chunk, hq, d)), 0, q, 0, l.chunk));
+        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pk, l.chunk, hk, d)), 0, k, 0, l.chunk));
+        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pv, l.chunk, hk, d)), 0, v, 0, l.chunk));
+        FPDT_TRY(be.record(*ln.ev_src, s));
+        ln.src_recorded = true;
+        return {};
+      }();
+      FPDT_TRY(self->noted(st));
+      if (c + 1 < self->shape_.sequence / l.chunk) return self->enqueue_prefetch(user, c + 1);
       return {};
     }
   };
 
-  // Chunk c's out and lse are copied into a free exchange slot on s (ev_slot after them); the
-  // job exchanges them on the comm stream and hands the local chunk to the caller's sink there.
+  // Chunk c's out and lse are copied on s into a free output slot; the comm stream exchanges them
+  // and hands the local chunk to the caller's stream-form sink, then frees the slot.
   template <class Sink> struct device_sink_adapter {
     sequence_parallel_attention* self;
     Sink* user;
     [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
                                  tensor_view<float const, 2> const& lse, stream_t& s) {
       using ops = attention_step_ops<B>;
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
+      auto& ln = *self->lane_;
+      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      int const slot = j.slot;
-      auto const si = static_cast<std::size_t>(slot);
-      B& be = *lane.be;
-      FPDT_TRY(ops::copy_rows(be, s, out, 0, detail::sp::view3(lane.out[si], l.chunk, hr, d), 0, l.chunk));
-      auto fb = contiguous_view(lane.f[si].data(), std::array<index_t, 2>{hr, l.chunk}).value();
-      FPDT_TRY(ops::copy_columns(be, s, lse, 0, fb, 0, l.chunk));
-      FPDT_TRY(be.record(*lane.ev_slot[si], s));
-      sequence_parallel_attention* me = self;
-      Sink* u = user;
+      auto si = self->take_slot(s);
+      if (!si) return self->noted(si.error());
+      std::size_t const i = *si;
+      auto fb = contiguous_view(ln.f[i].data(), std::array<index_t, 2>{hr, l.chunk}).value();
+      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, out, 0, detail::sp::view3(ln.out[i], l.chunk, hr, d), 0, l.chunk)));
+      FPDT_TRY(self->noted(ops::copy_columns(*ln.be, s, lse, 0, fb, 0, l.chunk)));
+      FPDT_TRY(self->noted(self->fill_slot(s, i)));
       std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
-      return lane.launch(j, step_kind::sink, c, -1, bytes, [me, u, c, d, hr, si]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+      sequence_parallel_attention* me = self;
+      return self->device_step(step_kind::sink, c, -1, bytes, [&]() -> status {
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
         index_t const pc = me->piece();
-        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
-        FPDT_TRY(me->template exchange<T>(lay, head_kind::query, false,
-                                          tensor_view<T const, 3>(detail::sp::view3(ln.out[si], lay.chunk, hr, d)), ov));
+        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
+        FPDT_TRY(me->template exchange<T>(l, head_kind::query, false,
+                                          tensor_view<T const, 3>(detail::sp::view3(ln.out[i], l.chunk, hr, d)), ov));
         // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
-        auto lse3 = make_tensor_view<float const>(ln.f[si].data(), std::array<index_t, 3>{lay.chunk, hr, 1},
-                                                  std::array<index_t, 3>{1, lay.chunk, 1});
+        auto lse3 = make_tensor_view<float const>(ln.f[i].data(), std::array<index_t, 3>{l.chunk, hr, 1},
+                                                  std::array<index_t, 3>{1, l.chunk, 1});
         if (!lse3) return lse3.error();
-        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, 1},
+        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, 1},
                                        std::array<index_t, 3>{1, pc, 1});
         if (!local3) return local3.error();
-        ulysses_layout one = lay;
+        ulysses_layout one = l;
         one.head_dim = 1;
         FPDT_TRY(me->template exchange<float>(one, head_kind::query, false, *lse3, *local3));
-        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{lay.heads, pc}).value();
+        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{l.heads, pc}).value();
         FPDT_TRY(detail::layer::guarded(
-            [&] { return u->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local, ln.stream); },
+            [&] { return user->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local, ln.stream); },
             "chunk sink, chunk ", c));
-        return ln.be->synchronize(ln.stream);
+        return ln.be->record(*ln.ev_free[i], ln.stream);
       });
     }
   };
 
-  // dout of chunk c: a job (so every collective is issued in one order), after the h2d lane's
-  // slot is free (ev_dout): the caller's local chunk, then its all-to-all straight into the slot.
-  // The h2d lane's enqueuing waits for the job, so the slot is written when the step returns.
+  // dout of chunk c: the h2d lane's slot is free from here on s (ev_dout_free); the comm stream
+  // writes the caller's local chunk and exchanges it straight into the slot (ev_dout_ready),
+  // which s waits for.
   template <class Dout> struct device_dout_adapter {
     sequence_parallel_attention* self;
     Dout const* user;
     [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout, stream_t& s) const {
-      auto& lane = *self->lane_;
-      FPDT_TRY(lane.be->record(*lane.ev_dout, s));
+      auto& ln = *self->lane_;
+      if (!ln.failure.ok()) return ln.failure;
+      FPDT_TRY(self->noted(ln.be->record(*ln.ev_dout_free, s)));
       sequence_parallel_attention* me = self;
-      Dout const* u = user;
-      typename comm_lane::job j;
-      j.chunk = c;
-      status const queued = lane.launch(j, step_kind::fetch, c, -1, self->q_chunk() * sizeof(T), [me, u, c, dout]() -> status {
+      status const exchanged = self->device_step(step_kind::fetch, c, -1, self->q_chunk() * sizeof(T), [&]() -> status {
         auto const& l = me->layout_;
-        auto& ln = *me->lane_;
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_dout));
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_dout_free));
         index_t const pc = me->piece();
         auto dv = contiguous_view(ln.dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
-        FPDT_TRY(detail::layer::guarded([&] { return u->produce_dout(c, c * pc, dv, ln.stream); },
+        FPDT_TRY(detail::layer::guarded([&] { return user->produce_dout(c, c * pc, dv, ln.stream); },
                                         "dout source, chunk ", c));
         FPDT_TRY(me->template exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv), dout));
-        return ln.be->synchronize(ln.stream);
+        return ln.be->record(*ln.ev_dout_ready, ln.stream);
       });
-      if (!queued.ok()) return queued;
-      return j.done.get();
+      if (!exchanged.ok()) return exchanged;
+      return self->noted(ln.be->wait(s, *ln.ev_dout_ready));
     }
   };
 
-  // Gradients of chunk c are copied into a free exchange slot on s (ev_slot after them); the job
-  // exchanges them on the comm stream and hands the local chunks to the caller's gradient sink.
+  // Gradients of chunk c are copied on s into a free slot; the comm stream exchanges them and
+  // hands the local chunks to the caller's stream-form gradient sink, then frees the slot.
   template <class Sink> struct device_grad_adapter {
     sequence_parallel_attention* self;
     Sink* user;
     [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g, stream_t& s) {
       using ops = attention_step_ops<B>;
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
+      auto& ln = *self->lane_;
+      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto const si = static_cast<std::size_t>(j.slot);
-      FPDT_TRY(ops::copy_rows(*lane.be, s, g, 0, detail::sp::view3(lane.f[si], l.chunk, hr, d), 0, l.chunk));
-      FPDT_TRY(lane.be->record(*lane.ev_slot[si], s));
+      auto si = self->take_slot(s);
+      if (!si) return self->noted(si.error());
+      std::size_t const i = *si;
+      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, g, 0, detail::sp::view3(ln.f[i], l.chunk, hr, d), 0, l.chunk)));
+      FPDT_TRY(self->noted(self->fill_slot(s, i)));
       sequence_parallel_attention* me = self;
-      Sink* u = user;
-      return lane.launch(j, step_kind::sink, c, -1, self->q_chunk() * 4, [me, u, c, d, hr, si]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+      return self->device_step(step_kind::sink, c, -1, self->q_chunk() * 4, [&]() -> status {
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
         index_t const pc = me->piece();
-        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
-        FPDT_TRY(me->template exchange<float>(lay, head_kind::query, false,
-                                              tensor_view<float const, 3>(detail::sp::view3(ln.f[si], lay.chunk, hr, d)), v));
+        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
+        FPDT_TRY(me->template exchange<float>(l, head_kind::query, false,
+                                              tensor_view<float const, 3>(detail::sp::view3(ln.f[i], l.chunk, hr, d)), v));
         FPDT_TRY(detail::layer::guarded(
-            [&] { return u->consume_dq(c, c * pc, tensor_view<float const, 3>(v), ln.stream); },
+            [&] { return user->consume_dq(c, c * pc, tensor_view<float const, 3>(v), ln.stream); },
             "gradient sink, dq chunk ", c));
-        return ln.be->synchronize(ln.stream);
+        return ln.be->record(*ln.ev_free[i], ln.stream);
       });
     }
     [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
                                      tensor_view<float const, 3> const& gv, stream_t& s) {
       using ops = attention_step_ops<B>;
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
+      auto& ln = *self->lane_;
+      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
-      auto const si = static_cast<std::size_t>(j.slot);
-      float* slot_base = lane.f[si].data();
+      auto si = self->take_slot(s);
+      if (!si) return self->noted(si.error());
+      std::size_t const i = *si;
+      float* slot_base = ln.f[i].data();
       std::size_t const half = self->kv_chunk();
-      FPDT_TRY(ops::copy_rows(*lane.be, s, gk, 0, contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk));
-      FPDT_TRY(ops::copy_rows(*lane.be, s, gv, 0, contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk));
-      FPDT_TRY(lane.be->record(*lane.ev_slot[si], s));
+      auto gk_slot = contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value();
+      auto gv_slot = contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value();
+      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, gk, 0, gk_slot, 0, l.chunk)));
+      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, gv, 0, gv_slot, 0, l.chunk)));
+      FPDT_TRY(self->noted(self->fill_slot(s, i)));
       sequence_parallel_attention* me = self;
-      Sink* u = user;
-      return lane.launch(j, step_kind::sink, -1, c, 2 * half * 4, [me, u, c, d, hr, si, slot_base, half]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_slot[si]));
+      return self->device_step(step_kind::sink, -1, c, 2 * half * 4, [&]() -> status {
+        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
         index_t const pc = me->piece();
-        std::size_t const lk = me->local(lay.kv_heads);
-        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-        FPDT_TRY(me->template exchange<float>(lay, head_kind::key_value, false,
-                                              contiguous_view<float const>(slot_base, std::array<index_t, 3>{lay.chunk, hr, d}).value(), kv));
-        FPDT_TRY(me->template exchange<float>(lay, head_kind::key_value, false,
-                                              contiguous_view<float const>(slot_base + half, std::array<index_t, 3>{lay.chunk, hr, d}).value(), vv));
+        std::size_t const lk = me->local(l.kv_heads);
+        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+        FPDT_TRY(me->template exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gk_slot), kv));
+        FPDT_TRY(me->template exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gv_slot), vv));
         FPDT_TRY(detail::layer::guarded(
-            [&] { return u->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv), ln.stream); },
+            [&] { return user->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv), ln.stream); },
             "gradient sink, dk/dv chunk ", c));
-        return ln.be->synchronize(ln.stream);
+        return ln.be->record(*ln.ev_free[i], ln.stream);
       });
     }
   };
