@@ -318,6 +318,29 @@ template <class Fx> void ulysses_pack_unpack_match_formula() {
             CHECK(same_bits(gl[static_cast<std::size_t>((t * ht + head) * d + x)], want));
           }
     }
+  // The lse exchange of sequence_parallel_attention: D = 1 and transposed views on both sides,
+  // [H/P, C] read as [C, H/P, 1] (strides {1, C, 1}) and [H, C/P] written as [C/P, H, 1].
+  auto const one = fpdt::ulysses_layout::make(4, 8, 8, 1, 8).value();
+  index_t const c = one.chunk, pc = one.piece(), hr = one.heads_per_rank(fpdt::head_kind::query);
+  std::vector<float> const lse = normal(static_cast<std::size_t>(hr * c), 62); // [hr, C]
+  auto dl = upload(*be, s, lse);
+  fpdt::tensor_view<float const, 3> const in(dl.template as<float const>(), {c, hr, 1}, {1, c, 1});
+  std::size_t const n = static_cast<std::size_t>(c * hr);
+  auto dsend = upload(*be, s, std::vector<float>(n, -7.0f));
+  FPDT_TEST_OK(ops::ulysses_pack(*be, s, in, dsend.template as<float>(),
+                                 fpdt::ulysses_blocks::head_side(one, fpdt::head_kind::query)));
+  auto dloc = upload(*be, s, std::vector<float>(static_cast<std::size_t>(one.heads * pc), -7.0f));
+  fpdt::tensor_view<float, 3> const loc(dloc.template as<float>(), {pc, one.heads, 1}, {1, pc, 1});
+  // Unpacking the packed blocks as if they had come back (P = 4 blocks of [pc, hr]) into the
+  // local side: block r lands on heads [r hr, (r + 1) hr).
+  FPDT_TEST_OK(ops::ulysses_unpack(*be, s, dsend.template as<float const>(), loc,
+                                   fpdt::ulysses_blocks::local_side(one, fpdt::head_kind::query)));
+  auto const got = download<float>(*be, s, dloc.data(), static_cast<std::size_t>(one.heads * pc));
+  for (index_t r = 0; r < 4; ++r)
+    for (index_t t = 0; t < pc; ++t)
+      for (index_t hh = 0; hh < hr; ++hh) // block r held tokens [r pc, (r + 1) pc) of head hh
+        CHECK(same_bits(got[static_cast<std::size_t>((r * hr + hh) * pc + t)],
+                        lse[static_cast<std::size_t>(hh * c + r * pc + t)]));
 }
 
 } // namespace fpdt_test::step_ops
