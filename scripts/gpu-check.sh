@@ -5,9 +5,11 @@
 # cudaMemcpyAsync; the FPDT layer with offload on versus off at C = 64K). Target: under 8 minutes.
 #
 # Usage: scripts/gpu-check.sh [OUTDIR]
-#   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests, fpdt-cuda-bench and (if there) fpdt-nccl-tests from DIR
+#   FPDT_GPU_BIN=DIR  take fpdt-cuda-tests, fpdt-cuda-bench and (if there) fpdt-nccl-tests and
+#                     fpdt-attention-gpu from DIR
 #                     instead of building (build them elsewhere with: cmake --preset default &&
-#                     cmake --build build/default --target fpdt-cuda-tests fpdt-cuda-bench fpdt-nccl-tests)
+#                     cmake --build build/default --target fpdt-cuda-tests fpdt-cuda-bench fpdt-nccl-tests
+#                     fpdt-attention-gpu)
 #   FPDT_GPU_LIB=DIR  prepended to LD_LIBRARY_PATH (e.g. a carried libbenchmark)
 # Logs and JSON go to OUTDIR (default build/gpu-check).
 set -uo pipefail
@@ -28,14 +30,16 @@ else
     cmake --build build/gpu -j"$(nproc)" --target fpdt-cuda-tests fpdt-cuda-bench >"$out/build.log" 2>&1 ||
     { echo "gpu-check: build failed (see $out/build.log)"; tail -30 "$out/build.log"; exit 1; }
   # NCCL's tests (sequence_parallel_attention on the GPU) where NCCL was found.
-  cmake --build build/gpu -j"$(nproc)" --target fpdt-nccl-tests >>"$out/build.log" 2>&1 || true
+  cmake --build build/gpu -j"$(nproc)" --target fpdt-nccl-tests fpdt-attention-gpu >>"$out/build.log" 2>&1 || true
   bin=build/gpu
+  [[ -x $bin/examples/fpdt-attention-gpu ]] && bin_example=$bin/examples/fpdt-attention-gpu
   [[ -x $bin/tests/fpdt-cuda-tests ]] && bin_tests=$bin/tests/fpdt-cuda-tests
   [[ -x $bin/tests/fpdt-nccl-tests ]] && bin_nccl=$bin/tests/fpdt-nccl-tests
   [[ -x $bin/bench/fpdt-cuda-bench ]] && bin_bench=$bin/bench/fpdt-cuda-bench
 fi
 bin_tests=${bin_tests:-$bin/fpdt-cuda-tests}
 bin_nccl=${bin_nccl:-$bin/fpdt-nccl-tests}
+bin_example=${bin_example:-$bin/fpdt-attention-gpu}
 bin_bench=${bin_bench:-$bin/fpdt-cuda-bench}
 
 echo "=== GPU tests ==="
@@ -52,6 +56,15 @@ if [[ -x $bin_nccl ]]; then
   elif [[ $tests_rc == 0 && $nccl_rc != 0 ]]; then
     tests_rc=$nccl_rc
   fi
+fi
+
+if [[ -x $bin_example ]]; then
+  echo "=== fpdt-attention-gpu (sequence_parallel_attention, NCCL, every GPU) against float64 ==="
+  timeout 120 "$bin_example" --seq 2048 --chunk 512 --heads 8 --kv-heads 2 --head-dim 128 --check 2>&1 |
+    tee "$out/example.log" | tail -8
+  example_rc=${PIPESTATUS[0]}
+  echo "fpdt-attention-gpu exit code: $example_rc"
+  [[ $example_rc != 127 && $tests_rc == 0 && $example_rc != 0 ]] && tests_rc=$example_rc
 fi
 
 echo "=== GPU benchmarks ==="
