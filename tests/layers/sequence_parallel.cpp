@@ -11,6 +11,7 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <stdexcept>
 #include <string>
@@ -387,6 +388,10 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
 }
 
 namespace {
+// The device path's tests run on a device-like backend that delays every launch and copy by a
+// random few microseconds, so a missing event wait shows as a wrong result.
+using dl_backend = fpdt_test::jittery_device_like_backend;
+
 // A stream_communicator over the in-process communicator for device_like_backend, standing in for
 // NCCL: all_to_all enqueues the exchange on the stream and returns (the stream's worker thread
 // runs it after the work queued before it), and calls are matched across ranks by their order (a
@@ -408,18 +413,28 @@ struct stream_local_communicator {
   }
   void abort(std::string const& reason) const { comm->abort(reason); }
 };
-static_assert(fpdt::stream_communicator<stream_local_communicator, fpdt_test::device_like_backend::stream_type>);
+static_assert(fpdt::stream_communicator<stream_local_communicator, dl_backend::stream_type>);
+// The same without `abort`, as nccl_communicator: the layer cannot end its peers' exchanges.
+struct stream_local_communicator_no_abort {
+  stream_local_communicator inner;
+  [[nodiscard]] int rank() const noexcept { return inner.rank(); }
+  [[nodiscard]] int size() const noexcept { return inner.size(); }
+  fpdt::status all_to_all(void const* send, void* recv, std::size_t count, fpdt::dtype t, fpdt::host::stream* s) {
+    return inner.all_to_all(send, recv, count, t, s);
+  }
+};
+static_assert(fpdt::stream_communicator<stream_local_communicator_no_abort, dl_backend::stream_type>);
 static_assert(!fpdt::communicator<stream_local_communicator>);
 
 using device_layer = fpdt::sequence_parallel_attention<float, stream_local_communicator,
-                                                       fpdt_test::device_like_backend>;
-using dl_stream = fpdt_test::device_like_backend::stream_type;
-using dl_ops = fpdt::attention_step_ops<fpdt_test::device_like_backend>;
+                                                       dl_backend>;
+using dl_stream = dl_backend::stream_type;
+using dl_ops = fpdt::attention_step_ops<dl_backend>;
 
 // Stream-form callbacks as a trainer writes them for a GPU: each enqueues row copies on the stream
 // it is given (the comm stream), and records the thread it was called on.
 struct stream_source {
-  fpdt_test::device_like_backend* be;
+  dl_backend* be;
   fpdt::tensor_view<float const, 3> q, k, v;
   std::vector<std::thread::id>* threads = nullptr;
   fpdt::status produce(index_t, index_t first, fpdt::tensor_view<float, 3> const& qc,
@@ -433,38 +448,47 @@ struct stream_source {
 };
 // Writes out [S/P, H, D] and lse [H, S/P]; fails at chunk `fail_at` of rank `fail_rank`.
 struct stream_sink {
-  fpdt_test::device_like_backend* be;
+  dl_backend* be;
   fpdt::tensor_view<float, 3> out;
   fpdt::tensor_view<float, 2> lse;
   int rank = 0, fail_rank = -1;
   index_t fail_at = -1;
+  std::vector<std::thread::id>* threads = nullptr;
   fpdt::status consume(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& o,
                        fpdt::tensor_view<float const, 2> const& l, dl_stream& s) {
+    if (threads) threads->push_back(std::this_thread::get_id());
     if (rank == fail_rank && c == fail_at) return fpdt::make_error(fpdt::errc::internal, "sink refuses chunk ", c);
     FPDT_TRY(dl_ops::copy_rows(*be, s, o, 0, out, first, o.extent(0)));
     return dl_ops::copy_columns(*be, s, l, 0, lse, first, l.extent(1));
   }
 };
 struct stream_dout {
-  fpdt_test::device_like_backend* be;
+  dl_backend* be;
   fpdt::tensor_view<float const, 3> dout;
-  fpdt::status produce_dout(index_t, index_t first, fpdt::tensor_view<float, 3> const& d, dl_stream& s) const {
+  std::vector<std::thread::id>* threads = nullptr;
+  index_t fail_at = -1; // chunk whose dout fails (every rank's copy of the source is told which)
+  fpdt::status produce_dout(index_t c, index_t first, fpdt::tensor_view<float, 3> const& d, dl_stream& s) const {
+    if (threads) threads->push_back(std::this_thread::get_id());
+    if (c == fail_at) return fpdt::make_error(fpdt::errc::internal, "dout source refuses chunk ", c);
     return dl_ops::copy_rows(*be, s, dout, first, d, 0, d.extent(0));
   }
 };
 // Writes dq, dk, dv; fails at dq (or dk/dv, `fail_dkv`) chunk `fail_at` of rank `fail_rank`.
 struct stream_grads {
-  fpdt_test::device_like_backend* be;
+  dl_backend* be;
   fpdt::tensor_view<float, 3> dq, dk, dv;
   int rank = 0, fail_rank = -1;
   index_t fail_at = -1;
   bool fail_dkv = false;
+  std::vector<std::thread::id>* threads = nullptr;
   fpdt::status consume_dq(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& g, dl_stream& s) {
+    if (threads) threads->push_back(std::this_thread::get_id());
     if (rank == fail_rank && c == fail_at && !fail_dkv) return fpdt::make_error(fpdt::errc::internal, "dq sink refuses chunk ", c);
     return dl_ops::copy_rows(*be, s, g, 0, dq, first, g.extent(0));
   }
   fpdt::status consume_dkv(index_t c, index_t first, fpdt::tensor_view<float const, 3> const& gk,
                            fpdt::tensor_view<float const, 3> const& gv, dl_stream& s) {
+    if (threads) threads->push_back(std::this_thread::get_id());
     if (rank == fail_rank && c == fail_at && fail_dkv) return fpdt::make_error(fpdt::errc::internal, "dkv sink refuses chunk ", c);
     FPDT_TRY(dl_ops::copy_rows(*be, s, gk, 0, dk, first, gk.extent(0)));
     return dl_ops::copy_rows(*be, s, gv, 0, dv, first, gv.extent(0));
@@ -539,41 +563,47 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
                                fpdt::contiguous_view(x.dk.data(), ke).value(),
                                fpdt::contiguous_view(x.dv.data(), ke).value());
       }, &st_host);
+      // With offload the backward fetches dout once per chunk pair, else once per chunk.
+      index_t const dout_fetches = !offload ? g.u : (causal ? g.u * (g.u + 1) / 2 : g.u * g.u);
       std::vector<int> calls(ru, 0);
       std::vector<char> peaks_ok(ru, 0), threads_ok(ru, 0);
       std::vector<fpdt::pipeline_trace> fwd_trace(ru), bwd_trace(ru);
-      run_result got = run_ranks<fpdt_test::device_like_backend>(
+      run_result got = run_ranks<dl_backend>(
           p, g.ranks, chunk,
-          [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
+          [&](dl_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
               fpdt::token_layout const&) -> fpdt::status {
             auto const ri = static_cast<std::size_t>(r);
             stream_local_communicator sc{&comm};
             auto layer = device_layer::create(be, sc, {s.sq, g.h, g.hkv, d}, o, 0, fpdt::host_chunk_kernel{1});
             if (!layer) return layer.error();
             std::array<index_t, 3> const qe{lt, s.h, s.d}, ke{lt, s.hkv, s.d};
-            std::vector<std::thread::id> src_threads;
+            std::vector<std::thread::id> cb_threads; // every callback's
             stream_source src{&be, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
                               fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
-                              fpdt::contiguous_view<float const>(x.v.data(), ke).value(), &src_threads};
+                              fpdt::contiguous_view<float const>(x.v.data(), ke).value(), &cb_threads};
             stream_sink snk{&be, fpdt::contiguous_view(x.out.data(), qe).value(),
                             fpdt::contiguous_view(lse_dev[ri].data(), std::array<index_t, 2>{s.h, lt}).value()};
+            snk.threads = &cb_threads;
             be.device_memory().reset_peak();
             FPDT_TRY(layer->forward(src, snk));
             fwd_trace[ri] = layer->trace();
             bool ok = be.device_memory().peak_bytes() ==
                       layer->local_layer().predicted_forward_bytes() + layer->forward_exchange_bytes();
             be.device_memory().reset_peak();
-            FPDT_TRY(layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
-                                     fpdt::contiguous_view(x.dq.data(), qe).value(),
-                                     fpdt::contiguous_view(x.dk.data(), ke).value(),
-                                     fpdt::contiguous_view(x.dv.data(), ke).value()));
+            stream_dout dsrc{&be, fpdt::contiguous_view<float const>(x.dout.data(), qe).value(), &cb_threads};
+            stream_grads gs{&be, fpdt::contiguous_view(x.dq.data(), qe).value(),
+                            fpdt::contiguous_view(x.dk.data(), ke).value(),
+                            fpdt::contiguous_view(x.dv.data(), ke).value()};
+            gs.threads = &cb_threads;
+            FPDT_TRY(layer->backward(dsrc, gs));
             bwd_trace[ri] = layer->trace();
             ok = ok && be.device_memory().peak_bytes() ==
                            layer->local_layer().predicted_backward_bytes() + layer->backward_exchange_bytes();
             peaks_ok[ri] = ok;
             calls[ri] = sc.calls;
-            threads_ok[ri] = src_threads.size() == static_cast<std::size_t>(g.u);
-            for (auto const& id : src_threads) threads_ok[ri] = threads_ok[ri] && id == std::this_thread::get_id();
+            // u sources and sinks, a dout source per fetch, u dq and u dk/dv sinks.
+            threads_ok[ri] = cb_threads.size() == static_cast<std::size_t>(4 * g.u + dout_fetches);
+            for (auto const& id : cb_threads) threads_ok[ri] = threads_ok[ri] && id == std::this_thread::get_id();
             return {};
           },
           &st_dev);
@@ -593,7 +623,6 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
       CHECK(got.dv == want.dv);
       // Per chunk: q, k, v, out, lse in the forward; dq, dk, dv in the backward; and dout at each
       // fetch of the query-side bundle (with offload, once per chunk pair of the backward).
-      index_t const dout_fetches = !offload ? g.u : (causal ? g.u * (g.u + 1) / 2 : g.u * g.u);
       auto count = [](fpdt::pipeline_trace const& t, fpdt::step_kind k) {
         std::size_t n = 0;
         for (auto const& e : t.events)
@@ -608,7 +637,7 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
       for (std::size_t r = 0; r < ru; ++r) {
         CHECK(calls[r] == static_cast<int>(8 * g.u + dout_fetches));
         CHECK(peaks_ok[r]);
-        CHECK(threads_ok[r]); // stream-form callbacks run on the caller's thread, once per chunk
+        CHECK(threads_ok[r]); // stream-form callbacks run on the caller's thread, once per use
         CHECK(count(fwd_trace[r], fpdt::step_kind::produce) == uu);
         CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == uu);
         CHECK(count(bwd_trace[r], fpdt::step_kind::fetch) == static_cast<std::size_t>(dout_fetches));
@@ -628,11 +657,12 @@ TEST_CASE("sequence parallel attention: on the device path a failing sink on one
   struct fail_case {
     bool backward, dkv;
     index_t chunk;
-    bool causal, offload;
+    bool causal, offload, dout = false; // dout: rank 1's dout source fails instead of a sink
   };
   for (fail_case const fc : {fail_case{false, false, 1, true, true}, fail_case{true, false, 0, true, true},
                              fail_case{true, true, 0, false, true}, fail_case{true, false, 1, false, false},
-                             fail_case{true, true, 1, true, false}}) {
+                             fail_case{true, true, 1, true, false}, fail_case{true, false, 2, true, true, true}}) {
+    CAPTURE(fc.dout);
     CAPTURE(fc.backward);
     CAPTURE(fc.dkv);
     CAPTURE(fc.chunk);
@@ -640,9 +670,9 @@ TEST_CASE("sequence parallel attention: on the device path a failing sink on one
     CAPTURE(fc.offload);
     std::vector<fpdt::status> st;
     auto const t0 = std::chrono::steady_clock::now();
-    (void)run_ranks<fpdt_test::device_like_backend>(
+    (void)run_ranks<dl_backend>(
         p, ranks, chunk,
-        [&](fpdt_test::device_like_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
+        [&](dl_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x,
             fpdt::token_layout const& tl) -> fpdt::status {
           stream_local_communicator sc{&comm};
           auto layer = device_layer::create(be, sc, {sq, 4, 2, 8},
@@ -661,10 +691,11 @@ TEST_CASE("sequence parallel attention: on the device path a failing sink on one
                           static_cast<int>(r), fc.backward ? -1 : 1, fc.chunk};
           FPDT_TRY(layer->forward(src, snk));
           stream_dout dsrc{&be, fpdt::contiguous_view<float const>(x.dout.data(), qe).value()};
+          if (fc.dout && r == 1) dsrc.fail_at = fc.chunk;
           stream_grads gs{&be, fpdt::contiguous_view(x.dq.data(), qe).value(),
                           fpdt::contiguous_view(x.dk.data(), ke).value(),
                           fpdt::contiguous_view(x.dv.data(), ke).value(), static_cast<int>(r),
-                          fc.backward ? 1 : -1, fc.chunk, fc.dkv};
+                          fc.backward && !fc.dout ? 1 : -1, fc.chunk, fc.dkv};
           return layer->backward(dsrc, gs);
         },
         &st);
@@ -674,4 +705,45 @@ TEST_CASE("sequence parallel attention: on the device path a failing sink on one
     CHECK(st[1].message().find("refuses chunk") != std::string::npos);
     CHECK(st[0].code() == fpdt::errc::comm_error); // the peer's exchanges end through the abort
   }
+}
+
+TEST_CASE("sequence parallel attention: on the device path without a communicator abort the failing rank still returns its own error at once") {
+  // As with NCCL: the layer cannot abort the communicator. Rank 1's gradient sink fails; rank 1
+  // must return that error promptly (its own enqueued exchanges are matched by rank 0, which goes
+  // on), and nothing more is enqueued on rank 1. Rank 0 then waits for exchanges rank 1 never
+  // joins until the caller aborts (the trainer's watchdog; here the test, once rank 1 returned).
+  index_t const ranks = 2, chunk = 4, sq = 16;
+  attn_shape const s{sq, sq, 4, 2, 8};
+  auto p = random_problem<float>(s, 95);
+  std::vector<fpdt::status> st;
+  std::atomic<double> rank1_seconds{-1.0};
+  (void)run_ranks<dl_backend>(
+      p, ranks, chunk,
+      [&](dl_backend& be, fpdt::local_communicator& comm, index_t r, rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+        stream_local_communicator_no_abort sc{{&comm}};
+        using layer_t = fpdt::sequence_parallel_attention<float, stream_local_communicator_no_abort, dl_backend>;
+        auto layer = layer_t::create(be, sc, {sq, 4, 2, 8}, {.chunk = chunk}, 0, fpdt::host_chunk_kernel{1});
+        if (!layer) return layer.error();
+        index_t const lt = tl.local_tokens();
+        std::array<index_t, 3> const qe{lt, 4, 8}, ke{lt, 2, 8};
+        FPDT_TRY(run_one(*layer, x, s, lt)); // a good pass first
+        stream_dout dsrc{&be, fpdt::contiguous_view<float const>(x.dout.data(), qe).value()};
+        stream_grads gs{&be, fpdt::contiguous_view(x.dq.data(), qe).value(),
+                        fpdt::contiguous_view(x.dk.data(), ke).value(),
+                        fpdt::contiguous_view(x.dv.data(), ke).value(), static_cast<int>(r), 1, 1, false};
+        auto const t0 = std::chrono::steady_clock::now();
+        fpdt::status const bst = layer->backward(dsrc, gs);
+        if (r == 1) {
+          rank1_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          comm.abort("the caller's watchdog, after rank 1 failed"); // releases rank 0
+        }
+        return bst;
+      },
+      &st);
+  REQUIRE(st.size() == 2);
+  CHECK(st[1].code() == fpdt::errc::internal);
+  CHECK(st[1].message().find("dq sink refuses chunk 1") != std::string::npos);
+  CHECK(rank1_seconds.load() >= 0.0);
+  CHECK(rank1_seconds.load() < 5.0);
+  CHECK_FALSE(st[0].ok());
 }

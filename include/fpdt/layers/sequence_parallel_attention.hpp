@@ -38,11 +38,16 @@
 //! the host until the pass ends, so the all-to-all of chunk c + 1 runs beside chunk c's compute,
 //! and every rank issues its collectives in the schedule's order (dout's too, which on the host
 //! run on the h2d lane). The caller's callbacks need the stream form (`fpdt::cuda::stream&`) and
-//! are called on the caller's thread, in chunk order. After the first error of a pass nothing more
-//! is enqueued (so a rank never joins a collective out of order) and that error is returned. NCCL
-//! cannot be aborted by fpdt (the caller owns the `ncclComm_t`): after an error the caller must
-//! abort its communicator (`ncclCommAbort`) for the peers' pending exchanges to end; a
-//! communicator with an `abort(reason)` member is aborted by the layer, as on the host.
+//! are called on the caller's thread, in chunk order. The backward's dout exchange runs one fetch
+//! ahead (into its own buffer), so it does not queue behind gradient exchanges that wait for the
+//! compute lane. After the first error of a pass nothing more is enqueued (so a rank never joins a
+//! collective out of order) and that error is returned once this rank's enqueued exchanges are
+//! done. A communicator with an `abort(reason)` member is aborted by the layer, as on the host.
+//! NCCL's cannot be (the caller owns the `ncclComm_t`), and aborting only the failing rank's
+//! communicator does not release its peers' pending exchanges: each rank needs a watchdog that
+//! aborts its own communicator (`ncclCommAbort`) when a peer failed or an exchange exceeds a
+//! timeout (`nccl_communicator::async_error()` reports NCCL's asynchronous errors). Without one,
+//! the peers of a failed rank wait forever, as in any NCCL program.
 #pragma once
 
 #include "../comm/communicator.hpp"
@@ -171,7 +176,7 @@ public:
     if (!lane_stream) return lane_stream.error();
     auto cl = std::make_unique<comm_lane>(be, std::move(*lane_stream));
     if constexpr (!host_path) {
-      for (auto* e : {&cl->ev_src, &cl->ev_pq, &cl->ev_dout_free, &cl->ev_dout_ready, &cl->ev_in[0],
+      for (auto* e : {&cl->ev_src, &cl->ev_pq, &cl->ev_dout_copied, &cl->ev_dout_ready, &cl->ev_in[0],
                       &cl->ev_in[1], &cl->ev_free[0], &cl->ev_free[1]}) {
         auto ev = be.create_event();
         if (!ev) return ev.error();
@@ -214,6 +219,7 @@ public:
                     "the stream form consume(c, first_token, out, lse, B::stream_type&)");
       device_source_adapter<Source> src{this, &source};
       device_sink_adapter<Sink> snk{this, &sink};
+      if (status st = start_timing(); !st.ok()) return finish(st);
       return finish(inner_.forward(src, snk));
     }
   }
@@ -259,6 +265,7 @@ public:
                     "B::stream_type&)");
       device_dout_adapter<Dout> src{this, &dout};
       device_grad_adapter<Sink> snk{this, &sink};
+      if (status st = start_timing(); !st.ok()) return finish(st);
       return finish(inner_.backward(src, snk));
     }
   }
@@ -310,15 +317,23 @@ private:
     typename B::stream_type stream;
     // Device path only (see the file comment), all used on the caller's thread at enqueue time.
     // Events ordering the hand-overs: ev_src after the copies out of pq, pk, pv (on the lane that
-    // copies); ev_pq after the exchanges into them (comm stream); ev_dout_free where the dout slot
-    // is free (h2d lane); ev_dout_ready after the exchange into it (comm stream); ev_in[i] after
-    // the copy into output slot i; ev_free[i] after slot i's exchange and the caller's sink.
+    // copies); ev_pq after the exchanges into them (comm stream); ev_dout_ready after the exchange
+    // of a dout chunk into pdout (comm stream); ev_dout_copied after the copy out of pdout (h2d
+    // lane); ev_in[i] after the copy into output slot i; ev_free[i] after slot i's exchange and
+    // the caller's sink.
     using event_type = typename B::event_type;
-    std::optional<event_type> ev_src, ev_pq, ev_dout_free, ev_dout_ready;
+    std::optional<event_type> ev_src, ev_pq, ev_dout_copied, ev_dout_ready;
     std::array<std::optional<event_type>, 2> ev_in, ev_free;
     bool src_recorded = false;             // ev_src recorded in this pass
     std::array<bool, 2> slot_used{};       // ev_free[i] recorded in this pass
     index_t prefetched = -1;               // the chunk whose q, k, v exchange is enqueued
+    // The backward's dout exchanges run one fetch ahead, into pdout: the chunks of the per-rank
+    // layer's dout fetches in schedule order, the next fetch's index, the chunk enqueued into pdout.
+    std::vector<index_t> dout_order;
+    std::size_t dout_next = 0;
+    index_t dout_prefetched = -1;
+    bool dout_copied_recorded = false;
+    detail::sp::buffer<T> pdout;
     status failure;                        // the pass's first error: later exchanges are skipped
     detail::sp::buffer<std::byte> send, recv; // the all-to-all's packed blocks
     // Timing (backends that time with events): a start event on the comm stream, two per
@@ -369,13 +384,15 @@ private:
       return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     }
     [[nodiscard]] status begin_pass() {
-      if constexpr (!host_path && times_steps_with_events<B>) FPDT_TRY(be->record(*t_start, stream));
       t0 = std::chrono::steady_clock::now();
       events.clear();
       next_slot = 0;
       src_recorded = false;
       slot_used = {};
       prefetched = -1;
+      dout_next = 0;
+      dout_prefetched = -1;
+      dout_copied_recorded = false;
       failure = {};
       t_used = 0;
       timed.clear();
@@ -418,6 +435,7 @@ private:
       tmp = {};
       tmp_f = {};
       dout_tmp = {};
+      pdout = {};
       return first;
     }
     // Keeps fewer than max_in_flight output jobs queued (waiting for the oldest), then returns
@@ -492,6 +510,12 @@ private:
       FPDT_TRY(ln.f[i].reset(mem, grad_slot(), "gradient chunk to exchange"));
     FPDT_TRY(ln.tmp_f.reset(mem, bwd_tmp(), "local gradient chunk"));
     FPDT_TRY(ln.dout_tmp.reset(mem, local(layout_.heads), "local dout chunk"));
+    if constexpr (!host_path) {
+      FPDT_TRY(ln.pdout.reset(mem, q_chunk(), "exchanged dout chunk"));
+      ln.dout_order.clear();
+      for (schedule_step const& st : inner_.backward_plan().steps)
+        if (st.kind == step_kind::fetch && st.what != payload::kv) ln.dout_order.push_back(st.i);
+    }
     return allocate_scratch(bwd_scratch());
   }
 
@@ -508,11 +532,11 @@ public:
   }
   //! Device bytes the backward's exchange buffers take beside the per-rank layer's: two
   //! gradient chunks in flight, one local gradient chunk and one local dout chunk (and on a
-  //! device backend the send and receive blocks).
+  //! device backend the send and receive blocks and the next fetch's exchanged dout chunk).
   [[nodiscard]] std::size_t backward_exchange_bytes() const noexcept {
     auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
     return max_in_flight * r(grad_slot(), 4) + r(bwd_tmp(), 4) + r(local(layout_.heads), sizeof(T)) +
-           2 * r(bwd_scratch(), 1);
+           2 * r(bwd_scratch(), 1) + (host_path ? 0 : r(q_chunk(), sizeof(T)));
   }
 
 private:
@@ -760,14 +784,24 @@ private:
     return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
   }
 
-  // Runs `fn`, which enqueues on the comm stream, as the comm lane's traced step `kind`. The
+  // Device path: a start event on the comm stream for the comm-lane steps' times, recorded just
+  // before the per-rank pass starts (whose own start event is recorded first thing in it).
+  [[nodiscard]] status start_timing() {
+    if constexpr (times_steps_with_events<B>) return lane_->be->record(*lane_->t_start, lane_->stream);
+    return {};
+  }
+
+  // Runs `fn`, which enqueues on the comm stream, as the comm lane's traced step `kind`, after
+  // the comm stream waits for `after` (when given; the step's time starts after that wait). The
   // pass's first error is kept: once one call failed, later ones enqueue nothing (a collective
   // skipped on this rank must not be matched with its next one) and return that error.
   template <class F>
-  [[nodiscard]] status device_step(step_kind kind, index_t i, index_t j, std::uint64_t bytes, F&& fn) {
+  [[nodiscard]] status device_step(step_kind kind, index_t i, index_t j, std::uint64_t bytes,
+                                   typename comm_lane::event_type const* after, F&& fn) {
     auto& ln = *lane_;
     if (!ln.failure.ok()) return ln.failure;
     status st = [&]() -> status {
+      if (after) FPDT_TRY(ln.be->wait(ln.stream, *after));
       std::size_t b = 0;
       if constexpr (times_steps_with_events<B>) {
         while (ln.t_events.size() < ln.t_used + 2) {
@@ -805,10 +839,10 @@ private:
   // all-to-alls fill pq, pk, pv, then ev_pq.
   template <class Source> [[nodiscard]] status enqueue_prefetch(Source const* user, index_t c) {
     std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
-    return device_step(step_kind::produce, c, c, bytes, [&]() -> status {
+    auto& lane = *lane_;
+    return device_step(step_kind::produce, c, c, bytes, lane.src_recorded ? &*lane.ev_src : nullptr, [&]() -> status {
       auto const& lay = layout_;
       auto& ln = *lane_;
-      if (ln.src_recorded) FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_src));
       index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
                     hk = lay.heads_per_rank(head_kind::key_value);
       T* base = ln.tmp.data();
@@ -893,8 +927,7 @@ private:
       FPDT_TRY(self->noted(self->fill_slot(s, i)));
       std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
       sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, c, -1, bytes, [&]() -> status {
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
+      return self->device_step(step_kind::sink, c, -1, bytes, &*ln.ev_in[i], [&]() -> status {
         index_t const pc = me->piece();
         auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
         FPDT_TRY(me->template exchange<T>(l, head_kind::query, false,
@@ -918,29 +951,55 @@ private:
     }
   };
 
-  // dout of chunk c: the h2d lane's slot is free from here on s (ev_dout_free); the comm stream
-  // writes the caller's local chunk and exchanges it straight into the slot (ev_dout_ready),
-  // which s waits for.
+  // Enqueues the exchange of dout chunk c into pdout on the comm stream, after the previous
+  // chunk's copy out of pdout (ev_dout_copied): the caller's stream-form dout source writes the
+  // local chunk, the all-to-all fills pdout, then ev_dout_ready.
+  template <class Dout> [[nodiscard]] status enqueue_dout(Dout const* user, index_t c) {
+    auto& lane = *lane_;
+    return device_step(step_kind::fetch, c, -1, q_chunk() * sizeof(T),
+                       lane.dout_copied_recorded ? &*lane.ev_dout_copied : nullptr, [&]() -> status {
+      auto const& l = layout_;
+      auto& ln = *lane_;
+      index_t const pc = piece(), hq = l.heads_per_rank(head_kind::query);
+      auto dv = contiguous_view(ln.dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
+      FPDT_TRY(detail::layer::guarded([&] { return user->produce_dout(c, c * pc, dv, ln.stream); },
+                                      "dout source, chunk ", c));
+      FPDT_TRY(exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv),
+                           detail::sp::view3(ln.pdout, l.chunk, hq, l.head_dim)));
+      FPDT_TRY(ln.be->record(*ln.ev_dout_ready, ln.stream));
+      ln.dout_prefetched = c;
+      return {};
+    });
+  }
+
+  // dout of chunk c for the per-rank layer's fetch on stream s: its exchange was enqueued at the
+  // previous fetch (or is now), so it ran on the comm stream ahead of the gradient exchanges that
+  // wait for the compute lane; s waits for it (ev_dout_ready), copies pdout into the slot (then
+  // ev_dout_copied), and the next fetch's exchange is enqueued.
   template <class Dout> struct device_dout_adapter {
     sequence_parallel_attention* self;
     Dout const* user;
     [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout, stream_t& s) const {
+      using ops = attention_step_ops<B>;
       auto& ln = *self->lane_;
       if (!ln.failure.ok()) return ln.failure;
-      FPDT_TRY(self->noted(ln.be->record(*ln.ev_dout_free, s)));
-      sequence_parallel_attention* me = self;
-      status const exchanged = self->device_step(step_kind::fetch, c, -1, self->q_chunk() * sizeof(T), [&]() -> status {
-        auto const& l = me->layout_;
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_dout_free));
-        index_t const pc = me->piece();
-        auto dv = contiguous_view(ln.dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
-        FPDT_TRY(detail::layer::guarded([&] { return user->produce_dout(c, c * pc, dv, ln.stream); },
-                                        "dout source, chunk ", c));
-        FPDT_TRY(me->template exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv), dout));
-        return ln.be->record(*ln.ev_dout_ready, ln.stream);
-      });
-      if (!exchanged.ok()) return exchanged;
-      return self->noted(ln.be->wait(s, *ln.ev_dout_ready));
+      if (ln.dout_prefetched != c) FPDT_TRY(self->enqueue_dout(user, c)); // first fetch, or out of order
+      ln.dout_prefetched = -1;
+      std::size_t const k = ln.dout_next++;
+      auto const& l = self->layout_;
+      index_t const hq = l.heads_per_rank(head_kind::query);
+      status const st = [&]() -> status {
+        FPDT_TRY(ln.be->wait(s, *ln.ev_dout_ready));
+        FPDT_TRY(ops::copy_rows(*ln.be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pdout, l.chunk, hq, l.head_dim)),
+                                0, dout, 0, l.chunk));
+        FPDT_TRY(ln.be->record(*ln.ev_dout_copied, s));
+        ln.dout_copied_recorded = true;
+        return {};
+      }();
+      FPDT_TRY(self->noted(st));
+      if (k < ln.dout_order.size() && ln.dout_order[k] == c && k + 1 < ln.dout_order.size())
+        return self->enqueue_dout(user, ln.dout_order[k + 1]);
+      return {};
     }
   };
 
@@ -961,8 +1020,7 @@ private:
       FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, g, 0, detail::sp::view3(ln.f[i], l.chunk, hr, d), 0, l.chunk)));
       FPDT_TRY(self->noted(self->fill_slot(s, i)));
       sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, c, -1, self->q_chunk() * 4, [&]() -> status {
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
+      return self->device_step(step_kind::sink, c, -1, self->q_chunk() * 4, &*ln.ev_in[i], [&]() -> status {
         index_t const pc = me->piece();
         auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
         FPDT_TRY(me->template exchange<float>(l, head_kind::query, false,
@@ -991,8 +1049,7 @@ private:
       FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, gv, 0, gv_slot, 0, l.chunk)));
       FPDT_TRY(self->noted(self->fill_slot(s, i)));
       sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, -1, c, 2 * half * 4, [&]() -> status {
-        FPDT_TRY(ln.be->wait(ln.stream, *ln.ev_in[i]));
+      return self->device_step(step_kind::sink, -1, c, 2 * half * 4, &*ln.ev_in[i], [&]() -> status {
         index_t const pc = me->piece();
         std::size_t const lk = me->local(l.kv_heads);
         auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
