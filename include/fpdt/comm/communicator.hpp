@@ -321,16 +321,16 @@ private:
     ++e.done;
     w.cv.notify_all();
     status finished{};
+    // Every rank has arrived, so each one is copying (which never blocks) or done: wait for all of
+    // them even after an abort, since a peer may still be reading this rank's send buffer, which
+    // the caller frees or reuses as soon as this returns.
     while (e.done < w.size) {
-      if (!w.aborted.empty()) {
-        finished = aborted();
-        break;
-      }
       if (w.cv.wait_until(lock, deadline) == std::cv_status::timeout && e.done < w.size) {
         finished = timed_out("every rank to finish copying", nullptr);
         break;
       }
     }
+    if (finished.ok() && !w.aborted.empty()) finished = aborted();
     // The last rank to leave removes the entry, so the tag can be used again.
     if (++e.left == w.size) {
       w.box.erase(tag);
