@@ -348,8 +348,11 @@ public:
   //! Errors: the arena's or pool's `errc::out_of_memory` (before any step runs); errors of the
   //! source, kernel or sink, with the step named.
   template <class Source, class Sink>
-    requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
+    // Checked here rather than in a requires-clause, so a callback with neither form gets this
+    // message instead of a bare "no matching function".
+    static_assert(chunk_source<Source, T, stream_t>, "fpdt_attention::forward: " "the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+    static_assert(chunk_sink<Sink, T, stream_t>, "fpdt_attention::forward: " "the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
     static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_source<Source, T, stream_t>,
                   "fpdt_attention::forward on this backend: the chunk source needs the stream form "
                   "produce(c, first_token, q, k, v, stream) with stream a B::stream_type& "
@@ -405,8 +408,9 @@ public:
   //! before any step runs (naming the bytes the pass needs); errors of the dout source, kernel or
   //! sink, naming the step.
   template <class Dout, class Sink>
-    requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
+    static_assert(dout_source<Dout, T, stream_t>, "fpdt_attention::backward: " "the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+    static_assert(gradient_sink<Sink, stream_t>, "fpdt_attention::backward: " "the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
     static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_dout<Dout, T, stream_t>,
                   "fpdt_attention::backward on this backend: the dout source needs the stream form "
                   "produce_dout(c, first_token, dout, stream) with stream a B::stream_type& "

@@ -72,6 +72,8 @@
 FPDT_NAMESPACE_BEGIN
 
 namespace detail::sp {
+// A stream type no callback takes: `chunk_source<S, T, no_stream>` holds for the plain form only.
+struct no_stream {};
 // Tags: salt (6 bits) | pass (1) | tensor (3) | chunk (16): unique per layer (salt), pass, tensor
 // and chunk, and at most 26 bits. MPI guarantees only MPI_TAG_UB >= 32767 (OpenMPI's ob1 gives
 // 2^31 - 1, UCX 2^23 - 1): create() checks the largest tag against the communicator's max_tag().
@@ -202,11 +204,18 @@ public:
   //! `B::stream_type&` parameter, the comm stream: enqueue on it); they are called on the
   //! caller's thread while the pass is enqueued.
   template <class Source, class Sink>
-    requires chunk_source<Source, T, stream_t> && chunk_sink<Sink, T, stream_t>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
+    // Checked here rather than in a requires-clause, so a callback with neither form gets this
+    // message instead of a bare "no matching function".
+    static_assert(chunk_source<Source, T, stream_t>, "sequence_parallel_attention::forward: " "the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+    static_assert(chunk_sink<Sink, T, stream_t>, "sequence_parallel_attention::forward: " "the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
     if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = allocate_forward(); !st.ok()) return finish(st);
     if constexpr (host_path) {
+      static_assert(chunk_source<Source, T, detail::sp::no_stream> && chunk_sink<Sink, T, detail::sp::no_stream>,
+                    "sequence_parallel_attention::forward on a backend whose streams run host tasks: "
+                    "the source and sink are called on the comm lane in their plain forms "
+                    "produce(c, first_token, q, k, v) and consume(c, first_token, out, lse)");
       source_adapter<Source> src{this, &source};
       sink_adapter<Sink> snk{this, &sink};
       return finish(inner_.forward(src, snk));
@@ -247,11 +256,17 @@ public:
   //! gradients to `sink` (a `gradient_sink`). Errors: as `forward`.
   //! On a device backend both need the stream form, as in `forward`.
   template <class Dout, class Sink>
-    requires dout_source<Dout, T, stream_t> && gradient_sink<Sink, stream_t>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
+    static_assert(dout_source<Dout, T, stream_t>, "sequence_parallel_attention::backward: " "the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+    static_assert(gradient_sink<Sink, stream_t>, "sequence_parallel_attention::backward: " "the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
     if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = allocate_backward(); !st.ok()) return finish(st);
     if constexpr (host_path) {
+      static_assert(dout_source<Dout, T, detail::sp::no_stream> && gradient_sink<Sink, detail::sp::no_stream>,
+                    "sequence_parallel_attention::backward on a backend whose streams run host tasks: "
+                    "the dout source and gradient sink are called in their plain forms "
+                    "produce_dout(c, first_token, dout), consume_dq(c, first_token, dq) and "
+                    "consume_dkv(c, first_token, dk, dv)");
       dout_adapter<Dout> src{this, &dout};
       grad_adapter<Sink> snk{this, &sink};
       return finish(inner_.backward(src, snk));
@@ -860,12 +875,15 @@ private:
     });
   }
 
-  // Device path: the next output slot for stream s, once the exchange that last read it is done.
+  // Device path: the start of an output or gradient hand-over on stream s: the pass's first
+  // error if there was one, else the next output slot, once the exchange that last read it is
+  // done.
   [[nodiscard]] result<std::size_t> take_slot(stream_t& s) {
     auto& ln = *lane_;
+    if (!ln.failure.ok()) return ln.failure;
     auto const i = static_cast<std::size_t>(ln.next_slot);
     ln.next_slot = (ln.next_slot + 1) % static_cast<int>(max_in_flight);
-    if (ln.slot_used[i]) FPDT_TRY(ln.be->wait(s, *ln.ev_free[i]));
+    if (ln.slot_used[i]) FPDT_TRY(noted(ln.be->wait(s, *ln.ev_free[i])));
     return i;
   }
   // Device path: slot i was filled on s; its exchange may start.
@@ -915,11 +933,10 @@ private:
                                  tensor_view<float const, 2> const& lse, stream_t& s) {
       using ops = attention_step_ops<B>;
       auto& ln = *self->lane_;
-      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
       auto si = self->take_slot(s);
-      if (!si) return self->noted(si.error());
+      if (!si) return si.error();
       std::size_t const i = *si;
       auto fb = contiguous_view(ln.f[i].data(), std::array<index_t, 2>{hr, l.chunk}).value();
       FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, out, 0, detail::sp::view3(ln.out[i], l.chunk, hr, d), 0, l.chunk)));
@@ -1011,11 +1028,10 @@ private:
     [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g, stream_t& s) {
       using ops = attention_step_ops<B>;
       auto& ln = *self->lane_;
-      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
       auto si = self->take_slot(s);
-      if (!si) return self->noted(si.error());
+      if (!si) return si.error();
       std::size_t const i = *si;
       FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, g, 0, detail::sp::view3(ln.f[i], l.chunk, hr, d), 0, l.chunk)));
       FPDT_TRY(self->noted(self->fill_slot(s, i)));
@@ -1035,11 +1051,10 @@ private:
                                      tensor_view<float const, 3> const& gv, stream_t& s) {
       using ops = attention_step_ops<B>;
       auto& ln = *self->lane_;
-      if (!ln.failure.ok()) return ln.failure;
       auto const& l = self->layout_;
       index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
       auto si = self->take_slot(s);
-      if (!si) return self->noted(si.error());
+      if (!si) return si.error();
       std::size_t const i = *si;
       float* slot_base = ln.f[i].data();
       std::size_t const half = self->kv_chunk();
