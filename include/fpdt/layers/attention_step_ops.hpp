@@ -21,7 +21,9 @@
 //! - `delta(be, s, out, dout, delta [H, C])`;
 //! - `copy_rows(be, s, src, src_row0, dst, dst_row0, rows)`: token rows of `[S, H, D]` views,
 //!   converting the element type; `copy_columns(be, s, src, src_col0, dst, dst_col0, cols)`: token
-//!   columns of `[H, S]` views;
+//!   columns of `[H, S]` views; optionally `copy_rows_unchecked` and `copy_columns_unchecked`, the
+//!   same for the layers' own buffers without the checks a backend makes on a caller's pointers
+//!   (layers fall back to the checked forms);
 //! - `ulysses_pack(be, s, src [rows, heads, D], send, blocks)` and `ulysses_unpack(be, s, recv, dst,
 //!   blocks)`: the two halves of a Ulysses all-to-all around the communicator's exchange
 //!   (`ulysses_blocks`, comm/ulysses.hpp), used by `sequence_parallel_attention` on device
@@ -157,5 +159,29 @@ template <class B>
 struct attention_step_ops
     : std::conditional_t<runs_host_tasks_in_order<B>, host_attention_step_ops<B>,
                          detail::missing_step_ops<B>> {};
+
+namespace detail::layer {
+// Whole-view copies between buffers a layer allocated itself, enqueued on s: the step ops'
+// unchecked forms where the backend has them (cuda_backend skips its per-call pointer checks),
+// else the checked ones.
+template <class B, class S, class D>
+[[nodiscard]] status own_copy_rows(B& be, typename B::stream_type& s, tensor_view<S, 3> const& src,
+                                   tensor_view<D, 3> const& dst) {
+  using ops = attention_step_ops<B>;
+  if constexpr (requires { ops::copy_rows_unchecked(be, s, src, index_t{}, dst, index_t{}, index_t{}); })
+    return ops::copy_rows_unchecked(be, s, src, 0, dst, 0, dst.extent(0));
+  else
+    return ops::copy_rows(be, s, src, 0, dst, 0, dst.extent(0));
+}
+template <class B, class S, class D>
+[[nodiscard]] status own_copy_columns(B& be, typename B::stream_type& s, tensor_view<S, 2> const& src,
+                                      tensor_view<D, 2> const& dst) {
+  using ops = attention_step_ops<B>;
+  if constexpr (requires { ops::copy_columns_unchecked(be, s, src, index_t{}, dst, index_t{}, index_t{}); })
+    return ops::copy_columns_unchecked(be, s, src, 0, dst, 0, dst.extent(1));
+  else
+    return ops::copy_columns(be, s, src, 0, dst, 0, dst.extent(1));
+}
+} // namespace detail::layer
 
 FPDT_NAMESPACE_END

@@ -165,6 +165,56 @@ concept gradient_sink =
       { s.consume_dkv(c, c, g, g) } -> std::same_as<status>;
     } || detail::layer::stream_form_dkv<S, Stream>);
 
+namespace detail::layer {
+// A stream type no callback takes: `chunk_source<S, T, no_stream>` holds for the plain form only.
+struct no_stream {};
+
+// Which callback forms a layer calls: either (host-task backends: the stream form when present,
+// else the plain one), plain only (sequence_parallel_attention on host-task backends, which calls
+// them on its comm lane's worker), stream only (device backends).
+enum class callback_forms { either, plain, stream };
+
+// The layers' compile-time checks of their callbacks, one text for all of them. Checked in the
+// pass rather than in a requires-clause, so a callback with neither form gets these messages
+// instead of a bare "no matching function"; the instantiation context names the layer.
+template <class Source, class Sink, class T, class Stream, callback_forms F>
+constexpr void check_forward_callbacks() {
+  static_assert(chunk_source<Source, T, Stream>, "forward: the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+  static_assert(chunk_sink<Sink, T, Stream>, "forward: the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
+  static_assert(F != callback_forms::stream || stream_form_source<Source, T, Stream>,
+                "forward on a device backend: the chunk source needs the stream form "
+                "produce(c, first_token, q, k, v, stream) with stream a B::stream_type& "
+                "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+  static_assert(F != callback_forms::stream || stream_form_sink<Sink, T, Stream>,
+                "forward on a device backend: the chunk sink needs the stream form "
+                "consume(c, first_token, out, lse, stream) with stream a B::stream_type& "
+                "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+  static_assert(F != callback_forms::plain || (chunk_source<Source, T, no_stream> && chunk_sink<Sink, T, no_stream>),
+                "sequence_parallel_attention::forward on a backend whose streams run host tasks: the "
+                "source and sink are called on the comm lane in their plain forms "
+                "produce(c, first_token, q, k, v) and consume(c, first_token, out, lse)");
+}
+template <class Dout, class Sink, class T, class Stream, callback_forms F>
+constexpr void check_backward_callbacks() {
+  static_assert(dout_source<Dout, T, Stream>, "backward: the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
+  static_assert(gradient_sink<Sink, Stream>, "backward: the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
+  static_assert(F != callback_forms::stream || stream_form_dout<Dout, T, Stream>,
+                "backward on a device backend: the dout source needs the stream form "
+                "produce_dout(c, first_token, dout, stream) with stream a B::stream_type& "
+                "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+  static_assert(F != callback_forms::stream || stream_form_gradient_sink<Sink, Stream>,
+                "backward on a device backend: the gradient sink needs the stream forms "
+                "consume_dq(c, first_token, dq, stream) and consume_dkv(c, first_token, dk, dv, "
+                "stream) with stream a B::stream_type& (fpdt::cuda::stream& on cuda_backend); the "
+                "plain forms run on host_backend only");
+  static_assert(F != callback_forms::plain || (dout_source<Dout, T, no_stream> && gradient_sink<Sink, no_stream>),
+                "sequence_parallel_attention::backward on a backend whose streams run host tasks: "
+                "the dout source and gradient sink are called in their plain forms "
+                "produce_dout(c, first_token, dout), consume_dq(c, first_token, dq) and "
+                "consume_dkv(c, first_token, dk, dv)");
+}
+} // namespace detail::layer
+
 //! A `chunk_source` reading slices of whole q `[S, H, D]`, k and v `[S, H_kv, D]` tensors.
 template <class T> struct tensor_source {
   tensor_view<T const, 3> q; //!< `[S, H, D]`
@@ -306,6 +356,8 @@ template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
 class fpdt_attention {
   using ops = attention_step_ops<B>;
   using stream_t = typename B::stream_type;
+  static constexpr auto forms =
+      runs_host_tasks_in_order<B> ? detail::layer::callback_forms::either : detail::layer::callback_forms::stream;
 
 public:
   //! `create` proves schedules of at most this many steps with `check_schedule` (u <= ~100).
@@ -349,18 +401,7 @@ public:
   //! source, kernel or sink, with the step named.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    // Checked here rather than in a requires-clause, so a callback with neither form gets this
-    // message instead of a bare "no matching function".
-    static_assert(chunk_source<Source, T, stream_t>, "fpdt_attention::forward: " "the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
-    static_assert(chunk_sink<Sink, T, stream_t>, "fpdt_attention::forward: " "the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
-    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_source<Source, T, stream_t>,
-                  "fpdt_attention::forward on this backend: the chunk source needs the stream form "
-                  "produce(c, first_token, q, k, v, stream) with stream a B::stream_type& "
-                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
-    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_sink<Sink, T, stream_t>,
-                  "fpdt_attention::forward on this backend: the chunk sink needs the stream form "
-                  "consume(c, first_token, out, lse, stream) with stream a B::stream_type& "
-                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
+    detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>();
     saved_ = false;
     if (status st = prepare_forward(); !st.ok()) {
       fwd_rings_ = {};
@@ -409,17 +450,7 @@ public:
   //! sink, naming the step.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    static_assert(dout_source<Dout, T, stream_t>, "fpdt_attention::backward: " "the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
-    static_assert(gradient_sink<Sink, stream_t>, "fpdt_attention::backward: " "the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
-    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_dout<Dout, T, stream_t>,
-                  "fpdt_attention::backward on this backend: the dout source needs the stream form "
-                  "produce_dout(c, first_token, dout, stream) with stream a B::stream_type& "
-                  "(fpdt::cuda::stream& on cuda_backend); the plain form runs on host_backend only");
-    static_assert(runs_host_tasks_in_order<B> || detail::layer::stream_form_gradient_sink<Sink, stream_t>,
-                  "fpdt_attention::backward on this backend: the gradient sink needs the stream "
-                  "forms consume_dq(c, first_token, dq, stream) and consume_dkv(c, first_token, dk, "
-                  "dv, stream) with stream a B::stream_type& (fpdt::cuda::stream& on cuda_backend); "
-                  "the plain forms run on host_backend only");
+    detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>();
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");

@@ -72,8 +72,6 @@
 FPDT_NAMESPACE_BEGIN
 
 namespace detail::sp {
-// A stream type no callback takes: `chunk_source<S, T, no_stream>` holds for the plain form only.
-struct no_stream {};
 // Tags: salt (6 bits) | pass (1) | tensor (3) | chunk (16): unique per layer (salt), pass, tensor
 // and chunk, and at most 26 bits. MPI guarantees only MPI_TAG_UB >= 32767 (OpenMPI's ob1 gives
 // 2^31 - 1, UCX 2^23 - 1): create() checks the largest tag against the communicator's max_tag().
@@ -130,6 +128,9 @@ class sequence_parallel_attention {
   // comm stream from the caller's thread, ordered by events (see the file comment).
   static constexpr bool host_path = runs_host_tasks_in_order<B>;
   using stream_t = typename B::stream_type;
+  // The host path calls the callbacks' plain forms in its comm-lane jobs; the device path their
+  // stream forms (with the comm stream) from the caller's thread.
+  static constexpr auto forms = host_path ? detail::layer::callback_forms::plain : detail::layer::callback_forms::stream;
   static_assert(!host_path || communicator<Comm>,
                 "sequence_parallel_attention on a backend whose streams run host tasks needs a "
                 "`communicator` (local_communicator, mpi_communicator)");
@@ -205,32 +206,12 @@ public:
   //! caller's thread while the pass is enqueued.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    // Checked here rather than in a requires-clause, so a callback with neither form gets this
-    // message instead of a bare "no matching function".
-    static_assert(chunk_source<Source, T, stream_t>, "sequence_parallel_attention::forward: " "the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
-    static_assert(chunk_sink<Sink, T, stream_t>, "sequence_parallel_attention::forward: " "the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
-    if (status st = lane_->begin_pass(); !st.ok()) return st;
-    if (status st = allocate_forward(); !st.ok()) return finish(st);
-    if constexpr (host_path) {
-      static_assert(chunk_source<Source, T, detail::sp::no_stream> && chunk_sink<Sink, T, detail::sp::no_stream>,
-                    "sequence_parallel_attention::forward on a backend whose streams run host tasks: "
-                    "the source and sink are called on the comm lane in their plain forms "
-                    "produce(c, first_token, q, k, v) and consume(c, first_token, out, lse)");
+    detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>();
+    return run_pass(&sequence_parallel_attention::allocate_forward, [&] {
       source_adapter<Source> src{this, &source};
       sink_adapter<Sink> snk{this, &sink};
-      return finish(inner_.forward(src, snk));
-    } else {
-      static_assert(detail::layer::stream_form_source<Source, T, stream_t>,
-                    "sequence_parallel_attention::forward on a device backend: the chunk source needs "
-                    "the stream form produce(c, first_token, q, k, v, B::stream_type&)");
-      static_assert(detail::layer::stream_form_sink<Sink, T, stream_t>,
-                    "sequence_parallel_attention::forward on a device backend: the chunk sink needs "
-                    "the stream form consume(c, first_token, out, lse, B::stream_type&)");
-      device_source_adapter<Source> src{this, &source};
-      device_sink_adapter<Sink> snk{this, &sink};
-      if (status st = start_timing(); !st.ok()) return finish(st);
-      return finish(inner_.forward(src, snk));
-    }
+      return inner_.forward(src, snk);
+    });
   }
 
   //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`.
@@ -257,32 +238,12 @@ public:
   //! On a device backend both need the stream form, as in `forward`.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    static_assert(dout_source<Dout, T, stream_t>, "sequence_parallel_attention::backward: " "the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
-    static_assert(gradient_sink<Sink, stream_t>, "sequence_parallel_attention::backward: " "the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
-    if (status st = lane_->begin_pass(); !st.ok()) return st;
-    if (status st = allocate_backward(); !st.ok()) return finish(st);
-    if constexpr (host_path) {
-      static_assert(dout_source<Dout, T, detail::sp::no_stream> && gradient_sink<Sink, detail::sp::no_stream>,
-                    "sequence_parallel_attention::backward on a backend whose streams run host tasks: "
-                    "the dout source and gradient sink are called in their plain forms "
-                    "produce_dout(c, first_token, dout), consume_dq(c, first_token, dq) and "
-                    "consume_dkv(c, first_token, dk, dv)");
+    detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>();
+    return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
       dout_adapter<Dout> src{this, &dout};
       grad_adapter<Sink> snk{this, &sink};
-      return finish(inner_.backward(src, snk));
-    } else {
-      static_assert(detail::layer::stream_form_dout<Dout, T, stream_t>,
-                    "sequence_parallel_attention::backward on a device backend: the dout source needs "
-                    "the stream form produce_dout(c, first_token, dout, B::stream_type&)");
-      static_assert(detail::layer::stream_form_gradient_sink<Sink, stream_t>,
-                    "sequence_parallel_attention::backward on a device backend: the gradient sink "
-                    "needs the stream forms consume_dq(..., B::stream_type&) and consume_dkv(..., "
-                    "B::stream_type&)");
-      device_dout_adapter<Dout> src{this, &dout};
-      device_grad_adapter<Sink> snk{this, &sink};
-      if (status st = start_timing(); !st.ok()) return finish(st);
-      return finish(inner_.backward(src, snk));
-    }
+      return inner_.backward(src, snk);
+    });
   }
 
   //! Backward from a local dout `[S/P, H, D]` into local fp32 dq `[S/P, H, D]`, dk, dv
@@ -342,9 +303,8 @@ private:
     bool src_recorded = false;             // ev_src recorded in this pass
     std::array<bool, 2> slot_used{};       // ev_free[i] recorded in this pass
     index_t prefetched = -1;               // the chunk whose q, k, v exchange is enqueued
-    // The backward's dout exchanges run one fetch ahead, into pdout: the chunks of the per-rank
-    // layer's dout fetches in schedule order, the next fetch's index, the chunk enqueued into pdout.
-    std::vector<index_t> dout_order;
+    // The backward's dout exchanges run one fetch ahead, into pdout: the next fetch's index (in
+    // dout_order_), the chunk enqueued into pdout.
     std::size_t dout_next = 0;
     index_t dout_prefetched = -1;
     bool dout_copied_recorded = false;
@@ -527,9 +487,6 @@ private:
     FPDT_TRY(ln.dout_tmp.reset(mem, local(layout_.heads), "local dout chunk"));
     if constexpr (!host_path) {
       FPDT_TRY(ln.pdout.reset(mem, q_chunk(), "exchanged dout chunk"));
-      ln.dout_order.clear();
-      for (schedule_step const& st : inner_.backward_plan().steps)
-        if (st.kind == step_kind::fetch && st.what != payload::kv) ln.dout_order.push_back(st.i);
     }
     return allocate_scratch(bwd_scratch());
   }
@@ -559,7 +516,20 @@ private:
                               std::uint64_t salt, fpdt_attention<T, B, Kernel>&& inner,
                               std::unique_ptr<comm_lane> cl)
       : comm_(&comm), layout_(l), shape_(global), salt_(salt), inner_(std::move(inner)),
-        lane_(std::move(cl)) {}
+        lane_(std::move(cl)) {
+    if constexpr (!host_path) // the chunks of the backward's dout fetches, in schedule order
+      for (schedule_step const& st : inner_.backward_plan().steps)
+        if (st.kind == step_kind::fetch && st.what != payload::kv) dout_order_.push_back(st.i);
+  }
+
+  // One pass: its buffers (`allocate`), the start of the comm lane's timing, the per-rank pass
+  // `run` with this layer's adapters, then `finish`.
+  template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
+    if (status st = lane_->begin_pass(); !st.ok()) return st;
+    if (status st = (this->*allocate)(); !st.ok()) return finish(st);
+    if (status st = start_timing(); !st.ok()) return finish(st);
+    return finish(run());
+  }
 
   // After a pass: an error aborts the communicator first (so queued exchanges waiting for peers
   // fail promptly), then every queued job is waited for; the first error is returned.
@@ -589,227 +559,166 @@ private:
 
   [[nodiscard]] index_t piece() const noexcept { return layout_.piece(); }
 
-  // Queues chunk c's source job: the caller's q, k, v of local chunk c (in the lane's local
-  // buffer), then the all-to-alls into the pass's global-chunk buffers pq, pk, pv.
-  template <class Source> [[nodiscard]] status start_prefetch(Source const* user, index_t c) {
-    auto& ln = *lane_;
-    ln.prefetch.emplace();
-    auto& j = *ln.prefetch;
-    j.chunk = c;
-    std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
-    return ln.launch(j, step_kind::produce, c, c, bytes, [this, user, c]() -> status {
-      auto const& lay = layout_;
-      auto& lane = *lane_;
-      index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
-                    hk = lay.heads_per_rank(head_kind::key_value);
-      T* base = lane.tmp.data();
-      auto qv = contiguous_view(base, std::array<index_t, 3>{pc, lay.heads, d}).value();
-      auto kv = contiguous_view(base + local(lay.heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-      auto vv = contiguous_view(base + local(lay.heads + lay.kv_heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-      FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv); }, "chunk source, chunk ", c));
-      std::uint64_t const s = salt_;
-      FPDT_TRY(seq_to_head<T>(*comm_, lay, head_kind::query, tensor_view<T const, 3>(qv),
-                              detail::sp::view3(lane.pq, lay.chunk, hq, d), detail::sp::tag(s, 0, 0, c)));
-      FPDT_TRY(seq_to_head<T>(*comm_, lay, head_kind::key_value, tensor_view<T const, 3>(kv),
-                              detail::sp::view3(lane.pk, lay.chunk, hk, d), detail::sp::tag(s, 0, 1, c)));
-      return seq_to_head<T>(*comm_, lay, head_kind::key_value, tensor_view<T const, 3>(vv),
-                            detail::sp::view3(lane.pv, lay.chunk, hk, d), detail::sp::tag(s, 0, 2, c));
-    });
+  [[nodiscard]] std::uint64_t tag(int pass, int tensor, index_t c) const noexcept {
+    return detail::sp::tag(salt_, pass, tensor, c);
   }
 
-  template <class Source> struct source_adapter {
-    sequence_parallel_attention* self;
-    Source const* user;
-    // Chunk c: its job was queued while chunk c - 1 computed (or is queued now); wait for it,
-    // hand its q, k, v to the layer, and queue chunk c + 1's.
-    [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q,
-                                 tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) const {
-      auto& lane = *self->lane_;
-      auto const& l = self->layout_;
-      if (!lane.prefetch || lane.prefetch->chunk != c) { // out of order: wait for the lane, then fetch c
-        if (lane.prefetch && lane.prefetch->done.valid()) (void)lane.prefetch->done.get();
-        lane.prefetch.reset();
-        FPDT_TRY(self->start_prefetch(user, c));
-      }
-      status st = lane.prefetch->done.valid() ? lane.prefetch->done.get()
-                                              : make_error(errc::internal, "comm lane: chunk ", c, " was not queued");
-      lane.prefetch.reset();
-      FPDT_TRY(st);
-      index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
-      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pq, l.chunk, hq, d)), 0, q, 0, l.chunk);
-      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pk, l.chunk, hk, d)), 0, k, 0, l.chunk);
-      detail::layer::copy_rows(tensor_view<T const, 3>(detail::sp::view3(lane.pv, l.chunk, hk, d)), 0, v, 0, l.chunk);
-      if (c + 1 < self->shape_.sequence / l.chunk) FPDT_TRY(self->start_prefetch(user, c + 1));
-      return {};
-    }
-  };
+  // ----- The exchanges, one body for both paths. Host path: they run in a comm-lane job on its
+  // worker thread (dout's on the h2d lane's). Device path: they are enqueued on the comm stream
+  // from the caller's thread while the per-rank layer enqueues its pass. -----
 
-  // Chunk c's out [C, H/P, D] and lse [H/P, C] are copied into a free exchange slot; the
-  // all-to-alls and the caller's sink run on the comm lane.
-  template <class Sink> struct sink_adapter {
-    sequence_parallel_attention* self;
-    Sink* user;
-    [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
-                                 tensor_view<float const, 2> const& lse) {
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto& ob = lane.out[static_cast<std::size_t>(j.slot)];
-      auto& fb = lane.f[static_cast<std::size_t>(j.slot)];
-      detail::layer::copy_rows(out, 0, detail::sp::view3(ob, l.chunk, hr, d), 0, l.chunk);
-      for (index_t h = 0; h < hr; ++h)
-        for (index_t t = 0; t < l.chunk; ++t)
-          fb[static_cast<std::size_t>(h * l.chunk + t)] = lse(h, t);
-      sequence_parallel_attention* me = self;
-      Sink* u = user;
-      int const slot = j.slot;
-      std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
-      return lane.launch(j, step_kind::sink, c, -1, bytes, [me, u, c, d, hr, slot]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        index_t const pc = me->piece();
-        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
-        Comm& comm = *me->comm_;
-        std::uint64_t const s = me->salt_;
-        FPDT_TRY(head_to_seq<T>(comm, lay, head_kind::query,
-                                tensor_view<T const, 3>(detail::sp::view3(ln.out[static_cast<std::size_t>(slot)], lay.chunk, hr, d)),
-                                ov, detail::sp::tag(s, 0, 3, c)));
-        // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
-        auto lse3 = make_tensor_view<float const>(ln.f[static_cast<std::size_t>(slot)].data(),
-                                                  std::array<index_t, 3>{lay.chunk, hr, 1},
-                                                  std::array<index_t, 3>{1, lay.chunk, 1});
-        if (!lse3) return lse3.error();
-        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, 1},
-                                       std::array<index_t, 3>{1, pc, 1});
-        if (!local3) return local3.error();
-        ulysses_layout one = lay;
-        one.head_dim = 1;
-        FPDT_TRY(head_to_seq<float>(comm, one, head_kind::query, *lse3, *local3, detail::sp::tag(s, 0, 4, c)));
-        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{lay.heads, pc}).value();
-        return detail::layer::guarded([&] { return u->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local); },
-                                      "chunk sink, chunk ", c);
-      });
-    }
-  };
-
-  // dout of chunk c: the caller's local chunk (in the pass's dout buffer) exchanged on the h2d
-  // lane straight into the layer's slot when the backward fetches it.
-  template <class Dout> struct dout_adapter {
-    sequence_parallel_attention* self;
-    Dout const* user;
-    [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout) const {
-      auto const& l = self->layout_;
-      index_t const pc = self->piece(), d = l.head_dim;
-      auto dv = contiguous_view(self->lane_->dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
-      FPDT_TRY(user->produce_dout(c, c * pc, dv));
-      return seq_to_head<T>(*self->comm_, l, head_kind::query, tensor_view<T const, 3>(dv), dout,
-                            detail::sp::tag(self->salt_, 1, 0, c));
-    }
-  };
-
-  // Gradients of chunk c (fp32, [C, H/P, D] or [C, H_kv/P, D]) are copied into a free exchange
-  // slot; the all-to-alls and the caller's gradient sink run on the comm lane.
-  template <class Sink> struct grad_adapter {
-    sequence_parallel_attention* self;
-    Sink* user;
-    [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g) {
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      detail::layer::copy_rows(g, 0, detail::sp::view3(lane.f[static_cast<std::size_t>(j.slot)], l.chunk, hr, d), 0, l.chunk);
-      sequence_parallel_attention* me = self;
-      Sink* u = user;
-      int const slot = j.slot;
-      return lane.launch(j, step_kind::sink, c, -1, self->q_chunk() * 4, [me, u, c, d, hr, slot]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        index_t const pc = me->piece();
-        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.heads, d}).value();
-        FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::query,
-                                    tensor_view<float const, 3>(detail::sp::view3(ln.f[static_cast<std::size_t>(slot)], lay.chunk, hr, d)),
-                                    v, detail::sp::tag(me->salt_, 1, 1, c)));
-        return detail::layer::guarded([&] { return u->consume_dq(c, c * pc, tensor_view<float const, 3>(v)); },
-                                      "gradient sink, dq chunk ", c);
-      });
-    }
-    [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
-                                     tensor_view<float const, 3> const& gv) {
-      auto& lane = *self->lane_;
-      auto jr = lane.next_output(c);
-      if (!jr) return jr.error();
-      auto& j = **jr;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
-      float* slot_base = lane.f[static_cast<std::size_t>(j.slot)].data();
-      std::size_t const half = self->kv_chunk();
-      detail::layer::copy_rows(gk, 0, contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk);
-      detail::layer::copy_rows(gv, 0, contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value(), 0, l.chunk);
-      sequence_parallel_attention* me = self;
-      Sink* u = user;
-      return lane.launch(j, step_kind::sink, -1, c, 2 * half * 4, [me, u, c, d, hr, slot_base, half]() -> status {
-        auto const& lay = me->layout_;
-        auto& ln = *me->lane_;
-        index_t const pc = me->piece();
-        std::size_t const lk = me->local(lay.kv_heads);
-        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-        FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::key_value,
-                                    contiguous_view<float const>(slot_base, std::array<index_t, 3>{lay.chunk, hr, d}).value(),
-                                    kv, detail::sp::tag(me->salt_, 1, 2, c)));
-        FPDT_TRY(head_to_seq<float>(*me->comm_, lay, head_kind::key_value,
-                                    contiguous_view<float const>(slot_base + half, std::array<index_t, 3>{lay.chunk, hr, d}).value(),
-                                    vv, detail::sp::tag(me->salt_, 1, 3, c)));
-        return detail::layer::guarded(
-            [&] { return u->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv)); },
-            "gradient sink, dk/dv chunk ", c);
-      });
-    }
-  };
-
-  // ----- Device path (see the file comment): everything below runs on the caller's thread
-  // while the per-rank layer enqueues its pass, and only enqueues work. -----
-
-  // One Ulysses all-to-all of `src` into `dst` on the comm stream: pack the blocks into the send
-  // buffer, the communicator's stream-ordered all-to-all, unpack (summing replicated key/value
-  // heads in head_to_seq).
+  // One Ulysses all-to-all of `src` into `dst` (to the head-sharded side when `to_heads`). Host
+  // path: the tagged, blocking seq_to_head / head_to_seq. Device path: pack into the send
+  // buffer, the communicator's stream-ordered all-to-all (matched by order: `tag` unused), and
+  // unpack, summing replicated key/value heads in rank order as head_to_seq does.
   template <class U>
   [[nodiscard]] status exchange(ulysses_layout const& l, head_kind kind, bool to_heads,
-                                tensor_view<U const, 3> const& src, tensor_view<U, 3> const& dst) {
-    using ops = attention_step_ops<B>;
+                                tensor_view<U const, 3> const& src, tensor_view<U, 3> const& dst,
+                                [[maybe_unused]] std::uint64_t tag) {
+    if constexpr (host_path) {
+      return to_heads ? seq_to_head<U>(*comm_, l, kind, src, dst, tag)
+                      : head_to_seq<U>(*comm_, l, kind, src, dst, tag);
+    } else {
+      using ops = attention_step_ops<B>;
+      auto& ln = *lane_;
+      ulysses_blocks const seq = ulysses_blocks::local_side(l, kind), heads = ulysses_blocks::head_side(l, kind);
+      ulysses_blocks const& from = to_heads ? seq : heads;
+      ulysses_blocks const& to = to_heads ? heads : seq;
+      std::size_t const block = static_cast<std::size_t>(from.block_size(l.head_dim));
+      if (block * static_cast<std::size_t>(l.ranks) * sizeof(U) > ln.send.size())
+        return make_error(errc::internal, "sequence_parallel_attention: an exchange of ",
+                          block * static_cast<std::size_t>(l.ranks) * sizeof(U),
+                          " bytes exceeds the pass's send buffer of ", ln.send.size(), " bytes");
+      U* send = reinterpret_cast<U*>(ln.send.data());
+      U* recv = reinterpret_cast<U*>(ln.recv.data());
+      FPDT_TRY(ops::ulysses_pack(*ln.be, ln.stream, src, send, from));
+      FPDT_TRY(comm_->all_to_all(static_cast<void const*>(send), static_cast<void*>(recv), block,
+                                 dtype_of<U>, ln.stream.native_handle()));
+      return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
+    }
+  }
+
+  // Calls a caller's callback `f(streams...)`: the plain form on the host path, the stream form
+  // with the comm stream on the device path; errors and exceptions named (`what`, chunk c).
+  template <class F> [[nodiscard]] status call_user(F&& f, char const* what, index_t c) {
+    if constexpr (host_path)
+      return detail::layer::guarded([&] { return f(); }, what, c);
+    else
+      return detail::layer::guarded([&] { return f(lane_->stream); }, what, c);
+  }
+
+  // Chunk c's q, k, v: the caller's local chunk (in tmp) exchanged into pq, pk, pv.
+  template <class Source> [[nodiscard]] status exchange_qkv(Source const* user, index_t c) {
+    auto const& l = layout_;
     auto& ln = *lane_;
-    ulysses_blocks const seq = ulysses_blocks::local_side(l, kind), heads = ulysses_blocks::head_side(l, kind);
-    ulysses_blocks const& from = to_heads ? seq : heads;
-    ulysses_blocks const& to = to_heads ? heads : seq;
-    std::size_t const block = static_cast<std::size_t>(from.block_size(l.head_dim));
-    if (block * static_cast<std::size_t>(l.ranks) * sizeof(U) > ln.send.size())
-      return make_error(errc::internal, "sequence_parallel_attention: an exchange of ",
-                        block * static_cast<std::size_t>(l.ranks) * sizeof(U),
-                        " bytes exceeds the pass's send buffer of ", ln.send.size(), " bytes");
-    U* send = reinterpret_cast<U*>(ln.send.data());
-    U* recv = reinterpret_cast<U*>(ln.recv.data());
-    FPDT_TRY(ops::ulysses_pack(*ln.be, ln.stream, src, send, from));
-    FPDT_TRY(comm_->all_to_all(static_cast<void const*>(send), static_cast<void*>(recv), block,
-                               dtype_of<U>, ln.stream.native_handle()));
-    return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
+    index_t const pc = piece(), d = l.head_dim, hq = l.heads_per_rank(head_kind::query),
+                  hk = l.heads_per_rank(head_kind::key_value);
+    T* base = ln.tmp.data();
+    auto qv = contiguous_view(base, std::array<index_t, 3>{pc, l.heads, d}).value();
+    auto kv = contiguous_view(base + local(l.heads), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+    auto vv = contiguous_view(base + local(l.heads + l.kv_heads), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+    FPDT_TRY(call_user([&](auto&... s) { return user->produce(c, c * pc, qv, kv, vv, s...); }, "chunk source, chunk ", c));
+    FPDT_TRY(exchange<T>(l, head_kind::query, true, qv, detail::sp::view3(ln.pq, l.chunk, hq, d), tag(0, 0, c)));
+    FPDT_TRY(exchange<T>(l, head_kind::key_value, true, kv, detail::sp::view3(ln.pk, l.chunk, hk, d), tag(0, 1, c)));
+    return exchange<T>(l, head_kind::key_value, true, vv, detail::sp::view3(ln.pv, l.chunk, hk, d), tag(0, 2, c));
   }
 
-  // Device path: a start event on the comm stream for the comm-lane steps' times, recorded just
-  // before the per-rank pass starts (whose own start event is recorded first thing in it).
-  [[nodiscard]] status start_timing() {
-    if constexpr (times_steps_with_events<B>) return lane_->be->record(*lane_->t_start, lane_->stream);
-    return {};
+  // Out [C, H/P, D] and lse [H/P, C] of chunk c in exchange slot i, exchanged back to the local
+  // chunk (in tmp, tmp_f) and handed to the caller's sink.
+  template <class Sink> [[nodiscard]] status exchange_out(Sink* user, index_t c, std::size_t i) {
+    auto const& l = layout_;
+    auto& ln = *lane_;
+    index_t const pc = piece(), d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
+    auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
+    FPDT_TRY(exchange<T>(l, head_kind::query, false, tensor_view<T const, 3>(detail::sp::view3(ln.out[i], l.chunk, hr, d)),
+                         ov, tag(0, 3, c)));
+    // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
+    auto lse3 = make_tensor_view<float const>(ln.f[i].data(), std::array<index_t, 3>{l.chunk, hr, 1},
+                                              std::array<index_t, 3>{1, l.chunk, 1});
+    if (!lse3) return lse3.error();
+    auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, 1}, std::array<index_t, 3>{1, pc, 1});
+    if (!local3) return local3.error();
+    ulysses_layout one = l;
+    one.head_dim = 1;
+    FPDT_TRY(exchange<float>(one, head_kind::query, false, *lse3, *local3, tag(0, 4, c)));
+    auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{l.heads, pc}).value();
+    return call_user([&](auto&... s) { return user->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local, s...); },
+                     "chunk sink, chunk ", c);
   }
 
-  // Runs `fn`, which enqueues on the comm stream, as the comm lane's traced step `kind`, after
-  // the comm stream waits for `after` (when given; the step's time starts after that wait). The
-  // pass's first error is kept: once one call failed, later ones enqueue nothing (a collective
-  // skipped on this rank must not be matched with its next one) and return that error.
+  // dout of chunk c: the caller's local chunk (in dout_tmp) exchanged into `dst` [C, H/P, D].
+  template <class Dout> [[nodiscard]] status exchange_dout(Dout const* user, index_t c, tensor_view<T, 3> const& dst) {
+    auto const& l = layout_;
+    index_t const pc = piece();
+    auto dv = contiguous_view(lane_->dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
+    FPDT_TRY(call_user([&](auto&... s) { return user->produce_dout(c, c * pc, dv, s...); }, "dout source, chunk ", c));
+    return exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv), dst, tag(1, 0, c));
+  }
+
+  // dq [C, H/P, D] of chunk c in slot i, exchanged back to the local chunk (in tmp_f) and handed
+  // to the caller's gradient sink.
+  template <class Sink> [[nodiscard]] status exchange_dq(Sink* user, index_t c, std::size_t i) {
+    auto const& l = layout_;
+    index_t const pc = piece(), d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
+    auto v = contiguous_view(lane_->tmp_f.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
+    FPDT_TRY(exchange<float>(l, head_kind::query, false,
+                             tensor_view<float const, 3>(detail::sp::view3(lane_->f[i], l.chunk, hr, d)), v, tag(1, 1, c)));
+    return call_user([&](auto&... s) { return user->consume_dq(c, c * pc, tensor_view<float const, 3>(v), s...); },
+                     "gradient sink, dq chunk ", c);
+  }
+
+  // Slot i's halves for dk and dv [C, H_kv/P, D] (or one replicated head) of a chunk.
+  [[nodiscard]] std::array<tensor_view<float, 3>, 2> dkv_slot(std::size_t i) const {
+    auto const& l = layout_;
+    index_t const hr = l.heads_per_rank(head_kind::key_value);
+    float* base = lane_->f[i].data();
+    return {contiguous_view(base, std::array<index_t, 3>{l.chunk, hr, l.head_dim}).value(),
+            contiguous_view(base + kv_chunk(), std::array<index_t, 3>{l.chunk, hr, l.head_dim}).value()};
+  }
+
+  // dk and dv of chunk c in slot i, exchanged back to the local chunks (summing replicas) and
+  // handed to the caller's gradient sink.
+  template <class Sink> [[nodiscard]] status exchange_dkv(Sink* user, index_t c, std::size_t i) {
+    auto const& l = layout_;
+    index_t const pc = piece(), d = l.head_dim;
+    auto const [gk, gv] = dkv_slot(i);
+    float* base = lane_->tmp_f.data();
+    auto kv = contiguous_view(base, std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+    auto vv = contiguous_view(base + local(l.kv_heads), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
+    FPDT_TRY(exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gk), kv, tag(1, 2, c)));
+    FPDT_TRY(exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gv), vv, tag(1, 3, c)));
+    return call_user([&](auto&... s) {
+      return user->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv), s...);
+    }, "gradient sink, dk/dv chunk ", c);
+  }
+
+  // ----- Hand-overs between the per-rank layer's lanes and the comm lane. -----
+
+  // Copies between the layer's own buffers on a lane: host path, at once on the calling lane's
+  // thread (s is null); device path, enqueued on *s, without the public copies' pointer checks.
+  template <class S, class D>
+  [[nodiscard]] status copy_rows(stream_t* s, tensor_view<S, 3> const& src, tensor_view<D, 3> const& dst) {
+    if constexpr (host_path) {
+      detail::layer::copy_rows(src, 0, dst, 0, dst.extent(0));
+      return {};
+    } else {
+      return detail::layer::own_copy_rows(*lane_->be, *s, src, dst);
+    }
+  }
+  template <class S, class D>
+  [[nodiscard]] status copy_columns(stream_t* s, tensor_view<S, 2> const& src, tensor_view<D, 2> const& dst) {
+    if constexpr (host_path) {
+      detail::layer::copy_columns(src, 0, dst, 0, dst.extent(1));
+      return {};
+    } else {
+      return detail::layer::own_copy_columns(*lane_->be, *s, src, dst);
+    }
+  }
+
+  // Device path: starts a comm-stream step, after the comm stream waits for `after` (when given;
+  // the step's time starts after that wait), as the comm lane's traced step `kind`. The pass's
+  // first error is kept: once one call failed, later ones enqueue nothing (a collective skipped
+  // on this rank must not be matched with its next one) and return that error.
   template <class F>
   [[nodiscard]] status device_step(step_kind kind, index_t i, index_t j, std::uint64_t bytes,
                                    typename comm_lane::event_type const* after, F&& fn) {
@@ -848,36 +757,100 @@ private:
     if (!st.ok() && lane_->failure.ok()) lane_->failure = st;
     return st;
   }
-
-  // Enqueues chunk c's q, k, v on the comm stream: after the copies out of pq, pk, pv of the
-  // previous chunk (ev_src), the caller's stream-form source writes local chunk c, the q, k, v
-  // all-to-alls fill pq, pk, pv, then ev_pq.
-  template <class Source> [[nodiscard]] status enqueue_prefetch(Source const* user, index_t c) {
-    std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
-    auto& lane = *lane_;
-    return device_step(step_kind::produce, c, c, bytes, lane.src_recorded ? &*lane.ev_src : nullptr, [&]() -> status {
-      auto const& lay = layout_;
-      auto& ln = *lane_;
-      index_t const pc = piece(), d = lay.head_dim, hq = lay.heads_per_rank(head_kind::query),
-                    hk = lay.heads_per_rank(head_kind::key_value);
-      T* base = ln.tmp.data();
-      auto qv = contiguous_view(base, std::array<index_t, 3>{pc, lay.heads, d}).value();
-      auto kv = contiguous_view(base + local(lay.heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-      auto vv = contiguous_view(base + local(lay.heads + lay.kv_heads), std::array<index_t, 3>{pc, lay.kv_heads, d}).value();
-      FPDT_TRY(detail::layer::guarded([&] { return user->produce(c, c * pc, qv, kv, vv, ln.stream); },
-                                      "chunk source, chunk ", c));
-      FPDT_TRY(exchange<T>(lay, head_kind::query, true, qv, detail::sp::view3(ln.pq, lay.chunk, hq, d)));
-      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, kv, detail::sp::view3(ln.pk, lay.chunk, hk, d)));
-      FPDT_TRY(exchange<T>(lay, head_kind::key_value, true, vv, detail::sp::view3(ln.pv, lay.chunk, hk, d)));
-      FPDT_TRY(ln.be->record(*ln.ev_pq, ln.stream));
-      ln.prefetched = c;
-      return {};
-    });
+  // Device path: a start event on the comm stream for the comm-lane steps' times, recorded just
+  // before the per-rank pass starts (whose own start event is recorded first thing in it).
+  [[nodiscard]] status start_timing() {
+    if constexpr (!host_path && times_steps_with_events<B>) return lane_->be->record(*lane_->t_start, lane_->stream);
+    return {};
   }
 
-  // Device path: the start of an output or gradient hand-over on stream s: the pass's first
-  // error if there was one, else the next output slot, once the exchange that last read it is
-  // done.
+  // Starts chunk c's q, k, v exchange on the comm lane. Host path: a job. Device path: enqueued
+  // after the copies out of pq, pk, pv of the previous chunk (ev_src), then ev_pq.
+  template <class Source> [[nodiscard]] status start_qkv(Source const* user, index_t c) {
+    std::uint64_t const bytes = (q_chunk() + 2 * kv_chunk()) * sizeof(T);
+    auto& ln = *lane_;
+    if constexpr (host_path) {
+      auto& j = ln.prefetch.emplace();
+      j.chunk = c;
+      return ln.launch(j, step_kind::produce, c, c, bytes, [this, user, c] { return exchange_qkv(user, c); });
+    } else {
+      return device_step(step_kind::produce, c, c, bytes, ln.src_recorded ? &*ln.ev_src : nullptr, [&]() -> status {
+        FPDT_TRY(exchange_qkv(user, c));
+        FPDT_TRY(ln.be->record(*ln.ev_pq, ln.stream));
+        ln.prefetched = c;
+        return {};
+      });
+    }
+  }
+
+  // Chunk c's q, k, v for the per-rank layer (on lane stream s): its exchange, started with chunk
+  // c - 1 (or now, for the first chunk or out of order), is waited for (host: its job; device: s
+  // waits for ev_pq), copied into the layer's slots (then ev_src), and chunk c + 1's is started.
+  template <class Source>
+  [[nodiscard]] status take_qkv(Source const* user, index_t c, tensor_view<T, 3> const& q,
+                                tensor_view<T, 3> const& k, tensor_view<T, 3> const& v, stream_t* s) {
+    auto& ln = *lane_;
+    if constexpr (host_path) {
+      if (!ln.prefetch || ln.prefetch->chunk != c) { // out of order: wait for the lane, then fetch c
+        if (ln.prefetch && ln.prefetch->done.valid()) (void)ln.prefetch->done.get();
+        ln.prefetch.reset();
+        FPDT_TRY(start_qkv(user, c));
+      }
+      status st = ln.prefetch->done.valid() ? ln.prefetch->done.get()
+                                            : make_error(errc::internal, "comm lane: chunk ", c, " was not queued");
+      ln.prefetch.reset();
+      FPDT_TRY(st);
+    } else {
+      if (!ln.failure.ok()) return ln.failure;
+      if (ln.prefetched != c) FPDT_TRY(start_qkv(user, c));
+      ln.prefetched = -1;
+      FPDT_TRY(noted(ln.be->wait(*s, *ln.ev_pq)));
+    }
+    auto const& l = layout_;
+    index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
+    FPDT_TRY(noted(copy_rows(s, tensor_view<T const, 3>(detail::sp::view3(ln.pq, l.chunk, hq, d)), q)));
+    FPDT_TRY(noted(copy_rows(s, tensor_view<T const, 3>(detail::sp::view3(ln.pk, l.chunk, hk, d)), k)));
+    FPDT_TRY(noted(copy_rows(s, tensor_view<T const, 3>(detail::sp::view3(ln.pv, l.chunk, hk, d)), v)));
+    if constexpr (!host_path) {
+      FPDT_TRY(noted(ln.be->record(*ln.ev_src, *s)));
+      ln.src_recorded = true;
+    }
+    if (c + 1 < shape_.sequence / l.chunk) return start_qkv(user, c + 1);
+    return {};
+  }
+
+  // An output or gradient hand-over for chunk c: `fill(i)` copies it into a free exchange slot i
+  // on the lane (stream s), then `body(i)` runs as the comm lane's step (`kind`, chunks i, j).
+  // Host path: the oldest of max_in_flight queued jobs is waited for to free a slot, and the body
+  // runs as a job. Device path: the lane waits for the slot's last exchange (ev_free), ev_in is
+  // recorded after the fill, the body is enqueued on the comm stream after it, then ev_free.
+  // `body` is copied into the host path's job.
+  template <class Fill, class Body>
+  [[nodiscard]] status hand_over(index_t c, step_kind kind, index_t i, index_t j, std::uint64_t bytes, stream_t* s,
+                                 Fill&& fill, Body body) {
+    auto& ln = *lane_;
+    if constexpr (host_path) {
+      auto jr = ln.next_output(c);
+      if (!jr) return jr.error();
+      auto& job = **jr;
+      auto const slot = static_cast<std::size_t>(job.slot);
+      FPDT_TRY(fill(slot));
+      return ln.launch(job, kind, i, j, bytes, [body = std::move(body), slot]() mutable { return body(slot); });
+    } else {
+      auto si = take_slot(*s);
+      if (!si) return si.error();
+      std::size_t const slot = *si;
+      FPDT_TRY(noted(fill(slot)));
+      FPDT_TRY(noted(ln.be->record(*ln.ev_in[slot], *s)));
+      ln.slot_used[slot] = true;
+      return device_step(kind, i, j, bytes, &*ln.ev_in[slot], [&]() -> status {
+        FPDT_TRY(body(slot));
+        return ln.be->record(*ln.ev_free[slot], ln.stream);
+      });
+    }
+  }
+  // Device path: the pass's first error if there was one, else the next output slot, once the
+  // exchange that last read it is done (s waits for ev_free).
   [[nodiscard]] result<std::size_t> take_slot(stream_t& s) {
     auto& ln = *lane_;
     if (!ln.failure.ok()) return ln.failure;
@@ -886,196 +859,137 @@ private:
     if (ln.slot_used[i]) FPDT_TRY(noted(ln.be->wait(s, *ln.ev_free[i])));
     return i;
   }
-  // Device path: slot i was filled on s; its exchange may start.
-  [[nodiscard]] status fill_slot(stream_t& s, std::size_t i) {
+
+  // Device path: enqueues the exchange of dout chunk c into pdout on the comm stream, after the
+  // previous chunk's copy out of pdout (ev_dout_copied), then ev_dout_ready.
+  template <class Dout> [[nodiscard]] status start_dout(Dout const* user, index_t c) {
     auto& ln = *lane_;
-    FPDT_TRY(ln.be->record(*ln.ev_in[i], s));
-    ln.slot_used[i] = true;
-    return {};
-  }
-
-  // Chunk c on stream s: its q, k, v exchange (enqueued with chunk c - 1, or now) is waited for
-  // (ev_pq), copied into the layer's slots on s (then ev_src), and chunk c + 1's is enqueued.
-  template <class Source> struct device_source_adapter {
-    sequence_parallel_attention* self;
-    Source const* user;
-    [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k,
-                                 tensor_view<T, 3> const& v, stream_t& s) const {
-      using ops = attention_step_ops<B>;
-      auto& ln = *self->lane_;
-      if (!ln.failure.ok()) return ln.failure;
-      if (ln.prefetched != c) FPDT_TRY(self->enqueue_prefetch(user, c)); // first chunk, or out of order
-      ln.prefetched = -1;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hq = l.heads_per_rank(head_kind::query), hk = l.heads_per_rank(head_kind::key_value);
-      B& be = *ln.be;
-      status const st = [&]() -> status {
-        FPDT_TRY(be.wait(s, *ln.ev_pq));
-        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pq, l.chunk, hq, d)), 0, q, 0, l.chunk));
-        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pk, l.chunk, hk, d)), 0, k, 0, l.chunk));
-        FPDT_TRY(ops::copy_rows(be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pv, l.chunk, hk, d)), 0, v, 0, l.chunk));
-        FPDT_TRY(be.record(*ln.ev_src, s));
-        ln.src_recorded = true;
-        return {};
-      }();
-      FPDT_TRY(self->noted(st));
-      if (c + 1 < self->shape_.sequence / l.chunk) return self->enqueue_prefetch(user, c + 1);
-      return {};
-    }
-  };
-
-  // Chunk c's out and lse are copied on s into a free output slot; the comm stream exchanges them
-  // and hands the local chunk to the caller's stream-form sink, then frees the slot.
-  template <class Sink> struct device_sink_adapter {
-    sequence_parallel_attention* self;
-    Sink* user;
-    [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
-                                 tensor_view<float const, 2> const& lse, stream_t& s) {
-      using ops = attention_step_ops<B>;
-      auto& ln = *self->lane_;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto si = self->take_slot(s);
-      if (!si) return si.error();
-      std::size_t const i = *si;
-      auto fb = contiguous_view(ln.f[i].data(), std::array<index_t, 2>{hr, l.chunk}).value();
-      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, out, 0, detail::sp::view3(ln.out[i], l.chunk, hr, d), 0, l.chunk)));
-      FPDT_TRY(self->noted(ops::copy_columns(*ln.be, s, lse, 0, fb, 0, l.chunk)));
-      FPDT_TRY(self->noted(self->fill_slot(s, i)));
-      std::uint64_t const bytes = self->q_chunk() * sizeof(T) + self->lse_chunk() * 4;
-      sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, c, -1, bytes, &*ln.ev_in[i], [&]() -> status {
-        index_t const pc = me->piece();
-        auto ov = contiguous_view(ln.tmp.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
-        FPDT_TRY(me->template exchange<T>(l, head_kind::query, false,
-                                          tensor_view<T const, 3>(detail::sp::view3(ln.out[i], l.chunk, hr, d)), ov));
-        // lse [H/P, C] seen as [C, H/P, 1]; the local lse [H, C/P] as [C/P, H, 1].
-        auto lse3 = make_tensor_view<float const>(ln.f[i].data(), std::array<index_t, 3>{l.chunk, hr, 1},
-                                                  std::array<index_t, 3>{1, l.chunk, 1});
-        if (!lse3) return lse3.error();
-        auto local3 = make_tensor_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, 1},
-                                       std::array<index_t, 3>{1, pc, 1});
-        if (!local3) return local3.error();
-        ulysses_layout one = l;
-        one.head_dim = 1;
-        FPDT_TRY(me->template exchange<float>(one, head_kind::query, false, *lse3, *local3));
-        auto lse_local = contiguous_view<float const>(ln.tmp_f.data(), std::array<index_t, 2>{l.heads, pc}).value();
-        FPDT_TRY(detail::layer::guarded(
-            [&] { return user->consume(c, c * pc, tensor_view<T const, 3>(ov), lse_local, ln.stream); },
-            "chunk sink, chunk ", c));
-        return ln.be->record(*ln.ev_free[i], ln.stream);
-      });
-    }
-  };
-
-  // Enqueues the exchange of dout chunk c into pdout on the comm stream, after the previous
-  // chunk's copy out of pdout (ev_dout_copied): the caller's stream-form dout source writes the
-  // local chunk, the all-to-all fills pdout, then ev_dout_ready.
-  template <class Dout> [[nodiscard]] status enqueue_dout(Dout const* user, index_t c) {
-    auto& lane = *lane_;
     return device_step(step_kind::fetch, c, -1, q_chunk() * sizeof(T),
-                       lane.dout_copied_recorded ? &*lane.ev_dout_copied : nullptr, [&]() -> status {
-      auto const& l = layout_;
-      auto& ln = *lane_;
-      index_t const pc = piece(), hq = l.heads_per_rank(head_kind::query);
-      auto dv = contiguous_view(ln.dout_tmp.data(), std::array<index_t, 3>{pc, l.heads, l.head_dim}).value();
-      FPDT_TRY(detail::layer::guarded([&] { return user->produce_dout(c, c * pc, dv, ln.stream); },
-                                      "dout source, chunk ", c));
-      FPDT_TRY(exchange<T>(l, head_kind::query, true, tensor_view<T const, 3>(dv),
-                           detail::sp::view3(ln.pdout, l.chunk, hq, l.head_dim)));
+                       ln.dout_copied_recorded ? &*ln.ev_dout_copied : nullptr, [&]() -> status {
+      index_t const hq = layout_.heads_per_rank(head_kind::query);
+      FPDT_TRY(exchange_dout(user, c, detail::sp::view3(ln.pdout, layout_.chunk, hq, layout_.head_dim)));
       FPDT_TRY(ln.be->record(*ln.ev_dout_ready, ln.stream));
       ln.dout_prefetched = c;
       return {};
     });
   }
 
-  // dout of chunk c for the per-rank layer's fetch on stream s: its exchange was enqueued at the
-  // previous fetch (or is now), so it ran on the comm stream ahead of the gradient exchanges that
-  // wait for the compute lane; s waits for it (ev_dout_ready), copies pdout into the slot (then
-  // ev_dout_copied), and the next fetch's exchange is enqueued.
-  template <class Dout> struct device_dout_adapter {
-    sequence_parallel_attention* self;
-    Dout const* user;
-    [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout, stream_t& s) const {
-      using ops = attention_step_ops<B>;
-      auto& ln = *self->lane_;
+  // dout of chunk c for the per-rank layer's fetch into `dout` on lane stream s. Host path: the
+  // exchange runs here, on the h2d lane, straight into the slot. Device path: its exchange was
+  // enqueued at the previous fetch (or is now), so it ran on the comm stream ahead of the gradient
+  // exchanges that wait for the compute lane; s waits for it (ev_dout_ready), copies pdout into
+  // the slot (then ev_dout_copied), and the next fetch's exchange is enqueued.
+  template <class Dout>
+  [[nodiscard]] status take_dout(Dout const* user, index_t c, tensor_view<T, 3> const& dout, stream_t* s) {
+    if constexpr (host_path) {
+      return exchange_dout(user, c, dout);
+    } else {
+      auto& ln = *lane_;
       if (!ln.failure.ok()) return ln.failure;
-      if (ln.dout_prefetched != c) FPDT_TRY(self->enqueue_dout(user, c)); // first fetch, or out of order
+      if (ln.dout_prefetched != c) FPDT_TRY(start_dout(user, c)); // first fetch, or out of order
       ln.dout_prefetched = -1;
       std::size_t const k = ln.dout_next++;
-      auto const& l = self->layout_;
-      index_t const hq = l.heads_per_rank(head_kind::query);
-      status const st = [&]() -> status {
-        FPDT_TRY(ln.be->wait(s, *ln.ev_dout_ready));
-        FPDT_TRY(ops::copy_rows(*ln.be, s, tensor_view<T const, 3>(detail::sp::view3(ln.pdout, l.chunk, hq, l.head_dim)),
-                                0, dout, 0, l.chunk));
-        FPDT_TRY(ln.be->record(*ln.ev_dout_copied, s));
-        ln.dout_copied_recorded = true;
-        return {};
-      }();
-      FPDT_TRY(self->noted(st));
-      if (k < ln.dout_order.size() && ln.dout_order[k] == c && k + 1 < ln.dout_order.size())
-        return self->enqueue_dout(user, ln.dout_order[k + 1]);
+      index_t const hq = layout_.heads_per_rank(head_kind::query);
+      FPDT_TRY(noted(ln.be->wait(*s, *ln.ev_dout_ready)));
+      FPDT_TRY(noted(copy_rows(s, tensor_view<T const, 3>(detail::sp::view3(ln.pdout, layout_.chunk, hq, layout_.head_dim)), dout)));
+      FPDT_TRY(noted(ln.be->record(*ln.ev_dout_copied, *s)));
+      ln.dout_copied_recorded = true;
+      if (k < dout_order_.size() && dout_order_[k] == c && k + 1 < dout_order_.size())
+        return start_dout(user, dout_order_[k + 1]);
       return {};
+    }
+  }
+
+  // The per-rank layer's callbacks: the plain forms on the host path (called on its lanes'
+  // workers), the stream forms on the device path (called on the caller's thread at enqueue).
+  template <class Source> struct source_adapter {
+    sequence_parallel_attention* self;
+    Source const* user;
+    [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k,
+                                 tensor_view<T, 3> const& v) const requires host_path {
+      return self->take_qkv(user, c, q, k, v, nullptr);
+    }
+    [[nodiscard]] status produce(index_t c, index_t, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k,
+                                 tensor_view<T, 3> const& v, stream_t& s) const requires(!host_path) {
+      return self->take_qkv(user, c, q, k, v, &s);
     }
   };
 
-  // Gradients of chunk c are copied on s into a free slot; the comm stream exchanges them and
-  // hands the local chunks to the caller's stream-form gradient sink, then frees the slot.
-  template <class Sink> struct device_grad_adapter {
+  template <class Sink> struct sink_adapter {
     sequence_parallel_attention* self;
     Sink* user;
-    [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g, stream_t& s) {
-      using ops = attention_step_ops<B>;
-      auto& ln = *self->lane_;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::query);
-      auto si = self->take_slot(s);
-      if (!si) return si.error();
-      std::size_t const i = *si;
-      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, g, 0, detail::sp::view3(ln.f[i], l.chunk, hr, d), 0, l.chunk)));
-      FPDT_TRY(self->noted(self->fill_slot(s, i)));
+    [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
+                                 tensor_view<float const, 2> const& lse) requires host_path {
+      return take(c, out, lse, nullptr);
+    }
+    [[nodiscard]] status consume(index_t c, index_t, tensor_view<T const, 3> const& out,
+                                 tensor_view<float const, 2> const& lse, stream_t& s) requires(!host_path) {
+      return take(c, out, lse, &s);
+    }
+    [[nodiscard]] status take(index_t c, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse,
+                              stream_t* s) {
       sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, c, -1, self->q_chunk() * 4, &*ln.ev_in[i], [&]() -> status {
-        index_t const pc = me->piece();
-        auto v = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.heads, d}).value();
-        FPDT_TRY(me->template exchange<float>(l, head_kind::query, false,
-                                              tensor_view<float const, 3>(detail::sp::view3(ln.f[i], l.chunk, hr, d)), v));
-        FPDT_TRY(detail::layer::guarded(
-            [&] { return user->consume_dq(c, c * pc, tensor_view<float const, 3>(v), ln.stream); },
-            "gradient sink, dq chunk ", c));
-        return ln.be->record(*ln.ev_free[i], ln.stream);
-      });
+      auto const& l = me->layout_;
+      index_t const hr = l.heads_per_rank(head_kind::query);
+      std::uint64_t const bytes = me->q_chunk() * sizeof(T) + me->lse_chunk() * 4;
+      auto fill = [&](std::size_t i) -> status {
+        auto& ln = *me->lane_;
+        FPDT_TRY(me->copy_rows(s, out, detail::sp::view3(ln.out[i], l.chunk, hr, l.head_dim)));
+        return me->copy_columns(s, lse, contiguous_view(ln.f[i].data(), std::array<index_t, 2>{hr, l.chunk}).value());
+      };
+      return me->hand_over(c, step_kind::sink, c, -1, bytes, s, fill,
+                           [me, u = user, c](std::size_t i) { return me->exchange_out(u, c, i); });
+    }
+  };
+
+  template <class Dout> struct dout_adapter {
+    sequence_parallel_attention* self;
+    Dout const* user;
+    [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout) const requires host_path {
+      return self->take_dout(user, c, dout, nullptr);
+    }
+    [[nodiscard]] status produce_dout(index_t c, index_t, tensor_view<T, 3> const& dout, stream_t& s) const
+      requires(!host_path) {
+      return self->take_dout(user, c, dout, &s);
+    }
+  };
+
+  template <class Sink> struct grad_adapter {
+    sequence_parallel_attention* self;
+    Sink* user;
+    [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g) requires host_path {
+      return take_dq(c, g, nullptr);
+    }
+    [[nodiscard]] status consume_dq(index_t c, index_t, tensor_view<float const, 3> const& g, stream_t& s)
+      requires(!host_path) {
+      return take_dq(c, g, &s);
     }
     [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
-                                     tensor_view<float const, 3> const& gv, stream_t& s) {
-      using ops = attention_step_ops<B>;
-      auto& ln = *self->lane_;
-      auto const& l = self->layout_;
-      index_t const d = l.head_dim, hr = l.heads_per_rank(head_kind::key_value);
-      auto si = self->take_slot(s);
-      if (!si) return si.error();
-      std::size_t const i = *si;
-      float* slot_base = ln.f[i].data();
-      std::size_t const half = self->kv_chunk();
-      auto gk_slot = contiguous_view(slot_base, std::array<index_t, 3>{l.chunk, hr, d}).value();
-      auto gv_slot = contiguous_view(slot_base + half, std::array<index_t, 3>{l.chunk, hr, d}).value();
-      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, gk, 0, gk_slot, 0, l.chunk)));
-      FPDT_TRY(self->noted(ops::copy_rows(*ln.be, s, gv, 0, gv_slot, 0, l.chunk)));
-      FPDT_TRY(self->noted(self->fill_slot(s, i)));
+                                     tensor_view<float const, 3> const& gv) requires host_path {
+      return take_dkv(c, gk, gv, nullptr);
+    }
+    [[nodiscard]] status consume_dkv(index_t c, index_t, tensor_view<float const, 3> const& gk,
+                                     tensor_view<float const, 3> const& gv, stream_t& s) requires(!host_path) {
+      return take_dkv(c, gk, gv, &s);
+    }
+    [[nodiscard]] status take_dq(index_t c, tensor_view<float const, 3> const& g, stream_t* s) {
       sequence_parallel_attention* me = self;
-      return self->device_step(step_kind::sink, -1, c, 2 * half * 4, &*ln.ev_in[i], [&]() -> status {
-        index_t const pc = me->piece();
-        std::size_t const lk = me->local(l.kv_heads);
-        auto kv = contiguous_view(ln.tmp_f.data(), std::array<index_t, 3>{pc, l.kv_heads, d}).value();
-        auto vv = contiguous_view(ln.tmp_f.data() + lk, std::array<index_t, 3>{pc, l.kv_heads, d}).value();
-        FPDT_TRY(me->template exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gk_slot), kv));
-        FPDT_TRY(me->template exchange<float>(l, head_kind::key_value, false, tensor_view<float const, 3>(gv_slot), vv));
-        FPDT_TRY(detail::layer::guarded(
-            [&] { return user->consume_dkv(c, c * pc, tensor_view<float const, 3>(kv), tensor_view<float const, 3>(vv), ln.stream); },
-            "gradient sink, dk/dv chunk ", c));
-        return ln.be->record(*ln.ev_free[i], ln.stream);
-      });
+      auto const& l = me->layout_;
+      index_t const hr = l.heads_per_rank(head_kind::query);
+      auto fill = [&](std::size_t i) { return me->copy_rows(s, g, detail::sp::view3(me->lane_->f[i], l.chunk, hr, l.head_dim)); };
+      return me->hand_over(c, step_kind::sink, c, -1, me->q_chunk() * 4, s, fill,
+                           [me, u = user, c](std::size_t i) { return me->exchange_dq(u, c, i); });
+    }
+    [[nodiscard]] status take_dkv(index_t c, tensor_view<float const, 3> const& gk,
+                                  tensor_view<float const, 3> const& gv, stream_t* s) {
+      sequence_parallel_attention* me = self;
+      auto fill = [&](std::size_t i) -> status {
+        auto const [k, v] = me->dkv_slot(i);
+        FPDT_TRY(me->copy_rows(s, gk, k));
+        return me->copy_rows(s, gv, v);
+      };
+      return me->hand_over(c, step_kind::sink, -1, c, 2 * me->kv_chunk() * 4, s, fill,
+                           [me, u = user, c](std::size_t i) { return me->exchange_dkv(u, c, i); });
     }
   };
 
@@ -1085,6 +999,7 @@ private:
   std::uint64_t salt_;
   fpdt_attention<T, B, Kernel> inner_;
   std::unique_ptr<comm_lane> lane_;
+  std::vector<index_t> dout_order_; // device path: see take_dout
 };
 
 FPDT_NAMESPACE_END

@@ -212,8 +212,8 @@ template <> struct attention_step_ops<cuda_backend> {
                                        tensor_view<T, 3> const& out,
                                        tensor_view<float, 2> const& lse) {
     // The layer's own slots: no pointer checks on this per-chunk path.
-    FPDT_TRY(launch_copy_rows(be, s, acc.out, 0, out, 0, out.extent(0)));
-    return launch_copy_columns(be, s, acc.lse, 0, lse, 0, lse.extent(1));
+    FPDT_TRY(copy_rows_unchecked(be, s, acc.out, 0, out, 0, out.extent(0)));
+    return copy_columns_unchecked(be, s, acc.lse, 0, lse, 0, lse.extent(1));
   }
   //! Sets `bytes` bytes at device address `p` to zero (`cudaMemsetAsync`).
   [[nodiscard]] static status zero(cuda_backend& be, stream_type& s, void* p, std::size_t bytes) {
@@ -244,7 +244,7 @@ template <> struct attention_step_ops<cuda_backend> {
                                         index_t dst_row0, index_t rows) {
     if (rows * dst.extent(1) * dst.extent(2) == 0) return {};
     FPDT_TRY(check_pointers(src.data(), dst.data(), "attention_step_ops<cuda_backend>::copy_rows"));
-    return launch_copy_rows(be, s, src, src_row0, dst, dst_row0, rows);
+    return copy_rows_unchecked(be, s, src, src_row0, dst, dst_row0, rows);
   }
   //! Token columns [src_col0, src_col0 + cols) of `src [H, S]` into columns from `dst_col0`;
   //! errors as `copy_rows`.
@@ -255,7 +255,7 @@ template <> struct attention_step_ops<cuda_backend> {
                                            index_t cols) {
     if (cols * dst.extent(0) == 0) return {};
     FPDT_TRY(check_pointers(src.data(), dst.data(), "attention_step_ops<cuda_backend>::copy_columns"));
-    return launch_copy_columns(be, s, src, src_col0, dst, dst_col0, cols);
+    return copy_columns_unchecked(be, s, src, src_col0, dst, dst_col0, cols);
   }
 
   //! send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x) for every block r of `m`; `src`
@@ -287,13 +287,10 @@ template <> struct attention_step_ops<cuda_backend> {
     });
   }
 
-private:
-  [[nodiscard]] static status check_pointers(void const* src, void const* dst, char const* who) {
-    FPDT_TRY(detail::cuda_attention::check_device_pointer(src, "source", who));
-    return detail::cuda_attention::check_device_pointer(dst, "destination", who);
-  }
+  //! `copy_rows` without its pointer checks, for views into the layers' own device buffers
+  //! (used per chunk on the layers' hot paths).
   template <class S, class D>
-  [[nodiscard]] static status launch_copy_rows(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
+  [[nodiscard]] static status copy_rows_unchecked(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
                                                index_t src_row0, tensor_view<D, 3> const& dst,
                                                index_t dst_row0, index_t rows) {
     index_t const warps = rows * dst.extent(1);
@@ -303,8 +300,9 @@ private:
                                                    detail::cuda_steps::threads, 0, cs>>>(src, src_row0, dst, dst_row0, rows);
     });
   }
+  //! `copy_columns` without its pointer checks (see `copy_rows_unchecked`).
   template <class S, class D>
-  [[nodiscard]] static status launch_copy_columns(cuda_backend& be, stream_type& s,
+  [[nodiscard]] static status copy_columns_unchecked(cuda_backend& be, stream_type& s,
                                                   tensor_view<S, 2> const& src, index_t src_col0,
                                                   tensor_view<D, 2> const& dst, index_t dst_col0,
                                                   index_t cols) {
@@ -314,6 +312,12 @@ private:
       detail::cuda_steps::copy_columns_kernel<S, D><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
                                                       detail::cuda_steps::threads, 0, cs>>>(src, src_col0, dst, dst_col0, cols);
     });
+  }
+
+private:
+  [[nodiscard]] static status check_pointers(void const* src, void const* dst, char const* who) {
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(src, "source", who));
+    return detail::cuda_attention::check_device_pointer(dst, "destination", who);
   }
   template <class Kernel> [[nodiscard]] static Kernel on_stream(Kernel const& kernel, stream_type& s) {
     static_assert(requires(Kernel& k) { k.stream = cudaStream_t{}; },
