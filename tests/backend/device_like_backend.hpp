@@ -7,6 +7,10 @@
 // `jittery_device_like_backend` also delays every launch and copy on its stream by a pseudo-random
 // 0-199 us, or 1.5 ms one time in eight, so work on different streams interleaves in many orders:
 // a missing event wait then shows as a wrong result, not only now and then.
+//
+// Either backend can also stall one lane: every launch and copy on streams created for
+// `slow_lane` waits `slow_delay` first, so that lane falls behind the others by a known margin
+// (a test of one particular hand-over).
 #pragma once
 
 #include <fpdt/backend/backend.hpp>
@@ -16,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -25,6 +30,7 @@ template <bool Jitter> struct basic_device_like_backend {
   using backend_tag = fpdt::backend_tag;
   struct stream_type {
     fpdt::host::stream inner; // the host stream doing the work
+    fpdt::lane on{};          // the lane it was created for
     // What a stream-ordered communicator is handed (as a cudaStream_t for NCCL).
     fpdt::host::stream* native_handle() noexcept { return &inner; }
   };
@@ -32,13 +38,15 @@ template <bool Jitter> struct basic_device_like_backend {
 
   fpdt::host_backend host;
   std::atomic<std::uint64_t> draws{0};
+  std::optional<fpdt::lane> slow_lane;     // streams created for this lane are stalled
+  std::chrono::microseconds slow_delay{0}; // before each of their launches and copies
 
   explicit basic_device_like_backend(fpdt::host_backend_options const& o = {}) : host(o) {}
 
   fpdt::result<stream_type> create_stream(fpdt::lane l) {
     auto s = host.create_stream(l);
     if (!s) return s.error();
-    return stream_type{std::move(*s)};
+    return stream_type{std::move(*s), l};
   }
   // Host events always carry their completion time, so `timing` changes nothing.
   fpdt::result<event_type> create_event(bool timing = false) {
@@ -62,8 +70,9 @@ template <bool Jitter> struct basic_device_like_backend {
 
 private:
   fpdt::status jitter(stream_type& s) {
+    if (slow_lane == s.on && slow_delay.count() > 0)
+      FPDT_TRY(host.launch(s.inner, [us = slow_delay] { std::this_thread::sleep_for(us); }));
     if constexpr (!Jitter) {
-      (void)s;
       return {};
     } else {
       std::uint64_t x = (draws.fetch_add(1) + 1) * 0x9E3779B97F4A7C15ull;

@@ -646,6 +646,37 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
     }
 }
 
+TEST_CASE("sequence parallel attention: on the device path a stalled compute lane still gets each chunk's own q, k, v") {
+  // The next chunk's q, k, v exchange writes the buffers the compute lane copies the current
+  // chunk's q, k, v out of; the comm stream must wait for that copy (an event), not only for the
+  // output exchange queued before it. Every launch on the compute lane here waits 2 ms first, so
+  // the comm stream runs well ahead of it: without the wait, chunk c's q, k, v would be chunk
+  // c + 1's and the result wrong.
+  index_t const ranks = 2, chunk = 4, u = 4, d = 8;
+  attn_shape const s{chunk * u, chunk * u, 4, 2, d};
+  auto p = random_problem<float>(s, 811);
+  for (bool offload : {false, true}) {
+    CAPTURE(offload);
+    std::vector<fpdt::status> st;
+    run_result const r = run_ranks<dl_backend>(
+        p, ranks, chunk,
+        [&](dl_backend& be, fpdt::local_communicator& comm, index_t, rank_io& x,
+            fpdt::token_layout const& tl) -> fpdt::status {
+          be.slow_lane = fpdt::lane::compute;
+          be.slow_delay = std::chrono::milliseconds(2);
+          stream_local_communicator sc{&comm};
+          auto layer = device_layer::create(be, sc, {s.sq, s.h, s.hkv, d}, {.chunk = chunk, .offload = offload}, 0,
+                                            fpdt::host_chunk_kernel{1});
+          if (!layer) return layer.error();
+          return run_one(*layer, x, s, tl.local_tokens());
+        },
+        &st);
+    for (auto const& x : st)
+      REQUIRE_MESSAGE(x.ok(), x.to_string());
+    check_global(r, p, true, 1e-4);
+  }
+}
+
 TEST_CASE("sequence parallel attention: on the device path a failing sink on one rank fails every rank promptly with the cause") {
   // Rank 1's sink fails in the forward (chunk 1), or its gradient sink in the backward (dq or
   // dk/dv, chunk 0 or 1). Rank 1 must report its own error (not an echo of it), the layer must
