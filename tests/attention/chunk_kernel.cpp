@@ -3,6 +3,7 @@
 // A13; chunked forward/backward over arbitrary key splits merged with merge_partials; GQA; odd
 // lengths; global offsets; thread counts; finite differences; extreme scores; argument errors.
 #include "chunked_driver.hpp"
+#include "padded_buffers_case.hpp"
 #include "reference.hpp"
 
 #include <fpdt/attention/chunk_kernel.hpp>
@@ -255,104 +256,9 @@ TEST_CASE_TEMPLATE("chunk kernel: A8 zero keys", T, float, fpdt::bfloat16, fpdt:
 }
 
 TEST_CASE("chunk kernel: A10 lse buffer with NaN padding") {
-  // H = 2, S = 16, D = 128. lse [H, Sq] lives in a NaN-filled buffer with row stride Sq + 3 and 5
-  // trailing elements; out [Sq, H, D] with 8 NaN elements after each D row; the backward gets the
-  // padded lse and a padded delta, and writes padded dq. Padding stays NaN, no NaN reaches the
-  // tensors, and the values match the reference. Also a transposed lse: [H, Sq] over [Sq, H].
-  constexpr index_t sq = 16, h = 2, d = 128, lse_ld = sq + 3, out_ld = d + 8;
-  attn_shape const s{sq, sq, h, h, d};
-  auto p = random_problem<float>(s, 101);
-  for (bool causal : {false, true})
-    for (bool transposed_lse : {false, true}) {
-      CAPTURE(causal);
-      CAPTURE(transposed_lse);
-      run_options o;
-      o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
-      ref_result const ref = reference_of(p, o);
-      std::vector<float> lse_buf(static_cast<std::size_t>(h * lse_ld + 5), fnan);
-      std::vector<float> delta_buf(lse_buf.size(), fnan);
-      std::vector<float> out_buf(static_cast<std::size_t>(sq * h * out_ld), fnan);
-      std::vector<float> dq_buf(out_buf.size(), fnan);
-      std::array<index_t, 2> const lse_strides =
-          transposed_lse ? std::array<index_t, 2>{1, h} : std::array<index_t, 2>{lse_ld, 1};
-      auto lse = fpdt::make_tensor_view(lse_buf.data(), s.lse_ext(), lse_strides,
-                                        static_cast<index_t>(lse_buf.size()));
-      auto delta = fpdt::make_tensor_view(delta_buf.data(), s.lse_ext(), lse_strides,
-                                          static_cast<index_t>(delta_buf.size()));
-      std::array<index_t, 3> const out_strides{h * out_ld, out_ld, 1};
-      auto out = fpdt::make_tensor_view(out_buf.data(), s.q_ext(), out_strides,
-                                        static_cast<index_t>(out_buf.size()));
-      auto dq = fpdt::make_tensor_view(dq_buf.data(), s.q_ext(), out_strides,
-                                       static_cast<index_t>(dq_buf.size()));
-      REQUIRE(lse.ok());
-      REQUIRE(delta.ok());
-      REQUIRE(out.ok());
-      REQUIRE(dq.ok());
-      // dq accumulates: zero its elements (not the padding).
-      for (index_t i = 0; i < sq; ++i)
-        for (index_t hh = 0; hh < h; ++hh)
-          for (index_t x = 0; x < d; ++x)
-            (*dq)(i, hh, x) = 0.0f;
-      fpdt::host_chunk_kernel const kernel{2};
-      fpdt::chunk_forward_args<float> a{};
-      a.q = cview(p.q, s.q_ext());
-      a.k = cview(p.k, s.kv_ext());
-      a.v = cview(p.v, s.kv_ext());
-      a.out = {*out, *lse};
-      a.mask = o.mask;
-      REQUIRE(kernel.forward(a).ok());
-      REQUIRE(fpdt::compute_delta(fpdt::tensor_view<float const, 3>(*out), cview(p.dout, s.q_ext()),
-                                  *delta)
-                  .ok());
-      std::vector<float> dk(s.kv_size(), 0.0f), dv(s.kv_size(), 0.0f);
-      fpdt::chunk_backward_args<float> b{};
-      b.q = a.q;
-      b.k = a.k;
-      b.v = a.v;
-      b.dout = cview(p.dout, s.q_ext());
-      b.lse = *lse;
-      b.delta = *delta;
-      b.dq = *dq;
-      b.dk = view(dk, s.kv_ext());
-      b.dv = view(dv, s.kv_ext());
-      b.mask = o.mask;
-      REQUIRE(kernel.backward(b).ok());
-      // Gather the viewed elements; mark them so the rest must be NaN padding.
-      run_result r;
-      r.out.resize(s.q_size());
-      r.dq.resize(s.q_size());
-      r.lse.resize(s.lse_size());
-      std::vector<char> out_used(out_buf.size(), 0), lse_used(lse_buf.size(), 0);
-      for (index_t i = 0; i < sq; ++i)
-        for (index_t hh = 0; hh < h; ++hh) {
-          std::size_t const l_at = static_cast<std::size_t>(&(*lse)(hh, i) - lse_buf.data());
-          lse_used[l_at] = 1;
-          r.lse[static_cast<std::size_t>(hh * sq + i)] = (*lse)(hh, i);
-          CHECK_FALSE(std::isnan((*delta)(hh, i)));
-          for (index_t x = 0; x < d; ++x) {
-            std::size_t const o_at = static_cast<std::size_t>(&(*out)(i, hh, x) - out_buf.data());
-            out_used[o_at] = 1;
-            r.out[static_cast<std::size_t>((i * h + hh) * d + x)] = (*out)(i, hh, x);
-            r.dq[static_cast<std::size_t>((i * h + hh) * d + x)] = (*dq)(i, hh, x);
-          }
-        }
-      r.dk = dk;
-      r.dv = dv;
-      std::size_t pad_ok = 0, pad_total = 0;
-      for (std::size_t at = 0; at < lse_buf.size(); ++at)
-        if (!lse_used[at]) {
-          ++pad_total;
-          pad_ok += std::isnan(lse_buf[at]) && std::isnan(delta_buf[at]);
-        }
-      for (std::size_t at = 0; at < out_buf.size(); ++at)
-        if (!out_used[at]) {
-          ++pad_total;
-          pad_ok += std::isnan(out_buf[at]) && std::isnan(dq_buf[at]);
-        }
-      CHECK(pad_total > 0);
-      CHECK(pad_ok == pad_total);
-      check_against_reference(r, ref, p, fp32_tol);
-    }
+  // H = 2, S = 16, D = 128; lse, delta, out and dq inside NaN-padded buffers (see
+  // padded_buffers_case.hpp, shared with the GPU test).
+  fpdt_test::padded_buffers_case<float, fpdt_test::host_memory>(fpdt::host_chunk_kernel{2}, fp32_tol);
 }
 
 TEST_CASE("chunk kernel: A11 precision vs chunk count (S=4096 bf16 causal)") {

@@ -4,6 +4,7 @@
 // reference. CASES.md A4, A5, A6, A8, A10, A11, A13; random chunk splits with global offsets, GQA,
 // odd lengths; extreme scores; layouts; argument errors. Skipped without a device (main.cu).
 #include "../chunked_driver.hpp"
+#include "../padded_buffers_case.hpp"
 #include "../reference.hpp"
 #include "device_kernel.cuh"
 #include "external_impls.cuh"
@@ -323,127 +324,11 @@ run_result run_layout(problem<T> const& p, bool head_major, fpdt::attention_mask
 }
 } // namespace
 
-namespace {
-// A host buffer copied byte for byte to the device and back, padding included (A10).
-template <class T> struct mirrored {
-  std::vector<T> host;
-  fpdt_test::device_buffer<T> dev;
-  explicit mirrored(std::vector<T> h) : host(std::move(h)), dev(host.size()) {}
-  void upload() const { cudaMemcpy(dev.ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice); }
-  void download() { cudaMemcpy(host.data(), dev.ptr, host.size() * sizeof(T), cudaMemcpyDeviceToHost); }
-  template <std::size_t R>
-  fpdt::tensor_view<T, R> view(std::array<index_t, R> ext, std::array<index_t, R> strides, T* base) const {
-    return fpdt::make_tensor_view(base, ext, strides, static_cast<index_t>(host.size())).value();
-  }
-};
-} // namespace
-
 TEST_CASE_TEMPLATE("cuda chunk kernel: A10 lse and out buffers with NaN padding", C, ref_f32,
                    flash_bf16, flash_f16) {
-  // As the host test: H = 2, S = 16, D = 128; lse [H, Sq] inside a NaN-filled device buffer with
-  // row stride Sq + 3 (or transposed over [Sq, H]), out and dq with 8 NaN elements after each D
-  // row, delta padded like lse. The padding must stay NaN, no NaN may reach the tensors, and the
-  // values must match float64.
-  using T = typename C::type;
-  constexpr index_t sq = 16, h = 2, d = 128, lse_ld = sq + 3, out_ld = d + 8;
-  attn_shape const s{sq, sq, h, h, d};
-  auto p = random_problem<T>(s, 101);
-  for (bool causal : {false, true})
-    for (bool transposed_lse : {false, true}) {
-      CAPTURE(causal);
-      CAPTURE(transposed_lse);
-      run_options o;
-      o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
-      std::size_t const lse_n = static_cast<std::size_t>(h * lse_ld + 5),
-                        out_n = static_cast<std::size_t>(sq * h * out_ld);
-      mirrored<float> lse(std::vector<float>(lse_n, fnan)), delta(std::vector<float>(lse_n, fnan)),
-          out(std::vector<float>(out_n, fnan)), dq(std::vector<float>(out_n, fnan));
-      std::array<index_t, 2> const lse_st =
-          transposed_lse ? std::array<index_t, 2>{1, h} : std::array<index_t, 2>{lse_ld, 1};
-      std::array<index_t, 3> const out_st{h * out_ld, out_ld, 1};
-      auto const out_h = out.view(s.q_ext(), out_st, out.host.data());
-      auto const dq_h = dq.view(s.q_ext(), out_st, dq.host.data());
-      auto const lse_h = lse.view(s.lse_ext(), lse_st, lse.host.data());
-      auto const delta_h = delta.view(s.lse_ext(), lse_st, delta.host.data());
-      for (index_t i = 0; i < sq; ++i) // dq accumulates: zero its elements, not the padding
-        for (index_t hh = 0; hh < h; ++hh)
-          for (index_t x = 0; x < d; ++x)
-            dq_h(i, hh, x) = 0.0f;
-      out.upload();
-      lse.upload();
-      fpdt_test::device_copy qd(fpdt_test::cview(p.q, s.q_ext())), kd(fpdt_test::cview(p.k, s.kv_ext())),
-          vd(fpdt_test::cview(p.v, s.kv_ext())), dod(fpdt_test::cview(p.dout, s.q_ext()));
-      typename C::kernel const kernel{};
-      fpdt::chunk_forward_args<T> a{};
-      a.q = qd.dview;
-      a.k = kd.dview;
-      a.v = vd.dview;
-      a.out = {out.view(s.q_ext(), out_st, out.dev.ptr), lse.view(s.lse_ext(), lse_st, lse.dev.ptr)};
-      a.mask = o.mask;
-      REQUIRE(kernel.forward(a).ok());
-      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-      out.download();
-      lse.download();
-      // delta = rowsum(dout * out) on the host, through the padded views.
-      REQUIRE(fpdt::compute_delta(fpdt::tensor_view<float const, 3>(out_h),
-                                  fpdt_test::cview(p.dout, s.q_ext()), delta_h)
-                  .ok());
-      delta.upload();
-      dq.upload();
-      fpdt_test::device_buffer<float> dk(s.kv_size()), dv(s.kv_size());
-      cudaMemset(dk.ptr, 0, s.kv_size() * sizeof(float));
-      cudaMemset(dv.ptr, 0, s.kv_size() * sizeof(float));
-      fpdt::chunk_backward_args<T> b{};
-      b.q = a.q;
-      b.k = a.k;
-      b.v = a.v;
-      b.dout = dod.dview;
-      b.lse = lse.view(s.lse_ext(), lse_st, lse.dev.ptr);
-      b.delta = delta.view(s.lse_ext(), lse_st, delta.dev.ptr);
-      b.dq = dq.view(s.q_ext(), out_st, dq.dev.ptr);
-      b.dk = fpdt::contiguous_view(dk.ptr, s.kv_ext()).value();
-      b.dv = fpdt::contiguous_view(dv.ptr, s.kv_ext()).value();
-      b.mask = o.mask;
-      REQUIRE(kernel.backward(b).ok());
-      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-      dq.download();
-      lse.download(); // the backward must not write lse or delta either
-      run_result r;
-      r.out.resize(s.q_size());
-      r.dq.resize(s.q_size());
-      r.lse.resize(s.lse_size());
-      std::vector<float> dk_h(s.kv_size()), dv_h(s.kv_size());
-      cudaMemcpy(dk_h.data(), dk.ptr, dk_h.size() * sizeof(float), cudaMemcpyDeviceToHost);
-      cudaMemcpy(dv_h.data(), dv.ptr, dv_h.size() * sizeof(float), cudaMemcpyDeviceToHost);
-      r.dk.assign(dk_h.begin(), dk_h.end());
-      r.dv.assign(dv_h.begin(), dv_h.end());
-      std::vector<char> out_used(out_n, 0), lse_used(lse_n, 0);
-      for (index_t i = 0; i < sq; ++i)
-        for (index_t hh = 0; hh < h; ++hh) {
-          lse_used[static_cast<std::size_t>(&lse_h(hh, i) - lse.host.data())] = 1;
-          r.lse[static_cast<std::size_t>(hh * sq + i)] = lse_h(hh, i);
-          CHECK_FALSE(std::isnan(delta_h(hh, i)));
-          for (index_t x = 0; x < d; ++x) {
-            out_used[static_cast<std::size_t>(&out_h(i, hh, x) - out.host.data())] = 1;
-            r.out[static_cast<std::size_t>((i * h + hh) * d + x)] = out_h(i, hh, x);
-            r.dq[static_cast<std::size_t>((i * h + hh) * d + x)] = dq_h(i, hh, x);
-          }
-        }
-      std::size_t pad_ok = 0, pad_total = 0;
-      for (std::size_t at = 0; at < lse_n; ++at)
-        if (!lse_used[at]) {
-          ++pad_total;
-          pad_ok += std::isnan(lse.host[at]) && std::isnan(delta.host[at]);
-        }
-      for (std::size_t at = 0; at < out_n; ++at)
-        if (!out_used[at]) {
-          ++pad_total;
-          pad_ok += std::isnan(out.host[at]) && std::isnan(dq.host[at]);
-        }
-      CHECK(pad_total > 0);
-      CHECK(pad_ok == pad_total);
-      check_against_reference(r, reference_of(p, o), p, C::tol);
-    }
+  // The host test's body (padded_buffers_case.hpp) on device buffers: the padding must stay NaN
+  // in device memory too.
+  fpdt_test::padded_buffers_case<typename C::type, fpdt_test::device_memory>(typename C::kernel{}, C::tol);
 }
 
 TEST_CASE("cuda chunk kernel: A13 S=16 H=16 D=64 in contiguous and head-major layouts") {

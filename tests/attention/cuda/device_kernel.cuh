@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 namespace fpdt_test {
@@ -66,6 +67,24 @@ template <class T, std::size_t R> struct device_copy {
           for (fpdt::index_t c = 0; c < v.extent(2); ++c)
             f(a, b, c);
     }
+  }
+};
+
+// Device memory for the shared case bodies (padded_buffers_case.hpp): a host vector mirrored
+// byte for byte in a device buffer, padding included; inputs as device copies.
+struct device_memory {
+  template <class U> struct buffer {
+    std::vector<U> host;
+    device_buffer<U> dev;
+    explicit buffer(std::vector<U> h) : host(std::move(h)), dev(host.size()) {}
+    U* ptr() const { return dev.ptr; }
+    void upload() const { cudaMemcpy(dev.ptr, host.data(), host.size() * sizeof(U), cudaMemcpyHostToDevice); }
+    void download() { cudaMemcpy(host.data(), dev.ptr, host.size() * sizeof(U), cudaMemcpyDeviceToHost); }
+  };
+  template <class U, std::size_t R> using input = device_copy<U, R>;
+  static fpdt::status sync() {
+    FPDT_CUDA_CHECK(cudaDeviceSynchronize());
+    return {};
   }
 };
 

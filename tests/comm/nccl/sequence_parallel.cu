@@ -1,13 +1,15 @@
 // GPU test of sequence_parallel_attention on cuda_backend with nccl_communicator (the device path
 // of layers/sequence_parallel_attention.hpp): a one-rank NCCL world on device 0, so every
-// all-to-all is a copy, but the whole device path runs for real: jobs on the layer's worker, the
-// Ulysses pack and unpack kernels, ncclAlltoAll (or grouped send/receive) on the comm stream,
-// event hand-overs between the per-rank layer's lanes and the comm stream, stream-form tensor
-// sources and sinks. The result must equal float64 dense attention, offload on and off, and equal
-// fpdt_attention on the same backend bit for bit (P = 1 adds nothing but copies). The P > 1 logic
-// of the same code is tested on host threads (tests/layers/sequence_parallel.cpp, device_like_backend).
+// all-to-all is a copy, but the whole device path runs for real: the exchanges enqueued on the
+// layer's comm stream, the Ulysses pack and unpack kernels, ncclAlltoAll (or grouped send/receive)
+// on the comm stream, event hand-overs between the per-rank layer's lanes and the comm stream,
+// stream-form tensor sources and sinks. The result must equal float64 dense attention, offload on
+// and off, and equal fpdt_attention on the same backend bit for bit (P = 1 adds nothing but
+// copies). The P > 1 logic of the same code is tested on host threads
+// (tests/layers/sequence_parallel.cpp, device_like_backend).
 // Skipped without a device (main.cpp).
 #include "../../attention/chunked_driver.hpp"
+#include "../../attention/cuda/device_tensor.cuh"
 #include "../../attention/reference.hpp"
 
 #include <fpdt/comm/nccl/nccl_communicator.hpp>
@@ -23,44 +25,19 @@
 
 using fpdt::index_t;
 using fpdt_test::attn_shape;
+using fpdt_test::device_tensor;
 using namespace fpdt_test::chunked;
 
 static_assert(fpdt::stream_communicator<fpdt::nccl_communicator, fpdt::cuda::stream>);
 
 namespace {
 
-template <class T> struct dev_tensor {
-  T* ptr = nullptr;
-  std::size_t n = 0;
-  explicit dev_tensor(std::size_t count) : n(count) {
-    REQUIRE(cudaMalloc(reinterpret_cast<void**>(&ptr), n * sizeof(T)) == cudaSuccess);
-    REQUIRE(cudaMemset(ptr, 0xff, n * sizeof(T)) == cudaSuccess); // NaN for unwritten floats
-  }
-  explicit dev_tensor(std::vector<T> const& host) : dev_tensor(host.size()) {
-    REQUIRE(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  dev_tensor(dev_tensor const&) = delete;
-  dev_tensor& operator=(dev_tensor const&) = delete;
-  ~dev_tensor() { (void)cudaFree(ptr); }
-  fpdt::tensor_view<T, 3> view(std::array<index_t, 3> e) const { return fpdt::contiguous_view(ptr, e).value(); }
-  fpdt::tensor_view<T const, 3> cview(std::array<index_t, 3> e) const {
-    return fpdt::contiguous_view<T const>(ptr, e).value();
-  }
-  template <class U> void download(std::vector<U>& host) const {
-    std::vector<T> tmp(n);
-    REQUIRE(cudaMemcpy(tmp.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    host.assign(n, U{});
-    for (std::size_t i = 0; i < n; ++i)
-      host[i] = static_cast<U>(static_cast<float>(tmp[i]));
-  }
-};
-
 // Forward and backward of `layer` (sequence_parallel_attention or fpdt_attention: the same tensor
 // overloads, minus lse) on device copies of p.
 template <class T, class Layer> run_result run_layer_on_device(Layer& layer, problem<T> const& p) {
   attn_shape const& s = p.s;
-  dev_tensor<T> q(p.q), k(p.k), v(p.v), dout(p.dout), out(s.q_size());
-  dev_tensor<float> dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  device_tensor<T> q(p.q), k(p.k), v(p.v), dout(p.dout), out(s.q_size());
+  device_tensor<float> dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess); // uploads before the layer's non-blocking lanes
   fpdt::status st = layer.forward(q.cview(s.q_ext()), k.cview(s.kv_ext()), v.cview(s.kv_ext()), out.view(s.q_ext()));
   REQUIRE_MESSAGE(st.ok(), st.to_string());

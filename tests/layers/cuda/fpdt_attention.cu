@@ -6,6 +6,7 @@
 // without a device (tests/backend/cuda/main.cu).
 #include "../../attention/chunked_driver.hpp"
 #include "../../attention/cuda/device_kernel.cuh"
+#include "../../attention/cuda/device_tensor.cuh"
 #include "../../attention/cuda/external_impls.cuh"
 #include "../../attention/reference.hpp"
 
@@ -23,6 +24,7 @@
 using fpdt::index_t;
 using fpdt_test::attn_shape;
 using fpdt_test::device_buffer;
+using fpdt_test::device_tensor;
 using namespace fpdt_test::chunked;
 
 static_assert(fpdt::times_steps_with_events<fpdt::cuda_backend>, "GPU traces are timed with events");
@@ -58,28 +60,6 @@ struct external_f32 {
   static constexpr double tol = 1e-4;
 };
 
-template <class T> struct device_tensor {
-  device_buffer<T> buf;
-  explicit device_tensor(std::vector<T> const& host) : buf(host.size()) {
-    REQUIRE(buf.ptr != nullptr);
-    REQUIRE(cudaMemcpy(buf.ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  explicit device_tensor(std::size_t n) : buf(n) {
-    REQUIRE(buf.ptr != nullptr);
-    buf.poison();
-  }
-  template <std::size_t R> fpdt::tensor_view<T, R> view(std::array<index_t, R> e) const {
-    return fpdt::contiguous_view(buf.ptr, e).value();
-  }
-  template <class U> void download(std::vector<U>& host) const {
-    std::vector<T> tmp(buf.n);
-    REQUIRE(cudaMemcpy(tmp.data(), buf.ptr, buf.n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    host.assign(buf.n, U{});
-    for (std::size_t i = 0; i < buf.n; ++i)
-      host[i] = static_cast<U>(static_cast<float>(tmp[i]));
-  }
-};
-
 // Forward and backward of the layer on device copies of p; results downloaded as fp32. Checks the
 // arena's peak against the layer's predictions, as the host test does.
 template <class T, class K>
@@ -97,15 +77,14 @@ run_result run_on_device(fpdt::cuda_backend& be, problem<T> const& p,
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   be.device_memory().reset_peak();
   fpdt::status st = layer->forward(
-      fpdt::tensor_view<T const, 3>(q.view(s.q_ext())), fpdt::tensor_view<T const, 3>(k.view(s.kv_ext())),
-      fpdt::tensor_view<T const, 3>(v.view(s.kv_ext())), out.view(s.q_ext()), lse.view(s.lse_ext()));
+      q.cview(s.q_ext()), k.cview(s.kv_ext()), v.cview(s.kv_ext()), out.view(s.q_ext()), lse.view(s.lse_ext()));
   REQUIRE_MESSAGE(st.ok(), st.to_string());
   CHECK(be.device_memory().stats().peak_bytes == layer->predicted_forward_bytes());
   std::size_t timed = 0;
   for (auto const& e : layer->trace().events) timed += e.begin_us >= 0 && e.end_us >= e.begin_us;
   CHECK(timed == layer->trace().events.size()); // device time from the executor's events
   be.device_memory().reset_peak();
-  st = layer->backward(fpdt::tensor_view<T const, 3>(dout.view(s.q_ext())), dq.view(s.q_ext()),
+  st = layer->backward(dout.cview(s.q_ext()), dq.view(s.q_ext()),
                        dk.view(s.kv_ext()), dv.view(s.kv_ext()));
   REQUIRE_MESSAGE(st.ok(), st.to_string());
   CHECK(be.device_memory().stats().peak_bytes == layer->predicted_backward_bytes());
