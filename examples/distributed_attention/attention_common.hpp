@@ -7,6 +7,7 @@
 #include <fpdt/fpdt.hpp>
 
 #include "../common/cli.hpp"
+#include "../common/random.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -66,12 +67,9 @@ inline fpdt::result<options> parse(int argc, char** argv, void (*usage)(std::FIL
 // Deterministic inputs: every rank computes the values of its own tokens from their global
 // positions, so no rank needs the global tensors (except for --check).
 inline float value(std::uint64_t tensor, index_t pos, index_t head, index_t d) {
-  std::uint64_t x = (tensor * 0x9E3779B97F4A7C15ull) ^ (static_cast<std::uint64_t>(pos) * 0xBF58476D1CE4E5B9ull) ^
-                    (static_cast<std::uint64_t>(head) * 0x94D049BB133111EBull) ^ static_cast<std::uint64_t>(d);
-  x ^= x >> 31;
-  x *= 0xD6E9C2B64F2E1E93ull;
-  x ^= x >> 29;
-  return static_cast<float>(static_cast<double>(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+  return static_cast<float>(fpdt_examples::uniform_pm1(
+      (tensor * 0x9E3779B97F4A7C15ull) ^ (static_cast<std::uint64_t>(pos) * 0xBF58476D1CE4E5B9ull) ^
+      (static_cast<std::uint64_t>(head) * 0x94D049BB133111EBull) ^ static_cast<std::uint64_t>(d)));
 }
 
 struct rank_data {

@@ -23,6 +23,8 @@
 // as the reference (P = 1 only), in double precision.
 #pragma once
 
+#include "../common/random.hpp"
+
 #include <fpdt/attention/host/dense_reference.hpp>
 #include <fpdt/core/gemm.hpp>
 #include <fpdt/fpdt.hpp>
@@ -114,14 +116,8 @@ struct param_layout {
 //! Deterministic initial parameters: gains 1, embeddings and head uniform with std 0.02 (head
 //! 1/sqrt(hidden)), projections uniform with std 1/sqrt(fan_in).
 template <class T> void init_params(model_config const& c, param_layout const& p, T* w, std::uint64_t seed) {
-  auto uni = [seed](std::size_t i) {
-    std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + i * 0xBF58476D1CE4E5B9ull + 1;
-    x ^= x >> 31;
-    x *= 0xD6E9C2B64F2E1E93ull;
-    x ^= x >> 29;
-    x *= 0x94D049BB133111EBull;
-    x ^= x >> 32;
-    return static_cast<double>(x >> 11) / 9007199254740992.0 * 2.0 - 1.0; // [-1, 1)
+  auto uni = [seed](std::size_t i) { // [-1, 1)
+    return fpdt_examples::uniform_pm1(seed * 0x9E3779B97F4A7C15ull + i * 0xBF58476D1CE4E5B9ull + 1);
   };
   auto fill = [&](std::size_t at, index_t n, double std_dev) {
     for (std::size_t i = at; i < at + static_cast<std::size_t>(n); ++i)
