@@ -290,9 +290,10 @@ template <> struct attention_step_ops<cuda_backend> {
   //! `copy_rows` without its pointer checks, for views into the layers' own device buffers
   //! (used per chunk on the layers' hot paths).
   template <class S, class D>
-  [[nodiscard]] static status copy_rows_unchecked(cuda_backend& be, stream_type& s, tensor_view<S, 3> const& src,
-                                               index_t src_row0, tensor_view<D, 3> const& dst,
-                                               index_t dst_row0, index_t rows) {
+  [[nodiscard]] static status copy_rows_unchecked(cuda_backend& be, stream_type& s,
+                                                  tensor_view<S, 3> const& src, index_t src_row0,
+                                                  tensor_view<D, 3> const& dst, index_t dst_row0,
+                                                  index_t rows) {
     index_t const warps = rows * dst.extent(1);
     if (warps * dst.extent(2) == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
@@ -303,9 +304,9 @@ template <> struct attention_step_ops<cuda_backend> {
   //! `copy_columns` without its pointer checks (see `copy_rows_unchecked`).
   template <class S, class D>
   [[nodiscard]] static status copy_columns_unchecked(cuda_backend& be, stream_type& s,
-                                                  tensor_view<S, 2> const& src, index_t src_col0,
-                                                  tensor_view<D, 2> const& dst, index_t dst_col0,
-                                                  index_t cols) {
+                                                     tensor_view<S, 2> const& src, index_t src_col0,
+                                                     tensor_view<D, 2> const& dst, index_t dst_col0,
+                                                     index_t cols) {
     index_t const n = cols * dst.extent(0);
     if (n == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
