@@ -443,6 +443,49 @@ static_assert(fpdt::gradient_sink<mixed_gradient_sink>);
 static_assert(!fpdt::chunk_sink<stream_sink, float, int>); // the stream type must match
 } // namespace
 
+TEST_CASE("fpdt_attention: the backward asks the dout source once per chunk, in order, offload on or off") {
+  // With offload, dout_i is written to host with dq_i at its first use and fetched from there by
+  // later pairs: the caller's source (on P ranks, dout's all-to-all) runs u times, not once per
+  // pair. The gradients stay those of float64.
+  fpdt::host_backend be;
+  attn_shape const s{32, 32, 4, 2, 8};
+  auto p = random_problem<float>(s, 91);
+  struct counting_dout {
+    fpdt::tensor_view<float const, 3> dout;
+    std::vector<index_t>* calls;
+    fpdt::status produce_dout(index_t c, index_t first, fpdt::tensor_view<float, 3> const& d) const {
+      calls->push_back(c);
+      fpdt::detail::layer::copy_rows(dout, first, d, 0, d.extent(0));
+      return {};
+    }
+  };
+  for (bool offload : {true, false})
+    for (bool causal : {true, false}) {
+      CAPTURE(offload);
+      CAPTURE(causal);
+      fpdt::fpdt_attention_options o{.chunk = 8, .offload = offload, .mask = causal ? fpdt::causal_mask : fpdt::full_mask};
+      auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, o, fpdt::host_chunk_kernel{1});
+      REQUIRE(layer.ok());
+      run_result r;
+      r.out.assign(s.q_size(), fnan);
+      r.dq.assign(s.q_size(), fnan);
+      r.dk.assign(s.kv_size(), fnan);
+      r.dv.assign(s.kv_size(), fnan);
+      r.lse.assign(s.lse_size(), fnan);
+      REQUIRE(layer->forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                             view(r.out, s.q_ext()), view(r.lse, s.lse_ext())).ok());
+      std::vector<index_t> calls;
+      counting_dout src{cview(p.dout, s.q_ext()), &calls};
+      fpdt::tensor_gradient_sink gs{view(r.dq, s.q_ext()), view(r.dk, s.kv_ext()), view(r.dv, s.kv_ext())};
+      fpdt::status const st = layer->backward(src, gs);
+      REQUIRE_MESSAGE(st.ok(), st.to_string());
+      CHECK(calls == std::vector<index_t>{0, 1, 2, 3});
+      run_options ro;
+      ro.mask = o.mask;
+      check_against_reference(r, reference_of(p, ro), p, 1e-4);
+    }
+}
+
 TEST_CASE("fpdt_attention: stream-form sources and sinks run at enqueue time and equal the plain form") {
   fpdt::host_backend be;
   attn_shape const s{32, 32, 4, 2, 16};

@@ -53,6 +53,12 @@ TEST_CASE("schedule: every chunk pair computed once and every check holds for u 
                 CHECK(pairs.insert({step.i, step.j}).second); // each pair once
               }
             CHECK(pairs.size() == static_cast<std::size_t>(causal ? u * (u + 1) / 2 : u * u));
+            if (s.which == fpdt::pass::backward) { // the caller's dout once per chunk
+              std::size_t from_caller = 0;
+              for (auto const& step : s.steps)
+                from_caller += step.kind == fpdt::step_kind::fetch && step.what == fpdt::payload::q_side;
+              CHECK(from_caller == static_cast<std::size_t>(u));
+            }
             if (offload) {
               CHECK(fpdt::peak_slots(s, fpdt::ring::kv) <= s.ring_size[1]);
               CHECK(fpdt::peak_slots(s, fpdt::ring::q) <= s.ring_size[0]);
@@ -130,6 +136,27 @@ TEST_CASE("schedule: non-resident operands and bad slots and lanes and early fet
     });
     REQUIRE(f >= 0);
     broken.steps[static_cast<std::size_t>(f)].deps_count = 0;
+    fpdt::status const st = fpdt::check_schedule(broken);
+    CHECK(st.code() == fpdt::errc::internal);
+    CHECK(contains(st.message(), "was not written before it"));
+  }
+}
+
+TEST_CASE("schedule: a backward fetch of dout from host needs the write-back of its first use") {
+  // With offload, query chunk i's first pair writes dq_i and dout_i back (dq_dout); later pairs
+  // fetch both from host (q_side_dq). A first write-back that wrote dq_i only leaves the later
+  // fetches reading a dout_i never written.
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    auto s = fpdt::backward_schedule(params(4, causal, true, 2)).value();
+    REQUIRE(fpdt::check_schedule(s).ok());
+    std::ptrdiff_t const w = find_step(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::write_back && st.i == 2;
+    });
+    REQUIRE(w >= 0);
+    CHECK(s.steps[static_cast<std::size_t>(w)].what == fpdt::payload::dq_dout);
+    auto broken = s;
+    broken.steps[static_cast<std::size_t>(w)].what = fpdt::payload::dq;
     fpdt::status const st = fpdt::check_schedule(broken);
     CHECK(st.code() == fpdt::errc::internal);
     CHECK(contains(st.message(), "was not written before it"));

@@ -177,8 +177,10 @@ enum class callback_forms { either, plain, stream };
 // The layers' compile-time checks of their callbacks, one text for all of them. Checked in the
 // pass rather than in a requires-clause, so a callback with neither form gets these messages
 // instead of a bare "no matching function"; the instantiation context names the layer.
+// Each returns whether its checks hold, so a layer can skip instantiating the calls that would
+// fail after its assertion (`if constexpr`), leaving the assertion as the only message.
 template <class Source, class Sink, class T, class Stream, callback_forms F>
-constexpr void check_forward_callbacks() {
+constexpr bool check_forward_callbacks() {
   static_assert(chunk_source<Source, T, Stream>, "forward: the chunk source needs a const member produce(index_t c, index_t first_token, tensor_view<T, 3> const& q, tensor_view<T, 3> const& k, tensor_view<T, 3> const& v) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
   static_assert(chunk_sink<Sink, T, Stream>, "forward: the chunk sink needs a member consume(index_t c, index_t first_token, tensor_view<T const, 3> const& out, tensor_view<float const, 2> const& lse) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither");
   static_assert(F != callback_forms::stream || stream_form_source<Source, T, Stream>,
@@ -193,9 +195,12 @@ constexpr void check_forward_callbacks() {
                 "sequence_parallel_attention::forward on a backend whose streams run host tasks: the "
                 "source and sink are called on the comm lane in their plain forms "
                 "produce(c, first_token, q, k, v) and consume(c, first_token, out, lse)");
+  return chunk_source<Source, T, Stream> && chunk_sink<Sink, T, Stream> &&
+         (F != callback_forms::stream || (stream_form_source<Source, T, Stream> && stream_form_sink<Sink, T, Stream>)) &&
+         (F != callback_forms::plain || (chunk_source<Source, T, no_stream> && chunk_sink<Sink, T, no_stream>));
 }
 template <class Dout, class Sink, class T, class Stream, callback_forms F>
-constexpr void check_backward_callbacks() {
+constexpr bool check_backward_callbacks() {
   static_assert(dout_source<Dout, T, Stream>, "backward: the dout source needs a const member produce_dout(index_t c, index_t first_token, tensor_view<T, 3> const& dout) returning fpdt::status, or its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend); this type has neither (check the parameter types and the const)");
   static_assert(gradient_sink<Sink, Stream>, "backward: the gradient sink needs members consume_dq(index_t c, index_t first_token, tensor_view<float const, 3> const& dq) and consume_dkv(index_t c, index_t first_token, tensor_view<float const, 3> const& dk, tensor_view<float const, 3> const& dv) returning fpdt::status, each plain or in its stream form with a last parameter B::stream_type& (fpdt::cuda::stream& on cuda_backend)");
   static_assert(F != callback_forms::stream || stream_form_dout<Dout, T, Stream>,
@@ -212,6 +217,9 @@ constexpr void check_backward_callbacks() {
                 "the dout source and gradient sink are called in their plain forms "
                 "produce_dout(c, first_token, dout), consume_dq(c, first_token, dq) and "
                 "consume_dkv(c, first_token, dk, dv)");
+  return dout_source<Dout, T, Stream> && gradient_sink<Sink, Stream> &&
+         (F != callback_forms::stream || (stream_form_dout<Dout, T, Stream> && stream_form_gradient_sink<Sink, Stream>)) &&
+         (F != callback_forms::plain || (dout_source<Dout, T, no_stream> && gradient_sink<Sink, no_stream>));
 }
 } // namespace detail::layer
 
@@ -272,10 +280,16 @@ inline constexpr std::size_t align = device_arena::granularity;
 [[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return device_arena::rounded_size(b); }
 // Runs a caller's source or sink; its error, or an exception it throws, comes back as a status
 // naming what failed (`what`, `chunk`), with the error code kept (exceptions: errc::internal).
+// A status already naming the same callback and chunk (an adapter of a layer built on this one,
+// such as sequence_parallel_attention's, guards the same call) is passed on unchanged.
 template <class F>
 [[nodiscard]] status guarded(F&& f, char const* what, index_t chunk) {
   try {
-    return f().with_context(detail::concat(what, chunk));
+    status st = f();
+    if (st.ok()) return st;
+    std::string const ctx = detail::concat(what, chunk, ": ");
+    if (st.message().starts_with(ctx)) return st;
+    return st.with_context(detail::concat(what, chunk));
   } catch (std::exception const& e) {
     return make_error(errc::internal, what, chunk, ": threw ", e.what());
   } catch (...) {
@@ -364,7 +378,7 @@ public:
   static constexpr std::size_t max_checked_steps = 40000;
 
   //! Tensors the layer keeps on the host per chunk, indexing its `chunk_store`.
-  enum host_tensor : std::size_t { host_q, host_k, host_v, host_out, host_lse, host_dq, host_tensors };
+  enum host_tensor : std::size_t { host_q, host_k, host_v, host_out, host_lse, host_dq, host_dout, host_tensors };
 
   //! Checks the shape and options and builds (and checks) both schedules; allocates nothing.
   //! Errors: `errc::invalid_argument` / `errc::shape_mismatch` naming the numbers and the rule
@@ -401,7 +415,15 @@ public:
   //! source, kernel or sink, with the step named.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>();
+    if constexpr (!detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>())
+      return make_error(errc::internal, "rejected at compile time");
+    else
+      return run_forward(source, sink);
+  }
+
+private:
+  template <class Source, class Sink>
+  [[nodiscard]] status run_forward(Source const& source, Sink& sink) {
     saved_ = false;
     if (status st = prepare_forward(); !st.ok()) {
       fwd_rings_ = {};
@@ -426,6 +448,7 @@ public:
     return {};
   }
 
+public:
   //! Forward from whole tensors: q `[S, H, D]`, k and v `[S, H_kv, D]` into out `[S, H, D]` and,
   //! when given, lse `[H, S]`. Errors: `errc::shape_mismatch` naming the shapes; as above.
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
@@ -450,7 +473,15 @@ public:
   //! sink, naming the step.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>();
+    if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
+      return make_error(errc::internal, "rejected at compile time");
+    else
+      return run_backward(dout, sink);
+  }
+
+private:
+  template <class Dout, class Sink>
+  [[nodiscard]] status run_backward(Dout const& dout, Sink& sink) {
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
@@ -472,6 +503,7 @@ public:
     return st;
   }
 
+public:
   //! Backward from a whole dout `[S, H, D]` tensor, gradients to `sink`. Errors: as above, and
   //! `errc::shape_mismatch` naming dout's shape.
   template <class Sink>
@@ -513,11 +545,11 @@ public:
            static_cast<std::size_t>(chunks()) * grad_slot_bytes() + grads;
   }
   //! Pinned host bytes a forward with offload needs for the chunks it keeps (q, k, v, out, lse,
-  //! and the backward's dq), before the pool's rounding; 0 without offload.
+  //! and the backward's dq and dout), before the pool's rounding; 0 without offload.
   [[nodiscard]] std::size_t host_bytes_needed() const noexcept {
     if (!opt_.offload) return 0;
     return static_cast<std::size_t>(chunks()) *
-           (q_elems() * sizeof(T) * 2 + kv_elems() * sizeof(T) * 2 + lse_elems() * 4 + q_elems() * 4);
+           (q_elems() * sizeof(T) * 3 + kv_elems() * sizeof(T) * 2 + lse_elems() * 4 + q_elems() * 4);
   }
   //! The trace of the last pass (forward or backward: each pass replaces it).
   [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
@@ -533,8 +565,8 @@ private:
       : be_(&be), shape_(shape), opt_(o), c_(c), kernel_(std::move(k)),
         store_(be.pinned_memory(), shape.sequence / c,
                {q_elems() * sizeof(T), kv_elems() * sizeof(T), kv_elems() * sizeof(T),
-                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4},
-               {"q", "k", "v", "out", "lse", "dq"}) {}
+                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4, q_elems() * sizeof(T)},
+               {"q", "k", "v", "out", "lse", "dq", "dout"}) {}
 
   [[nodiscard]] std::size_t q_elems() const noexcept {
     return static_cast<std::size_t>(c_ * shape_.heads * shape_.head_dim);
@@ -595,6 +627,7 @@ private:
     p.kv_bytes = 2 * kvb;
     p.out_bytes = qb + lb;
     p.q_side_bytes = 2 * qb + lb + qb;
+    p.dout_bytes = qb;
     p.dq_bytes = q_elems() * 4;
     p.dkv_bytes = 2 * kv_elems() * 4;
     p.bytes = {rounded(qb), 2 * rounded(kvb), rounded(qb) + rounded(lb)};
@@ -876,13 +909,16 @@ private:
         FPDT_TRY(copy(p.q.data(), *hq, qb, s));
         FPDT_TRY(copy(p.out.data(), *ho, qb, s));
         FPDT_TRY(copy(p.lse.data(), *hl, lb, s));
-        if (st.what == payload::q_side_dq) {
+        if (st.what == payload::q_side_dq) { // dq_i and dout_i were written back at i's first use
           auto hd = store_.host_copy(host_dq, st.i);
+          auto hdo = store_.host_copy(host_dout, st.i);
           if (!hd) return hd.error();
+          if (!hdo) return hdo.error();
           FPDT_TRY(copy(p.dq.data(), *hd, q_elems() * 4, s));
+          return copy(p.dout.data(), *hdo, qb, s);
         }
       }
-      // dout_i from the caller's source.
+      // dout_i from the caller's source (its first use).
       index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
       if constexpr (detail::layer::stream_form_dout<Dout, T, stream_t>)
@@ -922,9 +958,14 @@ private:
       return ops::backward(*be_, s, kernel_, a);
     }
     case step_kind::write_back: {
+      bwd_parts const p = parts(st.slot_of(ring::q));
       auto hd = store_.host_copy(host_dq, st.i);
       if (!hd) return hd.error();
-      return copy(*hd, parts(st.slot_of(ring::q)).dq.data(), q_elems() * 4, s);
+      FPDT_TRY(copy(*hd, p.dq.data(), q_elems() * 4, s));
+      if (st.what != payload::dq_dout) return {};
+      auto hdo = store_.host_copy(host_dout, st.i);
+      if (!hdo) return hdo.error();
+      return copy(*hdo, p.dout.data(), q_elems() * sizeof(T), s);
     }
     case step_kind::sink: {
       if (st.what == payload::dq) {

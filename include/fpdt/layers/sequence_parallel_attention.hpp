@@ -206,8 +206,10 @@ public:
   //! caller's thread while the pass is enqueued.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
-    detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>();
-    return run_pass(&sequence_parallel_attention::allocate_forward, [&] {
+    if constexpr (!detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>())
+      return make_error(errc::internal, "rejected at compile time");
+    else
+      return run_pass(&sequence_parallel_attention::allocate_forward, [&] {
       source_adapter<Source> src{this, &source};
       sink_adapter<Sink> snk{this, &sink};
       return inner_.forward(src, snk);
@@ -238,8 +240,10 @@ public:
   //! On a device backend both need the stream form, as in `forward`.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>();
-    return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
+    if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
+      return make_error(errc::internal, "rejected at compile time");
+    else
+      return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
       dout_adapter<Dout> src{this, &dout};
       grad_adapter<Sink> snk{this, &sink};
       return inner_.backward(src, snk);
@@ -519,7 +523,7 @@ private:
         lane_(std::move(cl)) {
     if constexpr (!host_path) // the chunks of the backward's dout fetches, in schedule order
       for (schedule_step const& st : inner_.backward_plan().steps)
-        if (st.kind == step_kind::fetch && st.what != payload::kv) dout_order_.push_back(st.i);
+        if (st.kind == step_kind::fetch && st.what == payload::q_side) dout_order_.push_back(st.i);
   }
 
   // One pass: its buffers (`allocate`), the start of the comm lane's timing, the per-rank pass

@@ -224,6 +224,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
     sp.kv_bytes = 2 * kve * dbu;
     sp.out_bytes = qe * dbu + le * 4;
     sp.q_side_bytes = 3 * qe * dbu + le * 4;
+    sp.dout_bytes = qe * dbu;
     sp.dq_bytes = qe * 4;
     sp.dkv_bytes = 2 * kve * 4;
     auto fs = forward_schedule(sp);

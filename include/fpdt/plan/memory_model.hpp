@@ -266,7 +266,7 @@ fpdt_attention_memory(index_t sequence, index_t heads, index_t kv_heads, index_t
   w.forward = fwd_rings + 2 * acc;
   if (offload) {
     w.backward = b->ring_bytes(device_arena::granularity) + grads;
-    w.host = u64(u) * (qb * 2 + kvb * 2 + lb + qe * 4);
+    w.host = u64(u) * (qb * 3 + kvb * 2 + lb + qe * 4); // q, out, dout; k, v; lse; dq
   } else {
     std::uint64_t const grad_slot = rounded(qb) + rounded(qe * 4) + rounded(le * 4);
     w.backward = fwd_rings + u64(u) * grad_slot + grads;

@@ -81,9 +81,11 @@ enum class payload : std::uint8_t {
   q,       //!< q_i
   kv,      //!< k_j and v_j
   out_lse, //!< out_i and lse_i
-  q_side,  //!< backward: q_i, out_i, lse_i from host and dout_i from the caller
-  q_side_dq, //!< backward: as q_side, plus the dq_i accumulator from host
+  q_side,  //!< backward: q_i, out_i, lse_i from host and dout_i from the caller (first use)
+  q_side_dq, //!< backward: q_i, out_i, lse_i, dout_i and the dq_i accumulator from host
   dq,      //!< the dq_i accumulator
+  dq_dout, //!< backward write-back at query chunk i's first use: dq_i and dout_i, so later
+           //!< fetches take dout_i from host instead of the caller (and its all-to-all)
   dkv,     //!< dk_j and dv_j
 };
 
@@ -122,6 +124,7 @@ struct schedule_params {
   std::uint64_t kv_bytes = 0; //!< bytes of k_j plus v_j
   std::uint64_t out_bytes = 0;     //!< bytes of out_i plus lse_i
   std::uint64_t q_side_bytes = 0;  //!< backward: bytes of q_i, out_i, lse_i and dout_i
+  std::uint64_t dout_bytes = 0;    //!< backward: bytes of dout_i (in q_side_bytes)
   std::uint64_t dq_bytes = 0;      //!< bytes of the fp32 dq_i accumulator
   std::uint64_t dkv_bytes = 0;     //!< bytes of the fp32 dk_j plus dv_j
 };
@@ -341,10 +344,12 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //!
 //! Per key/value chunk j (outer loop): fetch k_j, v_j into the 2-slot kv ring (k_{j+1} is fetched
 //! while j's inner loop runs) and zero the fp32 dk_j, dv_j accumulators; per query chunk i >= j
-//! (causal) or every i (full): fetch the query-side bundle of i (q_i, out_i, lse_i from host,
-//! dout_i from the caller, and dq_i from host after its first use, else zero it), compute delta_i,
-//! compute the pair's backward, then write dq_i back (d2h), or hand it to the sink at its last use
-//! (causal: j == i; full: j == u - 1). After the inner loop dk_j and dv_j go to the sink.
+//! (causal) or every i (full): fetch the query-side bundle of i (q_i, out_i, lse_i from host;
+//! dout_i from the caller at i's first use (j == 0) and from host after it; dq_i from host after
+//! its first use, else zero it), compute delta_i, compute the pair's backward, then write dq_i
+//! back (d2h; at the first use dout_i with it), or hand it to the sink at its last use (causal:
+//! j == i; full: j == u - 1). After the inner loop dk_j and dv_j go to the sink. So the caller's
+//! dout source (and, on P ranks, dout's all-to-all) runs once per chunk, with offload or without.
 //! Errors: as `forward_schedule`.
 [[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "backward_schedule"));
@@ -406,7 +411,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
         snk.slot = {qs, -1, -1};
         done = b.add(snk, {comp});
       } else if (p.offload) {
-        auto wb = make(step_kind::write_back, lane::d2h, payload::dq, i, -1, p.dq_bytes);
+        payload const wbw = first ? payload::dq_dout : payload::dq;
+        auto wb = make(step_kind::write_back, lane::d2h, wbw, i, -1, p.dq_bytes + (first ? p.dout_bytes : 0));
         wb.slot = {qs, -1, -1};
         done = b.add(wb, {comp});
         dq_written[static_cast<std::size_t>(i)] = done;
@@ -428,7 +434,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! - no slot is reloaded (produce or fetch) before every reader of its previous content happens
 //!   before the reload;
 //! - every fetch of a chunk from host happens after the offload (or write-back) that wrote it, when
-//!   that was in the same pass.
+//!   that was in the same pass (for a q_side_dq fetch: of dq_i and of dout_i).
 //! "Happens before" is the transitive closure of the listed dependencies and lane FIFO order.
 //! Errors: `errc::internal` describing the violation.
 [[nodiscard]] inline status check_schedule(schedule const& s) {
@@ -497,6 +503,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   // Host copies written in this pass: payload kind x chunk -> step that wrote it.
   std::vector<std::int64_t> kv_host(static_cast<std::size_t>(s.params.chunks), -1);
   std::vector<std::int64_t> dq_host(static_cast<std::size_t>(s.params.chunks), -1);
+  std::vector<std::int64_t> dout_host(static_cast<std::size_t>(s.params.chunks), -1);
   for (std::size_t k = 0; k < n; ++k) {
     schedule_step const& st = s.steps[k];
     if (st.kind == step_kind::release) continue;
@@ -528,14 +535,17 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     }
     if (st.kind == step_kind::offload && st.what == payload::kv)
       kv_host[static_cast<std::size_t>(st.j)] = static_cast<std::int64_t>(k);
-    if (st.kind == step_kind::write_back && st.what == payload::dq)
+    if (st.kind == step_kind::write_back && (st.what == payload::dq || st.what == payload::dq_dout))
       dq_host[static_cast<std::size_t>(st.i)] = static_cast<std::int64_t>(k);
+    if (st.kind == step_kind::write_back && st.what == payload::dq_dout)
+      dout_host[static_cast<std::size_t>(st.i)] = static_cast<std::int64_t>(k);
     if (st.kind == step_kind::fetch) {
-      std::int64_t const w = st.what == payload::kv && s.which == pass::forward
-                                 ? kv_host[static_cast<std::size_t>(st.j)]
-                             : st.what == payload::q_side_dq ? dq_host[static_cast<std::size_t>(st.i)]
-                                                             : -2;
-      if (w == -1 || (w >= 0 && !before(static_cast<std::size_t>(w), k)))
+      auto written = [&](std::int64_t w) { return w != -1 && (w < 0 || before(static_cast<std::size_t>(w), k)); };
+      bool const ok = st.what == payload::kv && s.which == pass::forward ? written(kv_host[static_cast<std::size_t>(st.j)])
+                      : st.what == payload::q_side_dq ? written(dq_host[static_cast<std::size_t>(st.i)]) &&
+                                                            written(dout_host[static_cast<std::size_t>(st.i)])
+                                                      : true;
+      if (!ok)
         return make_error(errc::internal, "schedule: ", describe(k),
                           " fetches a host copy that was not written before it");
     }
