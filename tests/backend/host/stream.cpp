@@ -92,6 +92,40 @@ TEST_CASE("host stream: errors skip later work, travel through events, and are c
   CHECK(after);
 }
 
+TEST_CASE("host event: a wait takes the error of the record it waits for, not of another one") {
+  // Stream c's wait refers to record 1 of e (on stream a); while c is held back, record 2 of e
+  // completes on stream b. c must take record 1's error, whatever record 2 carried (as with
+  // cudaStreamWaitEvent, which waits for the record made before it).
+  for (bool first_fails : {false, true}) {
+    CAPTURE(first_fails);
+    stream a("a"), b("b"), c("c");
+    event e;
+    std::atomic<bool> open{false};
+    bool c_ran = false;
+    if (first_fails) a.enqueue([] { return fpdt::make_error(fpdt::errc::invalid_argument, "record 1 fails"); });
+    a.record(e); // record 1
+    c.enqueue([&] {
+      while (!open.load()) std::this_thread::sleep_for(1ms);
+    });
+    c.wait(e); // refers to record 1
+    c.enqueue([&] { c_ran = true; });
+    CHECK((a.synchronize().code() == fpdt::errc::invalid_argument) == first_fails);
+    if (!first_fails) b.enqueue([] { return fpdt::make_error(fpdt::errc::out_of_memory, "record 2 fails"); });
+    b.record(e); // record 2, completes while c still waits at its gate
+    CHECK((b.synchronize().code() == fpdt::errc::out_of_memory) == !first_fails);
+    open = true;
+    fpdt::status const sc = c.synchronize();
+    if (first_fails) {
+      CHECK(sc.code() == fpdt::errc::invalid_argument);
+      CHECK_FALSE(c_ran);
+    } else {
+      CHECK(sc.ok());
+      CHECK(c_ran);
+    }
+    CHECK(e.synchronize().code() == (first_fails ? fpdt::errc::ok : fpdt::errc::out_of_memory)); // the latest record
+  }
+}
+
 TEST_CASE("host stream: a throwing task becomes a backend_error naming the stream") {
   stream s("h2d");
   s.enqueue([] { throw std::runtime_error("copy engine on fire"); });

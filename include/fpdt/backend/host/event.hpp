@@ -4,7 +4,8 @@
 //! Semantics follow `cudaEvent_t`: `record` on a stream marks the point after the stream's work
 //! so far; a `wait` (by a stream or by the host) waits for the latest record made before the wait
 //! was issued; an event never recorded is complete. Because a wait only ever refers to a record
-//! issued earlier, FIFO streams ordered by events cannot deadlock.
+//! issued earlier, FIFO streams ordered by events cannot deadlock. A record carries the error its
+//! stream had when it reached it, and a wait takes the error of the record it waits for.
 #pragma once
 
 #include "../../config.hpp"
@@ -13,6 +14,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -36,8 +39,9 @@ public:
   }
 
   //! Blocks the calling thread until the latest record issued before this call has completed.
-  //! Returns the error the recording stream had when it reached the record, or ok.
-  [[nodiscard]] status synchronize() const { return wait_for(issued()); }
+  //! Returns the error the recording stream had when it reached that record (not a later or
+  //! an earlier record's), or ok.
+  [[nodiscard]] status synchronize() const { return wait_for(claim()); }
 
   //! Seconds between the completions of `start`'s and `end`'s latest records (may be negative).
   //! Errors: `errc::invalid_argument` when either has not completed a record.
@@ -61,7 +65,16 @@ private:
     std::set<std::uint64_t> pending;   // generations issued but not completed
     bool completed_once = false;
     clock::time_point completed_at{};  // completion time of the latest completed record
-    status error;                      // error carried by the latest completed record
+    // Errors carried by completed records, by generation (ok ones are not stored), so a wait
+    // reads its own record's error even when other records of the event (later ones, or ones on
+    // other streams) completed since. An entry is kept while its generation is the latest issued
+    // (a new wait may still refer to it) or a wait that refers to it has not read it yet.
+    std::map<std::uint64_t, status> errors;
+    std::map<std::uint64_t, int> waiting; // generation -> waits issued for it and not yet done
+    void prune() {
+      for (auto it = errors.begin(); it != errors.end() && it->first < issued;)
+        it = waiting.count(it->first) ? std::next(it) : errors.erase(it);
+    }
   };
 
   // Called by stream::record at issue time; returns the generation to complete later.
@@ -71,10 +84,13 @@ private:
     state_->pending.insert(g);
     return g;
   }
-  // The generation a wait issued now must wait for (0: nothing to wait for).
-  [[nodiscard]] std::uint64_t issued() const {
+  // The generation a wait issued now must wait for (0: nothing to wait for), registered so its
+  // error is kept until the matching wait_for has read it.
+  [[nodiscard]] std::uint64_t claim() const {
     std::lock_guard lock(state_->mutex);
-    return state_->issued;
+    std::uint64_t const g = state_->issued;
+    if (g != 0) ++state_->waiting[g];
+    return g;
   }
   void complete(std::uint64_t g, status const& error) const {
     {
@@ -84,15 +100,21 @@ private:
         state_->completed_at = clock::now();
         state_->completed_once = true;
       }
-      state_->error = error;
+      if (!error.ok()) state_->errors[g] = error;
+      state_->prune();
     }
     state_->cv.notify_all();
   }
+  // Waits for generation g (from claim()) and returns its record's error.
   [[nodiscard]] status wait_for(std::uint64_t g) const {
     if (g == 0) return {};
     std::unique_lock lock(state_->mutex);
     state_->cv.wait(lock, [&] { return state_->pending.count(g) == 0; });
-    return state_->error;
+    auto const it = state_->errors.find(g);
+    status st = it == state_->errors.end() ? status{} : it->second;
+    if (auto w = state_->waiting.find(g); w != state_->waiting.end() && --w->second == 0) state_->waiting.erase(w);
+    state_->prune();
+    return st;
   }
   [[nodiscard]] result<clock::time_point> completion_time() const {
     std::lock_guard lock(state_->mutex);

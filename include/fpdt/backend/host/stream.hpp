@@ -90,7 +90,7 @@ public:
   //! record carried an error, this stream takes the error too.
   void wait(event const& e) {
     assert(impl_ && "fpdt::host::stream used after being moved from");
-    std::uint64_t const g = e.issued();
+    std::uint64_t const g = e.claim();
     if (g == 0) return; // never recorded: complete, as in CUDA
     impl_->push(item{[e, g]() -> status { return e.wait_for(g); }, true});
   }
