@@ -89,3 +89,24 @@ TEST_CASE("cost_model: step estimates are positive, MFU below 1, and offload cos
   REQUIRE_FALSE(bad.ok());
   CHECK(bad.error().message().find("hbm_gbps") != std::string::npos);
 }
+
+TEST_CASE("cost_model: a copy step's exchange runs on the comm lane (the backward's dout, once per chunk)") {
+  // With offload the backward fetches each query chunk's bundle once per pair, but dout_i comes
+  // from the caller (through the all-to-all on P ranks) only at its first fetch: u exchanges.
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    fpdt::schedule_params p;
+    p.chunks = 4;
+    p.causal = causal;
+    p.q_side_bytes = 1000;
+    p.dout_bytes = 250;
+    p.dq_bytes = 500;
+    p.kv_bytes = 1000;
+    auto s = fpdt::backward_schedule(p).value();
+    auto t = fpdt::simulate_schedule(s, {1e6, 1e6, 2e6}, [](fpdt::schedule_step const& st) {
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0,
+                              st.kind == fpdt::step_kind::fetch && st.what == fpdt::payload::q_side ? 0.25 : 0.0};
+    });
+    CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(4 * 0.25));
+  }
+}

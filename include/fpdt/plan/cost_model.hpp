@@ -98,8 +98,9 @@ struct pass_timing {
   std::array<double, 4> busy{}; //!< seconds each lane (indexed by `lane`) is busy
 };
 
-//! Cost of one non-copy step: seconds on its own lane, then seconds of an all-to-all on the comm
-//! lane that must finish before its result counts as done (0: none).
+//! Cost of one step: seconds on its own lane (ignored for copy steps, which cost bytes / rate),
+//! then seconds of an all-to-all on the comm lane that must finish before its result counts as
+//! done (0: none; for a copy step, an exchange of what it moves, such as the backward's dout).
 struct step_price {
   double seconds = 0;      //!< on the step's lane
   double comm_after = 0;   //!< on the comm lane, after it
@@ -112,8 +113,9 @@ struct copy_rates {
   double both = 0; //!< both directions at once, the sum
 };
 
-//! Simulates schedule `s` (see the file comment): copy steps cost `bytes / rate` at `rates`,
-//! every other step what `price(step)` returns (a `step_price`); `release` steps cost nothing.
+//! Simulates schedule `s` (see the file comment): copy steps cost `bytes / rate` at `rates` plus
+//! their price's `comm_after`, every other step what `price(step)` returns (a `step_price`);
+//! `release` steps cost nothing.
 //! Pure; linear in the number of steps and dependencies.
 template <class Price>
 [[nodiscard]] pass_timing simulate_schedule(schedule const& s, copy_rates const& rates, Price&& price) {
@@ -136,6 +138,7 @@ template <class Price>
       double rate = st.on == lane::h2d ? rates.h2d : rates.d2h;
       if (free_at[other] > start) rate = std::min(rate, rates.both / 2);
       secs = static_cast<double>(st.bytes) / rate;
+      comm = price(st).comm_after; // a copy step's own exchange (the backward's dout)
     } else {
       step_price const p = price(st);
       secs = p.seconds;
@@ -252,6 +255,8 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
     };
     auto bwd_price = [&](schedule_step const& st) -> step_price {
       switch (st.kind) {
+      case step_kind::fetch: // dout_i from the caller at its first use, through the all-to-all
+        return {0, st.what == payload::q_side ? a2a_out : 0};
       case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab, 0};
       case step_kind::delta: return {2 * static_cast<double>(qe) * db / hbm, 0};
       case step_kind::sink: // gradients leave in the model dtype through the all-to-all
