@@ -358,7 +358,8 @@ template <class B> struct step_tensor_gradient_sink {
 //!                `cuda_reference_chunk_kernel`, `external_chunk_kernel<Impl>`)
 //!
 //! The layer keeps, between `forward` and `backward`, the pinned host copies of q, k, v, out and
-//! lse (offload on) or the device rings holding them (offload off). Not thread-safe: one pass at a
+//! lse (offload on; the backward adds dq and dout, reserved by the forward) or the device rings
+//! holding them (offload off). Not thread-safe: one pass at a
 //! time per layer object. Every pass allocates its buffers before its first step, so an
 //! out-of-memory error leaves the caller's tensors untouched. On a device backend the tensor
 //! overloads take views of memory the device can address (device, pinned or managed; pageable

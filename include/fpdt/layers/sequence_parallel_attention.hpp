@@ -21,7 +21,7 @@
 //! the compute lane, so it runs while chunk c is computed; out and lse of chunk c are copied to a
 //! job buffer and exchanged (then handed to the caller's sink) while the compute lane goes on to
 //! chunk c + 1. In the backward the gradient exchanges and the caller's gradient sink run on the
-//! comm lane the same way, and dout is exchanged on the h2d lane when it is fetched. At most
+//! comm lane the same way, and dout is exchanged on the h2d lane at its first fetch. At most
 //! `max_in_flight` (2) output or gradient jobs wait at once; the compute lane waits for the
 //! oldest beyond that. Consequence for callers: the source, sink and gradient sink are called on
 //! the comm lane's thread (one call at a time, in chunk order), concurrently with the kernel.

@@ -53,7 +53,8 @@ enum class step_kind : std::uint8_t {
   finalize,   //!< forward, compute lane: the accumulator of chunk i to out_i (model dtype) and lse_i
   delta,      //!< backward, compute lane: delta_i = rowsum(dout_i * out_i)
   zero,       //!< backward, compute lane: zero an fp32 accumulator (dq_i at first use, dk_j and dv_j)
-  write_back, //!< backward, d2h lane: the dq_i accumulator to its pinned host copy
+  write_back, //!< backward, d2h lane: the dq_i accumulator to its pinned host copy (at i's first
+              //!< use also dout_i: payload `dq_dout`)
   sink,       //!< compute lane: a final chunk to the caller (out_i; dq_i; dk_j and dv_j)
   release,    //!< marker on no lane: the last readers of a slot's content are done
 };
