@@ -381,6 +381,18 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
     CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(u));
     CHECK(count(bwd_trace[r], fpdt::step_kind::produce) == 0);
     CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(2 * u)); // dq and dk/dv
+    // One clock for both: the per-rank layer's produce step of chunk c waits for the comm lane's
+    // exchange of chunk c, so it ends after it (the first pass, whose per-rank lanes are made
+    // after this layer's pass began, included).
+    for (index_t c = 0; c < u; ++c) {
+      double inner_end = -1, lane_end = -1;
+      for (auto const& e : fwd_trace[r].events)
+        if (e.kind == fpdt::step_kind::produce && e.i == c)
+          (e.on == fpdt::lane::comm ? lane_end : inner_end) = e.end_us;
+      CAPTURE(c);
+      CHECK(lane_end >= 0);
+      CHECK(inner_end >= lane_end);
+    }
     // The exchange buffers are the pass's, so its device peak is fixed and predicted.
     CHECK(fwd_peak[r] == fwd_want[r]);
     CHECK(bwd_peak[r] == bwd_want[r]);

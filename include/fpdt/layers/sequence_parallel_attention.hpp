@@ -273,13 +273,24 @@ public:
   [[nodiscard]] fpdt_attention<T, B, Kernel> const& local_layer() const noexcept { return inner_; }
   //! The last pass: the per-rank layer's steps plus this layer's comm-lane steps (`produce`:
   //! a chunk's source and q/k/v all-to-alls; `sink`: an output or gradient exchange and the
-  //! caller's sink; on a device backend also `fetch`: a dout exchange), on the same clock to
-  //! within the few microseconds between the two starts (on a device backend both are timed with
-  //! the backend's events, from a start event on the compute and on the comm stream; untimed (-1)
-  //! where the backend has no timing events). Valid after a pass has returned.
+  //! caller's sink; on a device backend also `fetch`: a dout exchange), on the per-rank layer's
+  //! clock: on the host path exactly (through `pipeline_trace::origin`); on a device backend to
+  //! within the few microseconds between two start events, one on the compute and one on the comm
+  //! stream (untimed (-1) where the backend has no timing events). Valid after a pass has returned.
   [[nodiscard]] pipeline_trace trace() const {
     pipeline_trace t = inner_.trace();
-    t.events.insert(t.events.end(), lane_->events.begin(), lane_->events.end());
+    // Host path: the lane's steps are timed from the start of this layer's pass, the per-rank
+    // layer's from the start of its own (later: its buffers, and on the first pass its lanes, are
+    // made in between); move them onto the per-rank layer's clock.
+    bool const rebase = host_path && t.origin != std::chrono::steady_clock::time_point{};
+    double const shift = rebase ? std::chrono::duration<double, std::micro>(lane_->t0 - t.origin).count() : 0.0;
+    for (trace_event e : lane_->events) {
+      if (e.begin_us >= 0) {
+        e.begin_us += shift;
+        e.end_us += shift;
+      }
+      t.events.push_back(e);
+    }
     return t;
   }
   //! The head sharding.

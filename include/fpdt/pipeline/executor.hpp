@@ -95,6 +95,7 @@ public:
       trace->events.reserve(n);
     }
     auto const t0 = std::chrono::steady_clock::now();
+    if (trace) trace->origin = t0;
     status failed{};
     // Event timing: the step index of each trace event, and a start event every lane waits for
     // (so no step starts before it and every elapsed time is >= 0).

@@ -14,6 +14,7 @@
 #include "../schedule/schedule.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <fstream>
 #include <iomanip>
@@ -39,6 +40,10 @@ struct trace_event {
 struct pipeline_trace {
   std::string name = "fpdt";         //!< process name shown by the viewer
   std::vector<trace_event> events;   //!< one per non-release step, in issue order
+  //! The host clock's time at the events' 0 when they were timed on the host (host tasks); on
+  //! backends that time with events, the time the pass started enqueueing. Lets steps timed
+  //! elsewhere (a layer's own comm lane) be put on the same clock.
+  std::chrono::steady_clock::time_point origin{};
 
   //! Busy time of lane `l` (sum of its steps' durations), microseconds.
   [[nodiscard]] double busy_us(lane l) const {
