@@ -134,6 +134,12 @@ int main(int argc, char** argv) {
                  static_cast<long long>(p), devices);
     return 2;
   }
+  // All ranks are threads of this process: NCCL's P2P transport would then read and write peers'
+  // buffers directly, but cuda_backend's buffers come from the device's stream-ordered pool
+  // (cudaMallocAsync), which peer access does not open to other GPUs (only cudaMemPoolSetAccess
+  // does). NCCL_P2P_DIRECT_DISABLE=1 keeps P2P through NCCL's own buffers. A caller's setting wins;
+  // one process per GPU needs nothing.
+  setenv("NCCL_P2P_DIRECT_DISABLE", "1", 0);
   // The caller's NCCL world: one comm per rank, rank r on device r.
   std::vector<ncclComm_t> comms(static_cast<std::size_t>(p), nullptr);
   std::vector<int> devs(static_cast<std::size_t>(p));

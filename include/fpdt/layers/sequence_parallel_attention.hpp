@@ -175,7 +175,16 @@ public:
                              l->heads_per_rank(head_kind::key_value), global.head_dim};
     auto inner = fpdt_attention<T, B, Kernel>::create(be, per_rank, options, std::move(kernel));
     if (!inner) return inner.error();
-    auto lane_stream = be.create_stream(lane::comm); // the backend's priority for the comm lane
+    // The exchanges are on the critical path (chunk c + 1's compute waits for its q, k, v), so
+    // their stream gets the compute lane's high priority where the backend has priorities: at
+    // normal priority the chunk kernel's queued blocks would keep NCCL's and the pack kernels'
+    // blocks waiting until its tail, and the all-to-all would not hide behind compute.
+    auto lane_stream = [&] {
+      if constexpr (requires { be.create_stream(lane::comm, stream_priority::high); })
+        return be.create_stream(lane::comm, stream_priority::high);
+      else
+        return be.create_stream(lane::comm);
+    }();
     if (!lane_stream) return lane_stream.error();
     auto cl = std::make_unique<comm_lane>(be, std::move(*lane_stream));
     if constexpr (!host_path) {
@@ -274,9 +283,12 @@ public:
   //! The last pass: the per-rank layer's steps plus this layer's comm-lane steps (`produce`:
   //! a chunk's source and q/k/v all-to-alls; `sink`: an output or gradient exchange and the
   //! caller's sink; on a device backend also `fetch`: a dout exchange), on the per-rank layer's
-  //! clock: on the host path exactly (through `pipeline_trace::origin`); on a device backend to
-  //! within the few microseconds between two start events, one on the compute and one on the comm
-  //! stream (untimed (-1) where the backend has no timing events). Valid after a pass has returned.
+  //! clock on the host path (exactly, through `pipeline_trace::origin`). On a device backend both
+  //! are timed with the backend's events but from two start events: this layer's, recorded on the
+  //! comm stream before the per-rank pass, and the per-rank layer's, recorded once its buffers are
+  //! allocated (and, on the first pass, its lanes made); the comm-lane steps appear later by that
+  //! set-up time (untimed (-1) where the backend has no timing events). Valid after a pass has
+  //! returned.
   [[nodiscard]] pipeline_trace trace() const {
     pipeline_trace t = inner_.trace();
     // Host path: the lane's steps are timed from the start of this layer's pass, the per-rank

@@ -17,6 +17,13 @@
 //! lanes. Operations are matched across ranks by their order on each rank.
 //!
 //! Needs NCCL and the CUDA runtime (link `fpdt::nccl`); compiles with a plain C++ compiler.
+//!
+//! Several ranks in one process (one thread per GPU): `cuda_backend` allocates from the device's
+//! stream-ordered memory pool (`cudaMallocAsync`), whose memory peer access does not open to the
+//! other GPUs, while NCCL's P2P transport reads and writes the peers' buffers directly between GPUs
+//! of one process. Set `NCCL_P2P_DIRECT_DISABLE=1` before creating the communicators (NCCL then
+//! copies through its own buffers), or grant the peers access to the pool with
+//! `cudaMemPoolSetAccess`. One process per GPU needs neither.
 #pragma once
 
 #include "../../backend/cuda/cuda_check.hpp"
