@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <limits>
+#include <optional>
 
 using fpdt::index_t;
 
@@ -109,4 +110,44 @@ TEST_CASE("cost_model: a copy step's exchange runs on the comm lane (the backwar
     });
     CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(4 * 0.25));
   }
+}
+
+TEST_CASE("cost_model: only bytes that cross PCIe cost copy time (no exposed copies with offload off)") {
+  // A copy step priced with pcie_bytes costs those bytes, not all of the step's.
+  fpdt::schedule_params p;
+  p.chunks = 2;
+  p.offload = false;
+  p.q_side_bytes = 1000;
+  p.dout_bytes = 250;
+  auto s = fpdt::backward_schedule(p).value();
+  REQUIRE(s.count(fpdt::step_kind::fetch) == 2);
+  auto run = [&](std::optional<std::uint64_t> pcie) {
+    return fpdt::simulate_schedule(s, {100, 100, 200}, [&](fpdt::schedule_step const& st) {
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0, 0.0,
+                              st.kind == fpdt::step_kind::fetch ? pcie : std::nullopt};
+    });
+  };
+  auto const h2d = static_cast<std::size_t>(fpdt::lane::h2d);
+  CHECK(run(std::nullopt).busy[h2d] == doctest::Approx(2 * 1000 / 100.0));
+  CHECK(run(std::uint64_t{750}).busy[h2d] == doctest::Approx(2 * 750 / 100.0));
+  CHECK(run(std::uint64_t{0}).busy[h2d] == 0);
+  // With offload off nothing of the attention crosses PCIe: however slow PCIe is, no copy time
+  // is exposed and the step time does not change (the backward's first fetch of each query chunk
+  // takes only dout_i, from the caller).
+  auto m = fpdt::find_model_preset("llama3-8b").value();
+  auto hw = fpdt::find_gpu_preset("a100-80gb").value();
+  fpdt::training_config t;
+  t.gpus = 8;
+  t.sequence = index_t{1} << 20;
+  t.chunk = 65536;
+  t.offload = false;
+  t.checkpoint_offload = false;
+  auto fast = fpdt::estimate_step(m, t, hw).value();
+  hw.pcie_h2d_gbps = hw.pcie_d2h_gbps = hw.pcie_both_gbps = 0.05;
+  auto slow = fpdt::estimate_step(m, t, hw).value();
+  CHECK(slow.exposed_copy_seconds == 0);
+  CHECK(slow.step_seconds == doctest::Approx(fast.step_seconds).epsilon(1e-12));
+  // With offload on, the same slow PCIe is exposed.
+  t.offload = true;
+  CHECK(fpdt::estimate_step(m, t, hw).value().exposed_copy_seconds > 0.1 * slow.step_seconds);
 }

@@ -7,8 +7,9 @@
 //! `forward_schedule` / `backward_schedule` the layer executes through a list-scheduling
 //! simulation (a step starts when its dependencies are done and its lane is free; lanes are FIFO
 //! like the executor's streams). Compute steps cost FLOPs / throughput, merges and finalizes cost
-//! HBM bytes / bandwidth, fetches and offloads cost bytes / PCIe bandwidth (one way, or half the
-//! both-ways figure while the other direction is busy), and a produce or sink step is followed
+//! HBM bytes / bandwidth, fetches and offloads cost the bytes that cross PCIe / PCIe bandwidth
+//! (one way, or half the both-ways figure while the other direction is busy; dout from the
+//! caller, and anything with offload off, does not cross), and a produce or sink step is followed
 //! on the comm lane by the Ulysses all-to-all of its chunk. The rest of a layer (projections, MLP)
 //! runs on the compute lane after the attention; checkpoint copies and ZeRO-3 gathers run on their
 //! lanes beside it, and a layer lasts as long as its busiest lane.
@@ -31,6 +32,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,6 +106,16 @@ struct pass_timing {
 struct step_price {
   double seconds = 0;      //!< on the step's lane
   double comm_after = 0;   //!< on the comm lane, after it
+  //! For a copy step: the bytes of it that cross PCIe, when not all of `schedule_step::bytes`
+  //! do (the backward's first fetch of a query chunk takes dout_i from the caller, not from
+  //! host memory; with offload off it moves nothing over PCIe). Ignored for other steps.
+  std::optional<std::uint64_t> pcie_bytes;
+
+  constexpr step_price() = default;
+  //! `{seconds, comm_after}` or `{seconds, comm_after, pcie_bytes}` (a constructor rather than an
+  //! aggregate, so the two-value form stays free of missing-initializer warnings).
+  constexpr step_price(double on_lane, double comm = 0, std::optional<std::uint64_t> pcie = std::nullopt)
+      : seconds(on_lane), comm_after(comm), pcie_bytes(pcie) {}
 };
 
 //! PCIe rates of a simulation, bytes per second (infinite: copies are free).
@@ -137,8 +149,10 @@ template <class Price>
       auto const other = static_cast<std::size_t>(st.on == lane::h2d ? lane::d2h : lane::h2d);
       double rate = st.on == lane::h2d ? rates.h2d : rates.d2h;
       if (free_at[other] > start) rate = std::min(rate, rates.both / 2);
-      secs = static_cast<double>(st.bytes) / rate;
-      comm = price(st).comm_after; // a copy step's own exchange (the backward's dout)
+      step_price const p = price(st);
+      std::uint64_t const bytes = p.pcie_bytes.value_or(st.bytes);
+      secs = bytes == 0 ? 0.0 : static_cast<double>(bytes) / rate;
+      comm = p.comm_after; // a copy step's own exchange (the backward's dout)
     } else {
       step_price const p = price(st);
       secs = p.seconds;
@@ -255,8 +269,12 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
     };
     auto bwd_price = [&](schedule_step const& st) -> step_price {
       switch (st.kind) {
-      case step_kind::fetch: // dout_i from the caller at its first use, through the all-to-all
-        return {0, st.what == payload::q_side ? a2a_out : 0};
+      case step_kind::fetch:
+        // At query chunk i's first use (payload q_side) dout_i comes from the caller through the
+        // all-to-all, not over PCIe; q_i, out_i, lse_i come from host memory only with offload.
+        if (st.what == payload::q_side)
+          return {0, a2a_out, t.offload ? st.bytes - sp.dout_bytes : std::uint64_t{0}};
+        return {0, 0, std::nullopt};
       case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab, 0};
       case step_kind::delta: return {2 * static_cast<double>(qe) * db / hbm, 0};
       case step_kind::sink: // gradients leave in the model dtype through the all-to-all
