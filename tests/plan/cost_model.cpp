@@ -61,13 +61,21 @@ TEST_CASE("cost_model: copies overlap compute and both directions share PCIe") {
   CHECK(shared.makespan >= slow.makespan);
 }
 
-TEST_CASE("cost_model: step estimates are positive, MFU below 1, and offload costs little at long S") {
-  auto m = fpdt::find_model_preset("llama3-8b").value();
-  auto hw = fpdt::find_gpu_preset("a100-80gb").value();
+namespace {
+// Llama-3 8B on 8 ranks at S = 1M, C = 64K.
+fpdt::training_config llama_1m() {
   fpdt::training_config t;
   t.gpus = 8;
   t.sequence = index_t{1} << 20;
   t.chunk = 65536;
+  return t;
+}
+} // namespace
+
+TEST_CASE("cost_model: step estimates are positive, MFU below 1, and offload costs little at long S") {
+  auto m = fpdt::find_model_preset("llama3-8b").value();
+  auto hw = fpdt::find_gpu_preset("a100-80gb").value();
+  fpdt::training_config t = llama_1m();
   auto e = fpdt::estimate_step(m, t, hw);
   REQUIRE_MESSAGE(e.ok(), e.error().to_string());
   CHECK(e->step_seconds > 0);
@@ -136,10 +144,7 @@ TEST_CASE("cost_model: only bytes that cross PCIe cost copy time (no exposed cop
   // takes only dout_i, from the caller).
   auto m = fpdt::find_model_preset("llama3-8b").value();
   auto hw = fpdt::find_gpu_preset("a100-80gb").value();
-  fpdt::training_config t;
-  t.gpus = 8;
-  t.sequence = index_t{1} << 20;
-  t.chunk = 65536;
+  fpdt::training_config t = llama_1m();
   t.offload = false;
   t.checkpoint_offload = false;
   auto fast = fpdt::estimate_step(m, t, hw).value();

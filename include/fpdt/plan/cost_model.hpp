@@ -125,8 +125,8 @@ struct copy_rates {
   double both = 0; //!< both directions at once, the sum
 };
 
-//! Simulates schedule `s` (see the file comment): copy steps cost `bytes / rate` at `rates` plus
-//! their price's `comm_after`, every other step what `price(step)` returns (a `step_price`);
+//! Simulates schedule `s` (see the file comment): copy steps cost `bytes / rate` at `rates` (the
+//! price's `pcie_bytes` when given, else the step's `bytes`) plus their price's `comm_after`, every other step what `price(step)` returns (a `step_price`);
 //! `release` steps cost nothing.
 //! Pure; linear in the number of steps and dependencies.
 template <class Price>
