@@ -145,6 +145,23 @@ TEST_CASE("local communicator: an abort or a missing rank ends every wait with a
       return r == 0 ? c.all_gather(&x, y, sizeof(int), 4) : c.barrier(4);
     });
     CHECK((!st[0].ok() && !st[1].ok()));
+    bool named = false; // the rank that arrived second names both operations
+    for (auto const& s : st)
+      named = named || (contains(s.message(), "all_gather of 4 bytes per rank does not match the barrier another") ||
+                        contains(s.message(), "barrier does not match the all_gather of 4 bytes per rank"));
+    CHECK(named);
+  }
+  {
+    fpdt::local_world w(2, 2s); // ranks that disagree on a size (e.g. on the chunk C)
+    auto st = on_ranks(w, [](int r, fpdt::local_communicator& c) -> fpdt::status {
+      std::vector<char> send(16), recv(16);
+      return c.all_to_all(send.data(), recv.data(), r == 0 ? 8 : 4, 5);
+    });
+    bool named = false;
+    for (auto const& s : st)
+      named = named || contains(s.message(), "bytes per rank does not match the all_to_all of");
+    CHECK(named);
+    CHECK((!st[0].ok() && !st[1].ok()));
   }
   fpdt::local_world w(2);
   CHECK(w.communicator(2).error().code() == fpdt::errc::invalid_argument);

@@ -244,6 +244,17 @@ private:
     });
   }
 
+  // The operation a one-letter code stands for, in error messages.
+  [[nodiscard]] static char const* op_name(char op) noexcept {
+    switch (op) {
+    case 'a': return "all_to_all";
+    case 'v': return "all_to_all_v";
+    case 'g': return "all_gather";
+    case 'b': return "barrier";
+    case 'r': return "all_reduce_sum";
+    default: return "operation";
+    }
+  }
   // Deposits `send` under `tag`, waits for every rank, runs `copy` (reading peers' buffers), waits
   // until every rank has copied (so no one reuses a buffer a peer still reads), then `after`.
   template <class Copy, class After = void (*)()>
@@ -295,10 +306,15 @@ private:
       w.cv.notify_all();
       return make_error(errc::invalid_argument, msg);
     } else if (e.op != op || (op != 'v' && e.bytes != bytes)) {
+      // all_to_all_v and barrier carry no size of their own (recorded as 0).
+      auto sized = [](char o, std::size_t b) {
+        return o == 'v' || o == 'b' ? std::string(op_name(o))
+                                    : detail::concat(op_name(o), " of ", b, " bytes per rank");
+      };
       std::string const msg = detail::concat(
-          "local_communicator (rank ", rank_, ", tag ", tag, "): operation '", op, "' of ", bytes,
-          " bytes does not match the '", e.op, "' of ", e.bytes,
-          " bytes another rank has pending under that tag (each tag: the same operation on every rank)");
+          "local_communicator (rank ", rank_, ", tag ", tag, "): ", sized(op, bytes), " does not match the ",
+          sized(e.op, e.bytes), " another rank has pending under that tag (each tag: the same "
+          "operation and size on every rank; ranks that disagree on S, C, H or D send different sizes)");
       w.aborted = msg;
       w.cv.notify_all();
       return make_error(errc::invalid_argument, msg);
