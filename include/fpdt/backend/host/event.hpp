@@ -70,7 +70,10 @@ private:
     // other streams) completed since. An entry is kept while its generation is the latest issued
     // (a new wait may still refer to it) or a wait that refers to it has not read it yet.
     std::map<std::uint64_t, status> errors;
-    std::map<std::uint64_t, int> waiting; // generation -> waits issued for it and not yet done
+    // generation -> waits issued for it and not yet done. Every claim() is matched by a
+    // wait_for(): synchronize() calls both, and a stream runs every queued wait, even while it
+    // is destroyed (~stream drains its queue), so no entry outlives its waits.
+    std::map<std::uint64_t, int> waiting;
     void prune() {
       for (auto it = errors.begin(); it != errors.end() && it->first < issued;)
         it = waiting.count(it->first) ? std::next(it) : errors.erase(it);
