@@ -7,8 +7,10 @@
 # go to `fpdt-plan --sweep` (ZeRO stage, checkpointing, --config ...). FPDT_PLAN_BIN names a
 # prebuilt fpdt-plan; otherwise it is built in build/default.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-out=build/plan/plan-memory.png
+# Paths the caller gives (-o, FPDT_PLAN_BIN, a --config file) are relative to the caller's
+# directory, so the script stays there and names the repository's files by absolute path.
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$root/build/plan/plan-memory.png
 if [[ "${1:-}" == "-o" ]]; then
   out=$2
   shift 2
@@ -17,15 +19,14 @@ if (($# == 0)); then
   set -- --model llama3-8b --gpus 8 --gpu a100-80gb
 fi
 if ! command -v gnuplot >/dev/null 2>&1; then
-  scripts/deps.sh
+  "$root/scripts/deps.sh"
 fi
 bin=${FPDT_PLAN_BIN:-}
 if [[ -z "$bin" ]]; then
-  source scripts/env.sh
-  scripts/deps.sh
-  cmake --preset default >/dev/null
-  cmake --build --preset default --target fpdt-plan >/dev/null
-  bin=build/default/examples/fpdt-plan
+  source "$root/scripts/env.sh"
+  "$root/scripts/deps.sh"
+  (cd "$root" && cmake --preset default >/dev/null && cmake --build --preset default --target fpdt-plan >/dev/null)
+  bin=$root/build/default/examples/fpdt-plan
 fi
 mkdir -p "$(dirname "$out")"
 csv="${out%.png}.csv"

@@ -32,7 +32,8 @@ void usage(std::FILE* to) {
                "  searches powers of two only; --csv prints a header and one row (the limit columns\n"
                "  are empty with --seq, which searches nothing); --sweep prints per-rank device\n"
                "  GiB of the three methods for S = 4K .. 16M (CSV, for scripts/plot-plan.sh).\n"
-               "  Exit status: 0 with an answer, 1 when nothing from 1K tokens up fits, 2 on bad arguments.\n"
+               "  Exit status: 0 with an answer that fits, 1 when nothing from 1K tokens up fits (with\n"
+               "  --seq: when that length does not fit; the answer is printed either way), 2 on bad arguments.\n"
                "  Defaults: fpdt, ZeRO-3, checkpointing on with checkpoints offloaded, offload on, bf16.\n"
                "  --config FILE adds [model NAME] / [gpu NAME] sections (see include/fpdt/plan/presets.hpp).\n"
                "  models: gpt-2.7b gpt-6.7b gpt-13b gpt-30b llama3-8b llama3-70b\n"
@@ -284,7 +285,7 @@ int run(options const& o) {
     } else {
       print_point(o, *p, *gpu);
     }
-    return 0;
+    return p->fits_device && p->fits_host ? 0 : 1; // scripts can tell "does not fit" from "fits"
   }
   auto a = fpdt::longest_sequence(*model, o.t, *gpu, o.finer, 1024, max_search);
   if (!a) {

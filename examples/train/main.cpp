@@ -178,7 +178,8 @@ fpdt::status run_rank(options const& o, std::vector<std::uint8_t> const& text, C
   if (*need > static_cast<std::size_t>(o.device_budget))
     return fpdt::make_error(fpdt::errc::out_of_memory, "a step needs ", *need,
                             " device bytes per rank (planned_device_bytes), over --device-budget ", o.device_budget,
-                            "; use a smaller --chunk, --offload on, or a larger budget");
+                            o.offload ? "; use a smaller --chunk or a larger budget"
+                                      : "; use a smaller --chunk, --offload on, or a larger budget");
   auto model = fpdt_train::model_rank<float, Comm, gemm_t>::create(be, comm, cfg, ro, gemm);
   if (!model) return model.error();
   auto t_step = std::chrono::steady_clock::now();
@@ -238,7 +239,7 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
   if (!r0.loss.empty())
     std::printf("  loss %.4f -> %.4f over %zu step(s); %.0f tokens/s on average\n", r0.loss.front(), r0.loss.back(),
                 r0.loss.size(), static_cast<double>(o.seq) * static_cast<double>(r0.loss.size()) / total);
-  std::printf("  peak device bytes per rank %zu (%.1f MiB), pinned host bytes per rank %zu (%.1f MiB)\n", peak,
+  std::printf("  peak device bytes per rank %zu (%.1f MiB), pinned host bytes per rank %zu (%.1f MiB) (the largest over ranks)\n", peak,
               static_cast<double>(peak) / (1 << 20), pinned, static_cast<double>(pinned) / (1 << 20));
   fpdt_train::model_config cfg;
   cfg.layers = o.layers;
