@@ -133,3 +133,36 @@ TEST_CASE("tensor_view: check_extents names the tensor and both shapes") {
   CHECK(s.code() == fpdt::errc::shape_mismatch);
   CHECK(s.message() == "q: expected extents [8, 4, 2], got [8, 4, 3]");
 }
+
+TEST_CASE("tensor_view: views_overlap compares memory spans, any strides and element types") {
+  std::vector<float> buf(64);
+  auto at = [&](index_t off, std::array<index_t, 2> e) {
+    return fpdt::contiguous_view(buf.data() + off, e).value();
+  };
+  CHECK(fpdt::views_overlap(at(0, {2, 4}), at(0, {2, 4})));
+  CHECK_FALSE(fpdt::views_overlap(at(0, {2, 4}), at(8, {2, 4}))); // adjacent: elements 0-7, 8-15
+  CHECK(fpdt::views_overlap(at(0, {2, 4}), at(7, {2, 4})));       // one element shared
+  CHECK(fpdt::views_overlap(at(7, {2, 4}), at(0, {2, 4})));
+  // Interleaved views (the columns 0-1 and 2-3 of [4, 4]) share no element but their spans
+  // overlap: the test is conservative.
+  auto left = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{4, 2}, std::array<index_t, 2>{4, 1}).value();
+  auto right = fpdt::make_tensor_view(buf.data() + 2, std::array<index_t, 2>{4, 2}, std::array<index_t, 2>{4, 1}).value();
+  CHECK(fpdt::views_overlap(left, right));
+  // Another element type and rank: bytes count, not elements.
+  auto bytes = reinterpret_cast<unsigned char*>(buf.data());
+  auto tail = fpdt::contiguous_view(bytes + 8 * sizeof(float), std::array<index_t, 1>{4}).value();
+  CHECK_FALSE(fpdt::views_overlap(at(0, {2, 4}), tail));
+  auto last_byte = fpdt::contiguous_view(bytes + 8 * sizeof(float) - 1, std::array<index_t, 1>{1}).value();
+  CHECK(fpdt::views_overlap(at(0, {2, 4}), last_byte));
+  // Empty views overlap nothing.
+  CHECK_FALSE(fpdt::views_overlap(at(0, {0, 4}), at(0, {2, 4})));
+  CHECK_FALSE(fpdt::views_overlap(fpdt::tensor_view<float, 3>{}, at(0, {2, 4})));
+  // A negative stride: the span runs down from data().
+  fpdt::tensor_view<float, 1> down(buf.data() + 20, {4}, {-2}); // elements 20, 18, 16, 14
+  CHECK(fpdt::views_overlap(down, at(14, {1, 1})));
+  CHECK_FALSE(fpdt::views_overlap(down, at(21, {1, 1})));
+  CHECK_FALSE(fpdt::views_overlap(down, at(13, {1, 1})));
+  auto const sp = fpdt::span_of(down);
+  CHECK(sp.first == static_cast<void const*>(buf.data() + 14));
+  CHECK(sp.last == static_cast<void const*>(buf.data() + 21));
+}

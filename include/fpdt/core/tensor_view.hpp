@@ -15,6 +15,8 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -255,6 +257,70 @@ contiguous_view(T* data, std::array<index_t, Rank> const& extents, index_t capac
   }
   return make_tensor_view(data, extents, row_major_strides(extents), capacity);
 }
+
+//! The bytes a view's elements lie in: from its lowest element's first byte to one past its
+//! highest element's last byte (both null for an empty view).
+struct memory_span {
+  void const* first = nullptr; //!< lowest byte
+  void const* last = nullptr;  //!< one past the highest byte
+  //! True when both are non-empty and intersect.
+  [[nodiscard]] bool intersects(memory_span const& o) const noexcept {
+    std::less<void const*> lt;
+    return first != last && o.first != o.last && lt(first, o.last) && lt(o.first, last);
+  }
+};
+
+//! The `memory_span` of `v` (any strides, negative ones too); empty for an empty or null view.
+template <class T, std::size_t Rank> [[nodiscard]] memory_span span_of(tensor_view<T, Rank> const& v) noexcept {
+  if (v.empty() || v.data() == nullptr) return {}; // a null view reaches no memory
+  index_t lo = 0, hi = 0; // element offsets of the lowest and highest element
+  for (std::size_t d = 0; d < Rank; ++d) {
+    index_t const reach = (v.extent(d) - 1) * v.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  auto const* base = reinterpret_cast<unsigned char const*>(v.data());
+  auto const e = static_cast<index_t>(sizeof(T));
+  return {base + lo * e, base + (hi + 1) * e};
+}
+
+//! True when the memory spans of `a` and `b` intersect: a conservative aliasing test, so
+//! interleaved views that share no element count as overlapping too. Empty views overlap
+//! nothing. Used to reject outputs that share memory with inputs (or with other outputs) before
+//! a pass writes anything.
+template <class A, std::size_t RA, class B, std::size_t RB>
+[[nodiscard]] bool views_overlap(tensor_view<A, RA> const& a, tensor_view<B, RB> const& b) noexcept {
+  return span_of(a).intersects(span_of(b));
+}
+
+namespace detail {
+// A tensor argument's name and memory span, for check_no_alias.
+struct named_span {
+  char const* name = "";
+  memory_span span{};
+};
+template <class T, std::size_t Rank>
+[[nodiscard]] named_span range_of(char const* name, tensor_view<T, Rank> const& v) noexcept {
+  return {name, span_of(v)};
+}
+// Errors with `errc::invalid_argument`, naming the pair, when an output's span overlaps an
+// input's or another output's: the layers write outputs chunk by chunk while later chunks of
+// their inputs are still to be read (an overlap would change inputs not yet read: silently wrong
+// results), and two overlapping outputs would overwrite each other (DESIGN.md 2.6).
+[[nodiscard]] inline status check_no_alias(char const* who, std::initializer_list<named_span> outputs,
+                                           std::initializer_list<named_span> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    for (named_span const& i : inputs)
+      if (o->span.intersects(i.span))
+        return make_error(errc::invalid_argument, who, ": output ", o->name, " overlaps input ", i.name,
+                          " (outputs must not share memory with inputs, not even in place: pass separate buffers)");
+    for (auto p = o + 1; p != outputs.end(); ++p)
+      if (o->span.intersects(p->span))
+        return make_error(errc::invalid_argument, who, ": outputs ", o->name, " and ", p->name,
+                          " overlap (each output needs memory of its own)");
+  }
+  return {};
+}
+} // namespace detail
 
 //! Checks that `view` has the `expected` extents (`any_extent` matches anything).
 //!

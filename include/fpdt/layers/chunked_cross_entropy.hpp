@@ -198,11 +198,8 @@ private:
     FPDT_TRY(check_vector(who, "grad_output", grad_output, n));
     if (!std::isfinite(scale))
       return make_error(errc::invalid_argument, who, ": scale = ", scale, " must be finite");
-    byte_range lab{"labels", 0, 0};
-    if (n > 0) {
-      lab.lo = reinterpret_cast<std::uintptr_t>(labels.data());
-      lab.hi = lab.lo + labels.size_bytes();
-    }
+    named_span lab{"labels", {}};
+    if (n > 0) lab.span = {labels.data(), labels.data() + labels.size()};
     FPDT_TRY(check_no_alias(who,
                             {range_of("dx", dx), range_of("dw", dw), range_of("per_token_loss", per_token_loss)},
                             {range_of("x", x), range_of("w", w), lab, range_of("grad_output", grad_output)}));

@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <array>
-#include <functional>
 #include <type_traits>
 #include <utility>
 
@@ -164,7 +163,7 @@ public:
                                tensor_view<T, 2> local) const {
     FPDT_TRY(check_rank(rank, "token_layout::scatter"));
     FPDT_TRY(check_pair(global.extents(), local.extents(), rank, "token_layout::scatter"));
-    if (overlap(global, local))
+    if (views_overlap(global, local))
       return make_error(errc::invalid_argument, "token_layout::scatter: rank ", rank,
                         ": the global and local views overlap");
     copy_pieces(global, rank, local, /*to_local=*/true);
@@ -186,7 +185,7 @@ public:
                               tensor_view<T, 2> global) const {
     FPDT_TRY(check_rank(rank, "token_layout::gather"));
     FPDT_TRY(check_pair(global.extents(), local.extents(), rank, "token_layout::gather"));
-    if (overlap(local, global))
+    if (views_overlap(local, global))
       return make_error(errc::invalid_argument, "token_layout::gather: rank ", rank,
                         ": the global and local views overlap");
     copy_pieces(local, rank, global, /*to_local=*/false);
@@ -230,21 +229,6 @@ private:
                         ", W] with the same W (S = ", S_, ", P = ", P_, "), got global ",
                         detail::shape_string(global), " and local ", detail::shape_string(local));
     return {};
-  }
-
-  // True when the element spans of two views (first to furthest element) intersect.
-  template <class A, class B>
-  [[nodiscard]] static bool overlap(tensor_view<A, 2> const& a, tensor_view<B, 2> const& b) {
-    if (a.empty() || b.empty()) return false;
-    auto span_end = [](auto const& v) {
-      return v.data() + (v.extent(0) - 1) * v.stride(0) + (v.extent(1) - 1) * v.stride(1) + 1;
-    };
-    void const* const a0 = a.data();
-    void const* const a1 = span_end(a);
-    void const* const b0 = b.data();
-    void const* const b1 = span_end(b);
-    std::less<void const*> lt;
-    return lt(a0, b1) && lt(b0, a1);
   }
 
   // Copies piece by piece: local rows [j*C/P, (j+1)*C/P) <-> global rows

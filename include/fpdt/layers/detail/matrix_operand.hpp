@@ -67,43 +67,10 @@ template <class T>
   return {};
 }
 
-//! The bytes a view spans, [lo, hi); lo == hi for an empty view.
-struct byte_range {
-  char const* name = "";
-  std::uintptr_t lo = 0;
-  std::uintptr_t hi = 0;
-};
-
-//! The bytes `v` reaches (from its first to past its last element).
-template <class T, std::size_t R>
-[[nodiscard]] byte_range range_of(char const* name, tensor_view<T, R> const& v) noexcept {
-  if (v.empty() || v.data() == nullptr) return {name, 0, 0};
-  index_t last = 0;
-  for (std::size_t d = 0; d < R; ++d) last += (v.extent(d) - 1) * v.stride(d);
-  auto const lo = reinterpret_cast<std::uintptr_t>(v.data());
-  return {name, lo, lo + static_cast<std::uintptr_t>(last + 1) * sizeof(T)};
-}
-
-[[nodiscard]] inline bool overlap(byte_range const& a, byte_range const& b) noexcept {
-  return a.lo < a.hi && b.lo < b.hi && a.lo < b.hi && b.lo < a.hi;
-}
-
-//! Errors with `errc::invalid_argument` when an output overlaps an input or another output (a
-//! pass never writes into a tensor the caller still reads, DESIGN.md 2.6).
-[[nodiscard]] inline status check_no_alias(char const* who, std::initializer_list<byte_range> outputs,
-                                           std::initializer_list<byte_range> inputs) {
-  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
-    for (byte_range const& i : inputs)
-      if (overlap(*o, i))
-        return make_error(errc::invalid_argument, who, ": output ", o->name,
-                          " overlaps input ", i.name, " (the inputs are never written; pass separate buffers)");
-    for (auto p = o + 1; p != outputs.end(); ++p)
-      if (overlap(*o, *p))
-        return make_error(errc::invalid_argument, who, ": outputs ", o->name, " and ", p->name,
-                          " overlap");
-  }
-  return {};
-}
+// One aliasing check for every layer (core/tensor_view.hpp).
+using detail::check_no_alias;
+using detail::named_span;
+using detail::range_of;
 
 } // namespace detail::chunked
 
