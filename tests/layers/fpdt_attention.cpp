@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
+#include <span>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -122,6 +124,97 @@ TEST_CASE("fpdt_attention: device peak at fixed C does not grow with S and match
                         view(out, s.q_ext())).ok());
   CHECK(be.device_memory().stats().peak_bytes == layer.predicted_forward_bytes());
   CHECK(be.device_memory().stats().peak_bytes > 3 * peaks[1]);
+}
+
+namespace {
+// The host kernel with a workspace (kernel_with_workspace) of an odd size, which it fills with
+// NaN on every call: a workspace that overlapped any buffer the layer uses would spoil results.
+struct workspace_kernel {
+  fpdt::host_chunk_kernel inner{1};
+  std::span<std::byte> workspace{};
+  std::shared_ptr<std::atomic<int>> calls = std::make_shared<std::atomic<int>>(0);
+  // Forward: H * Sq floats and 100 bytes; backward: also H_kv * Sk * D floats (odd sizes, and
+  // different per pass).
+  [[nodiscard]] std::size_t workspace_bytes(fpdt::chunk_pair_shape const& c) const noexcept {
+    return static_cast<std::size_t>(c.heads * c.q_rows + (c.backward ? c.kv_heads * c.k_rows * c.head_dim : 0)) * 4 + 100;
+  }
+  [[nodiscard]] fpdt::status use(index_t q_rows, index_t heads, index_t kv_heads, index_t d, bool backward) const {
+    std::size_t const need = workspace_bytes({q_rows, q_rows, heads, kv_heads, d, backward});
+    if (workspace.size() != need)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "workspace of ", workspace.size(),
+                              " bytes, expected ", need);
+    std::memset(workspace.data(), 0xff, workspace.size());
+    ++*calls;
+    return {};
+  }
+  template <class T> [[nodiscard]] fpdt::status forward(fpdt::chunk_forward_args<T> const& a) const {
+    FPDT_TRY(use(a.q.extent(0), a.q.extent(1), a.k.extent(1), a.q.extent(2), false));
+    return inner.forward(a);
+  }
+  template <class T> [[nodiscard]] fpdt::status backward(fpdt::chunk_backward_args<T> const& a) const {
+    FPDT_TRY(use(a.q.extent(0), a.q.extent(1), a.k.extent(1), a.q.extent(2), true));
+    return inner.backward(a);
+  }
+};
+static_assert(fpdt::kernel_with_workspace<workspace_kernel>);
+struct throwing_size_kernel : workspace_kernel { // a size query that may throw is not accepted
+  [[nodiscard]] std::size_t workspace_bytes(fpdt::chunk_pair_shape const&) const { return 0; }
+};
+static_assert(!fpdt::kernel_with_workspace<throwing_size_kernel>);
+static_assert(!fpdt::kernel_with_workspace<fpdt::host_chunk_kernel>);
+} // namespace
+
+TEST_CASE("fpdt_attention: a chunk kernel's workspace comes from the arena, inside the predicted peak") {
+  index_t const c = 8;
+  attn_shape const s{4 * c, 4 * c, 4, 2, 16};
+  auto p = random_problem<float>(s, 31);
+  std::size_t const ws_fwd = fpdt::device_arena::rounded_size(static_cast<std::size_t>(s.h * c) * 4 + 100);
+  std::size_t const ws_bwd = fpdt::device_arena::rounded_size(
+      static_cast<std::size_t>(s.h * c + s.hkv * c * s.d) * 4 + 100);
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    fpdt::fpdt_attention_options o;
+    o.chunk = c;
+    o.offload = offload;
+    run_options ro;
+    ro.mask = o.mask;
+    fpdt::host_backend be;
+    workspace_kernel k;
+    fpdt::status err;
+    run_result const r = run_layer<float>(be, p, o, k, &err);
+    REQUIRE_MESSAGE(err.ok(), err.to_string());
+    check_against_reference(r, reference_of(p, ro), p, layer_tol<float>());
+    CHECK(*k.calls == 2 * 10); // 10 causal pairs forward and backward, each with its workspace
+    CHECK(be.device_memory().stats().live_allocations == 0);
+    // The peaks are the plain kernel's plus the workspace, and the predictions say so.
+    auto plain = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value();
+    auto with = fpdt::fpdt_attention<float, fpdt::host_backend, workspace_kernel>::create(
+                    be, {s.sq, s.h, s.hkv, s.d}, o, k).value();
+    CHECK(with.predicted_forward_bytes() == plain.predicted_forward_bytes() + ws_fwd);
+    CHECK(with.predicted_backward_bytes() == plain.predicted_backward_bytes() + ws_bwd);
+    std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+    be.device_memory().reset_peak();
+    REQUIRE(with.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                         view(out, s.q_ext())).ok());
+    CHECK(be.device_memory().stats().peak_bytes == with.predicted_forward_bytes());
+    be.device_memory().reset_peak();
+    REQUIRE(with.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                          view(dv, s.kv_ext())).ok());
+    CHECK(be.device_memory().stats().peak_bytes == with.predicted_backward_bytes());
+    // The workspace counts in the budget: one byte short of the prediction fails before any step,
+    // naming the bytes the pass needs, and leaves nothing allocated.
+    fpdt::host_backend tight({.device_budget_bytes = with.predicted_forward_bytes() - 1});
+    auto small = fpdt::fpdt_attention<float, fpdt::host_backend, workspace_kernel>::create(
+                     tight, {s.sq, s.h, s.hkv, s.d}, o, k).value();
+    int const before = *k.calls;
+    fpdt::status const st = small.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()),
+                                          cview(p.v, s.kv_ext()), view(out, s.q_ext()));
+    REQUIRE_FALSE(st.ok());
+    CHECK(st.code() == fpdt::errc::out_of_memory);
+    CHECK(st.message().find(std::to_string(with.predicted_forward_bytes())) != std::string::npos);
+    CHECK(*k.calls == before);
+    CHECK(tight.device_memory().stats().live_allocations == 0);
+  }
 }
 
 namespace {
@@ -323,6 +416,8 @@ TEST_CASE("fpdt_attention: every failing allocation is a clear error and leaves 
             CHECK(st.code() == fpdt::errc::out_of_memory);
             CHECK(st.message().find("injected failure of allocation") != std::string::npos);
             CHECK(st.message().find("device bytes") != std::string::npos); // says what it needs
+            // and advises offload only when it is off
+            CHECK((st.message().find("turn offload on") != std::string::npos) == !offload);
           }
           if (!failed) break; // every allocation of both passes has been failed once
         }
@@ -355,11 +450,72 @@ TEST_CASE("fpdt_attention: argument errors name the numbers") {
   auto kv = fpdt::contiguous_view<float const>(y.data(), std::array<index_t, 3>{16, 1, 8}).value();
   auto dq = fpdt::contiguous_view(g.data(), std::array<index_t, 3>{16, 2, 8}).value();
   auto dk = fpdt::contiguous_view(y.data(), std::array<index_t, 3>{16, 1, 8}).value();
-  e = layer.backward(q, dq, dk, dk);
+  std::vector<float> w(16 * 8);
+  auto dv = fpdt::contiguous_view(w.data(), std::array<index_t, 3>{16, 1, 8}).value();
+  e = layer.backward(q, dq, dk, dv);
   CHECK(contains(e.message(), "no successful forward"));
   e = layer.forward(q, q, kv, dq);
   CHECK(e.code() == fpdt::errc::shape_mismatch);
   CHECK(contains(e.message(), "k [16, 2, 8] must be [16, 1, 8]"));
+  e = fpdt::fpdt_attention<float>::create(be, {48, 4, 2, 8}, {.chunk = -16}).error();
+  CHECK(e.code() == fpdt::errc::invalid_argument);
+  CHECK(contains(e.message(), "chunk C = -16 must be >= 1 (or 0: C = S)"));
+}
+
+TEST_CASE("fpdt_attention: outputs that share memory with inputs or each other are rejected untouched") {
+  // With GQA an out [S, H, D] over the memory of k [S, H_kv, D] has its chunk i over k's chunks
+  // 2i and 2i + 1: writing out chunk by chunk would change keys not yet read (a silently wrong
+  // output before this check). Every overlap is an error before anything runs.
+  fpdt::host_backend be;
+  index_t const s = 16, h = 2, hkv = 1, d = 8;
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s, h, hkv, d}, {.chunk = 8}).value();
+  auto fill = [](std::vector<float>& x, float base) {
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = base + 0.01f * static_cast<float>(i % 97);
+  };
+  std::vector<float> qb(s * h * d), kb(2 * s * h * d), vb(s * hkv * d), ob(s * h * d), lb(h * s);
+  fill(qb, 0.5f);
+  fill(kb, -0.25f);
+  fill(vb, 1.0f);
+  std::array<index_t, 3> const qe{s, h, d}, ke{s, hkv, d};
+  auto q = fpdt::contiguous_view(qb.data(), qe).value();
+  auto k = fpdt::contiguous_view(kb.data(), ke).value();
+  auto v = fpdt::contiguous_view<float const>(vb.data(), ke).value();
+  auto out_on_k = fpdt::contiguous_view(kb.data(), qe).value();
+  auto out = fpdt::contiguous_view(ob.data(), qe).value();
+  auto lse = fpdt::contiguous_view(lb.data(), std::array<index_t, 2>{h, s}).value();
+  auto lse_on_out = fpdt::contiguous_view(ob.data() + 8, std::array<index_t, 2>{h, s}).value();
+  auto const kb0 = kb, qb0 = qb;
+  auto contains = [](std::string const& a, std::string const& b) { return a.find(b) != std::string::npos; };
+  fpdt::status e = layer.forward(q, k, v, out_on_k);
+  CHECK(e.code() == fpdt::errc::invalid_argument);
+  CHECK(contains(e.message(), "output out overlaps input k"));
+  e = layer.forward(q, k, v, q); // in place
+  CHECK(contains(e.message(), "output out overlaps input q"));
+  e = layer.forward(q, k, v, out, lse_on_out);
+  CHECK(contains(e.message(), "outputs out and lse overlap"));
+  CHECK(kb == kb0);
+  CHECK(qb == qb0);
+  // Apart, including an out right after k's last element: fine.
+  auto out_after_k = fpdt::contiguous_view(kb.data() + s * hkv * d, qe).value();
+  REQUIRE(layer.forward(q, k, v, out_after_k, lse).ok());
+  // Backward: dq, dk, dv apart from dout and from each other.
+  std::vector<float> db(s * h * d), gq(s * h * d), gk(s * hkv * d), gv(s * hkv * d);
+  fill(db, 0.1f);
+  auto dout = fpdt::contiguous_view<float const>(db.data(), qe).value();
+  auto dq = fpdt::contiguous_view(gq.data(), qe).value();
+  auto dk = fpdt::contiguous_view(gk.data(), ke).value();
+  auto dv = fpdt::contiguous_view(gv.data(), ke).value();
+  auto dq_on_dout = fpdt::contiguous_view(db.data(), qe).value();
+  auto const db0 = db;
+  e = layer.backward(dout, dq_on_dout, dk, dv);
+  CHECK(contains(e.message(), "output dq overlaps input dout"));
+  e = layer.backward(dout, dq, dk, dk);
+  CHECK(contains(e.message(), "outputs dk and dv overlap"));
+  auto dv_in_dq = fpdt::contiguous_view(gq.data() + 3, ke).value();
+  e = layer.backward(dout, dq, dk, dv_in_dq);
+  CHECK(contains(e.message(), "outputs dq and dv overlap"));
+  CHECK(db == db0);
+  REQUIRE(layer.backward(dout, dq, dk, dv).ok()); // the rejections left the saved forward usable
 }
 
 TEST_CASE("fpdt_attention: the trace shows copies overlapping compute") {

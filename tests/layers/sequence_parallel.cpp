@@ -122,6 +122,21 @@ void check_global(run_result const& r, problem<float> const& p, bool causal, dou
   check_against_reference(got, ref, p, tol);
 }
 
+// The SP layer's trace has one clock for its comm lane and the per-rank layer's lanes: the
+// per-rank produce step of chunk c waits for the comm lane's exchange of chunk c (then copies its
+// q, k, v), so it ends after that exchange.
+void check_one_clock(fpdt::pipeline_trace const& t, index_t u) {
+  for (index_t c = 0; c < u; ++c) {
+    double inner_end = -1, lane_end = -1;
+    for (auto const& e : t.events)
+      if (e.kind == fpdt::step_kind::produce && e.i == c)
+        (e.on == fpdt::lane::comm ? lane_end : inner_end) = e.end_us;
+    CAPTURE(c);
+    CHECK(lane_end >= 0);
+    CHECK(inner_end >= lane_end);
+  }
+}
+
 } // namespace
 
 TEST_CASE("sequence parallel attention: P ranks equal float64 dense attention over the global sequence") {
@@ -261,6 +276,47 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   CHECK(a.local_layer().chunks() == 4);
 }
 
+TEST_CASE("sequence parallel attention: local outputs that share memory with inputs are rejected") {
+  // Each rejection aborts the world (as a shape error does: peers must not wait for this rank),
+  // so each case gets a world of its own.
+  std::vector<float> qb(16 * 2 * 8, 0.5f), kb(2 * 16 * 2 * 8, 0.25f), vb(16 * 8, 1.0f), gb(16 * 2 * 8);
+  std::vector<float> out(16 * 2 * 8), gk(16 * 8), gv(16 * 8);
+  std::array<index_t, 3> const qe{16, 2, 8}, ke{16, 1, 8};
+  auto q = fpdt::contiguous_view<float const>(qb.data(), qe).value();
+  auto k = fpdt::contiguous_view<float const>(kb.data(), ke).value();
+  auto v = fpdt::contiguous_view<float const>(vb.data(), ke).value();
+  auto dq = fpdt::contiguous_view(gb.data(), qe).value();
+  auto dk = fpdt::contiguous_view(gk.data(), ke).value();
+  auto const kb0 = kb;
+  auto run = [&](auto&& pass) -> fpdt::status {
+    fpdt::local_world world(1);
+    auto comm = world.communicator(0).value();
+    fpdt::host_backend be;
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+                     be, comm, {16, 2, 1, 8}, {.chunk = 8}).value();
+    return pass(layer);
+  };
+  fpdt::status e = run([&](auto& layer) { return layer.forward(q, k, v, fpdt::contiguous_view(kb.data(), qe).value()); });
+  CHECK(e.code() == fpdt::errc::invalid_argument);
+  CHECK(e.message().find("output out overlaps input k") != std::string::npos);
+  CHECK(kb == kb0);
+  auto forward_then = [&](auto&& backward) {
+    return run([&](auto& layer) -> fpdt::status {
+      FPDT_TRY(layer.forward(q, k, v, fpdt::contiguous_view(out.data(), qe).value()));
+      return backward(layer);
+    });
+  };
+  e = forward_then([&](auto& layer) { return layer.backward(q, dq, dk, dk); });
+  CHECK(e.message().find("outputs dk and dv overlap") != std::string::npos);
+  e = forward_then([&](auto& layer) {
+    return layer.backward(fpdt::contiguous_view<float const>(gb.data(), qe).value(), dq, dk,
+                          fpdt::contiguous_view(gv.data(), ke).value());
+  });
+  CHECK(e.message().find("output dq overlaps input dout") != std::string::npos);
+  e = forward_then([&](auto& layer) { return layer.backward(q, dq, dk, fpdt::contiguous_view(gv.data(), ke).value()); });
+  CHECK(e.ok());
+}
+
 TEST_CASE("sequence parallel attention: a shape error on one rank fails every rank promptly") {
   index_t const ranks = 2, chunk = 4, sq = 16;
   attn_shape const s{sq, sq, 4, 2, 8};
@@ -381,18 +437,9 @@ TEST_CASE("sequence parallel attention: exchanges and the caller source and sink
     CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(u));
     CHECK(count(bwd_trace[r], fpdt::step_kind::produce) == 0);
     CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == static_cast<std::size_t>(2 * u)); // dq and dk/dv
-    // One clock for both: the per-rank layer's produce step of chunk c waits for the comm lane's
-    // exchange of chunk c, so it ends after it (the first pass, whose per-rank lanes are made
-    // after this layer's pass began, included).
-    for (index_t c = 0; c < u; ++c) {
-      double inner_end = -1, lane_end = -1;
-      for (auto const& e : fwd_trace[r].events)
-        if (e.kind == fpdt::step_kind::produce && e.i == c)
-          (e.on == fpdt::lane::comm ? lane_end : inner_end) = e.end_us;
-      CAPTURE(c);
-      CHECK(lane_end >= 0);
-      CHECK(inner_end >= lane_end);
-    }
+    // One clock for both (the first pass, whose per-rank lanes are made after this layer's pass
+    // began, included).
+    check_one_clock(fwd_trace[r], u);
     // The exchange buffers are the pass's, so its device peak is fixed and predicted.
     CHECK(fwd_peak[r] == fwd_want[r]);
     CHECK(bwd_peak[r] == bwd_want[r]);
@@ -655,6 +702,9 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
         CHECK(count(fwd_trace[r], fpdt::step_kind::sink) == uu);
         CHECK(count(bwd_trace[r], fpdt::step_kind::fetch) == static_cast<std::size_t>(dout_fetches));
         CHECK(count(bwd_trace[r], fpdt::step_kind::sink) == 2 * uu);
+        // One clock, as on the host path: the comm lane's steps are timed from the per-rank
+        // pass's start event (on the first pass too).
+        check_one_clock(fwd_trace[r], g.u);
       }
     }
 }

@@ -31,7 +31,9 @@
 
 #include <cmath>
 #include <concepts>
+#include <cstddef>
 #include <optional>
+#include <span>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -171,6 +173,31 @@ concept chunk_kernel = requires(K const& k, chunk_forward_args<T> const& f,
                                 chunk_backward_args<T> const& b) {
   { k.forward(f) } -> std::same_as<status>;
   { k.backward(b) } -> std::same_as<status>;
+};
+
+//! Shape of the chunk pairs a kernel will be called on, for its workspace query.
+struct chunk_pair_shape {
+  index_t q_rows = 0;   //!< Sq, query rows (tokens) of a chunk
+  index_t k_rows = 0;   //!< Sk, key/value rows (tokens) of a chunk
+  index_t heads = 0;    //!< H, query heads
+  index_t kv_heads = 0; //!< H_kv, key/value heads
+  index_t head_dim = 0; //!< D
+  bool backward = false; //!< the workspace is for `backward` calls (false: for `forward` calls)
+};
+
+//! A chunk kernel that needs scratch memory (on a device backend: device memory) of its own, as
+//! CUTLASS kernels and cuDNN graphs ask for a workspace: `workspace_bytes(shape)` (noexcept)
+//! says how many bytes the forward or (`shape.backward`) backward calls on chunk pairs of
+//! `shape` need (0: none), and the `workspace` member is where the caller puts them. `fpdt_attention` takes them from its backend's arena for each pass (so they
+//! count in its budget and in `predicted_forward_bytes` / `predicted_backward_bytes`), sets
+//! `workspace` on its copy of the kernel before the pass and clears it after. The layer calls the
+//! kernel on one stream (its compute lane) at a time, so the calls may reuse the workspace in
+//! stream order. A kernel called without one (empty `workspace`) must still work, or return an
+//! error saying it needs one.
+template <class K>
+concept kernel_with_workspace = requires(K& k, K const& ck, chunk_pair_shape const& shape) {
+  { ck.workspace_bytes(shape) } noexcept -> std::convertible_to<std::size_t>;
+  k.workspace = std::span<std::byte>{};
 };
 
 FPDT_NAMESPACE_END

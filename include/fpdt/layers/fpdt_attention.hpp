@@ -49,6 +49,7 @@
 #include <cstring>
 #include <exception>
 #include <optional>
+#include <span>
 #include <type_traits>
 #include <utility>
 
@@ -369,6 +370,10 @@ template <class B> struct step_tensor_gradient_sink {
 template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention {
+  static_assert(kernel_with_workspace<Kernel> || !requires(Kernel const& k, chunk_pair_shape const& sh) { k.workspace_bytes(sh); },
+                "fpdt_attention: the chunk kernel has workspace_bytes(chunk_pair_shape) but does not model "
+                "kernel_with_workspace (workspace_bytes must be const and noexcept, returning a size, and "
+                "the kernel needs a settable `std::span<std::byte> workspace` member)");
   using ops = attention_step_ops<B>;
   using stream_t = typename B::stream_type;
   static constexpr auto forms =
@@ -394,6 +399,9 @@ public:
     if (shape.heads % shape.kv_heads != 0)
       return make_error(errc::shape_mismatch, "fpdt_attention: H = ", shape.heads,
                         " must be a multiple of H_kv = ", shape.kv_heads);
+    if (options.chunk < 0)
+      return make_error(errc::invalid_argument, "fpdt_attention: chunk C = ", options.chunk,
+                        " must be >= 1 (or 0: C = S)");
     index_t const c = options.chunk == 0 ? shape.sequence : options.chunk;
     if (c < 1 || shape.sequence % c != 0)
       return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence,
@@ -426,16 +434,16 @@ private:
   template <class Source, class Sink>
   [[nodiscard]] status run_forward(Source const& source, Sink& sink) {
     saved_ = false;
+    FPDT_TRY(make_executor()); // before any buffer, so a failure here leaves nothing allocated
     if (status st = prepare_forward(); !st.ok()) {
       fwd_rings_ = {};
       fwd_fixed_ = {};
+      release_workspace();
       store_.clear();
       return st.with_context(detail::concat(
           "fpdt_attention forward needs ", predicted_forward_bytes(), " device bytes (",
-          "predicted_forward_bytes()) and ", host_bytes_needed(), " pinned host bytes; raise the "
-          "budget, use a smaller chunk C, or turn offload on"));
+          "predicted_forward_bytes()) and ", host_bytes_needed(), " pinned host bytes; ", remedy()));
     }
-    FPDT_TRY(make_executor());
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return forward_step(st, s, source, sink);
     };
@@ -443,6 +451,7 @@ private:
     store_.settle(chunk_place::in_flight, chunk_place::host);
     // The accumulators are done; with offload the rings are too (the host copies are the state).
     fwd_fixed_ = {};
+    release_workspace();
     if (opt_.offload) fwd_rings_ = {};
     if (!st.ok()) return st;
     saved_ = true;
@@ -451,7 +460,9 @@ private:
 
 public:
   //! Forward from whole tensors: q `[S, H, D]`, k and v `[S, H_kv, D]` into out `[S, H, D]` and,
-  //! when given, lse `[H, S]`. Errors: `errc::shape_mismatch` naming the shapes; as above.
+  //! when given, lse `[H, S]`. out and lse must not share memory with q, k, v or each other
+  //! (`views_overlap`; not even out = q in place). Errors: `errc::shape_mismatch` naming the
+  //! shapes; `errc::invalid_argument` naming two views that overlap; as above.
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
                                tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out,
                                tensor_view<float, 2> const& lse = {}) {
@@ -463,6 +474,8 @@ public:
       return make_error(errc::shape_mismatch, "fpdt_attention forward: lse ",
                         detail::shape_string(lse.extents()), " must be [H, S] = [", shape_.heads,
                         ", ", shape_.sequence, "]");
+    FPDT_TRY(detail::check_no_alias("fpdt_attention forward", {detail::range_of("out", out), detail::range_of("lse", lse)},
+                                    {detail::range_of("q", q), detail::range_of("k", k), detail::range_of("v", v)}));
     detail::layer::step_tensor_source<T, B> src{be_, q, k, v};
     detail::layer::step_tensor_sink<T, B> snk{be_, out, lse};
     return forward(src, snk);
@@ -486,14 +499,15 @@ private:
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
+    FPDT_TRY(make_executor());
     if (status st = prepare_backward(); !st.ok()) {
       bwd_rings_ = {};
       bwd_fixed_ = {};
+      release_workspace();
       return st.with_context(detail::concat(
           "fpdt_attention backward needs ", predicted_backward_bytes(), " device bytes (",
-          "predicted_backward_bytes()); raise the budget, use a smaller chunk C, or turn offload on"));
+          "predicted_backward_bytes()); ", remedy()));
     }
-    FPDT_TRY(make_executor());
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return backward_step(st, s, dout, sink);
     };
@@ -501,6 +515,7 @@ private:
     store_.settle(chunk_place::in_flight, chunk_place::host);
     bwd_rings_ = {};
     bwd_fixed_ = {};
+    release_workspace();
     return st;
   }
 
@@ -518,12 +533,17 @@ public:
     return backward(src, sink);
   }
 
-  //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten).
+  //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten), which
+  //! must not share memory with dout or each other. Errors: as above, and
+  //! `errc::invalid_argument` naming two views that overlap.
   [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
                                 tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
     FPDT_TRY(check_shape("dq", dq.extents(), shape_.heads));
     FPDT_TRY(check_shape("dk", dk.extents(), shape_.kv_heads));
     FPDT_TRY(check_shape("dv", dv.extents(), shape_.kv_heads));
+    FPDT_TRY(detail::check_no_alias("fpdt_attention backward",
+                                    {detail::range_of("dq", dq), detail::range_of("dk", dk), detail::range_of("dv", dv)},
+                                    {detail::range_of("dout", dout)}));
     detail::layer::step_tensor_gradient_sink<B> snk{be_, dq, dk, dv};
     return backward(dout, snk);
   }
@@ -532,15 +552,17 @@ public:
   [[nodiscard]] schedule const& forward_plan() const noexcept { return fwd_; }
   //! The backward schedule.
   [[nodiscard]] schedule const& backward_plan() const noexcept { return bwd_; }
-  //! Device bytes the forward's buffers take (the schedule's rings plus the accumulators), at
-  //! the arena's granularity: the arena's peak during a forward.
+  //! Device bytes the forward's buffers take (the schedule's rings plus the accumulators, and
+  //! the chunk kernel's workspace when it asks for one: `kernel_with_workspace`), at the arena's
+  //! granularity: the arena's peak during a forward.
   [[nodiscard]] std::size_t predicted_forward_bytes() const noexcept {
-    return fwd_.ring_bytes(detail::layer::align) + 2 * acc_bytes();
+    return fwd_.ring_bytes(detail::layer::align) + 2 * acc_bytes() + workspace_alloc_bytes(false);
   }
   //! Device bytes the backward's buffers take (plus, without offload, the forward's rings that
-  //! stay resident): the arena's peak during a backward.
+  //! stay resident, and the kernel's workspace as for the forward): the arena's peak during a
+  //! backward.
   [[nodiscard]] std::size_t predicted_backward_bytes() const noexcept {
-    std::size_t const grads = detail::layer::rounded(kv_elems() * 4) * 2;
+    std::size_t const grads = detail::layer::rounded(kv_elems() * 4) * 2 + workspace_alloc_bytes(true);
     if (opt_.offload) return bwd_.ring_bytes(detail::layer::align) + grads;
     return fwd_.ring_bytes(detail::layer::align) +
            static_cast<std::size_t>(chunks()) * grad_slot_bytes() + grads;
@@ -554,6 +576,14 @@ public:
   }
   //! The trace of the last pass (forward or backward: each pass replaces it).
   [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
+  //! On backends that time steps with events (`times_steps_with_events`, such as CUDA): the
+  //! event the trace's times are measured from, recorded on the compute lane when a pass starts
+  //! (its first step waits for it); null before the first pass and on other backends. A caller
+  //! that runs work of its own on another stream during a pass can wait for it and time that
+  //! work from it, on the trace's clock (`sequence_parallel_attention`'s comm lane does).
+  [[nodiscard]] typename B::event_type const* trace_start_event() const noexcept {
+    return ex_ ? ex_->timing_start() : nullptr;
+  }
   //! Pinned host bytes the layer holds (its chunk store).
   [[nodiscard]] std::size_t host_bytes() const noexcept { return store_.host_bytes(); }
   //! Tokens per chunk, C.
@@ -577,6 +607,42 @@ private:
   }
   [[nodiscard]] std::size_t lse_elems() const noexcept {
     return static_cast<std::size_t>(c_ * shape_.heads);
+  }
+  // What to change after an out-of-memory error (offload is only advised when it is off).
+  [[nodiscard]] char const* remedy() const noexcept {
+    return opt_.offload ? "raise the budgets or use a smaller chunk C"
+                        : "raise the budget, use a smaller chunk C, or turn offload on";
+  }
+  // Bytes of the chunk kernel's workspace for the forward or the backward (kernel_with_workspace;
+  // 0 without one), and what they take in the arena.
+  [[nodiscard]] std::size_t workspace_bytes(bool backward) const noexcept {
+    if constexpr (kernel_with_workspace<Kernel>)
+      return kernel_.workspace_bytes(
+          chunk_pair_shape{c_, c_, shape_.heads, shape_.kv_heads, shape_.head_dim, backward});
+    else
+      return 0;
+  }
+  [[nodiscard]] std::size_t workspace_alloc_bytes(bool backward) const noexcept {
+    std::size_t const b = workspace_bytes(backward);
+    return b == 0 ? 0 : detail::layer::rounded(b);
+  }
+  // Takes the pass's kernel workspace from the arena and hands it to the kernel (nothing without
+  // one). Called after the pass's other buffers, with the previous pass's workspace released.
+  [[nodiscard]] status acquire_workspace(device_arena& arena, bool backward) {
+    release_workspace();
+    if constexpr (kernel_with_workspace<Kernel>) {
+      std::size_t const b = workspace_bytes(backward);
+      if (b == 0) return {};
+      auto w = staging_ring::create(arena, 1, b, "fpdt_attention chunk kernel workspace");
+      if (!w) return w.error();
+      workspace_ = std::move(*w);
+      kernel_.workspace = std::span<std::byte>(workspace_.slot(0), b);
+    }
+    return {};
+  }
+  void release_workspace() noexcept {
+    if constexpr (kernel_with_workspace<Kernel>) kernel_.workspace = {};
+    workspace_ = {};
   }
   // One fp32 partial state (out [C, H, D] and lse [H, C]) as one allocation.
   [[nodiscard]] std::size_t acc_bytes() const noexcept {
@@ -657,6 +723,7 @@ private:
 
   [[nodiscard]] status prepare_forward() {
     device_arena& arena = be_->device_memory();
+    release_workspace();
     fwd_rings_ = {};
     fwd_fixed_ = {};
     bwd_rings_ = {};
@@ -670,6 +737,7 @@ private:
     if (!out) return out.error();
     auto acc = staging_ring::create(arena, 2, acc_bytes(), "fpdt_attention accumulator and partial");
     if (!acc) return acc.error();
+    FPDT_TRY(acquire_workspace(arena, false));
     if (opt_.offload) {
       store_.clear();
       FPDT_TRY(store_.acquire_all());
@@ -824,6 +892,7 @@ private:
 
   [[nodiscard]] status prepare_backward() {
     device_arena& arena = be_->device_memory();
+    release_workspace();
     auto const& rs = bwd_.ring_size;
     staging_ring q, kv;
     if (opt_.offload) {
@@ -841,6 +910,7 @@ private:
     auto acc = staging_ring::create(arena, 1, detail::layer::rounded(kv_elems() * 4) * 2,
                                     "fpdt_attention dk and dv accumulators");
     if (!acc) return acc.error();
+    FPDT_TRY(acquire_workspace(arena, true));
     bwd_rings_ = {std::move(q), std::move(kv), staging_ring{}};
     bwd_fixed_ = std::move(*acc);
     return {};
@@ -1004,6 +1074,7 @@ private:
   staging_ring fwd_fixed_{};
   fwd_rings bwd_rings_{};
   staging_ring bwd_fixed_{};
+  staging_ring workspace_{}; // the chunk kernel's workspace during a pass (kernel_with_workspace)
   pipeline_trace trace_{};
   std::optional<executor<B>> ex_{};
   bool saved_ = false;

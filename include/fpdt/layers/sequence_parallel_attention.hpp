@@ -194,11 +194,6 @@ public:
         if (!ev) return ev.error();
         e->emplace(std::move(*ev));
       }
-      if constexpr (times_steps_with_events<B>) {
-        auto ev = be.create_event(true);
-        if (!ev) return ev.error();
-        cl->t_start.emplace(std::move(*ev));
-      }
     }
     return result<sequence_parallel_attention>(
         sequence_parallel_attention(comm, *l, global, salt, std::move(*inner), std::move(cl)));
@@ -225,7 +220,8 @@ public:
     });
   }
 
-  //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`.
+  //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`,
+  //! which must not share memory with q, k or v (`errc::invalid_argument`, naming the pair).
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
                                tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out) {
     // A shape error on one rank must not leave the others waiting for its exchanges.
@@ -233,6 +229,9 @@ public:
     FPDT_TRY(abort_on_error(check_local("k", k.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("v", v.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("out", out.extents(), shape_.heads)));
+    FPDT_TRY(abort_on_error(detail::check_no_alias(
+        "sequence_parallel_attention forward", {detail::range_of("out", out)},
+        {detail::range_of("q", q), detail::range_of("k", k), detail::range_of("v", v)})));
     if constexpr (host_path) {
       tensor_source<T> src{q, k, v};
       tensor_sink<T> snk{out, {}};
@@ -260,13 +259,18 @@ public:
   }
 
   //! Backward from a local dout `[S/P, H, D]` into local fp32 dq `[S/P, H, D]`, dk, dv
-  //! `[S/P, H_kv, D]` (overwritten).
+  //! `[S/P, H_kv, D]` (overwritten; none may share memory with dout or another:
+  //! `errc::invalid_argument`, naming the pair).
   [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
                                 tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
     FPDT_TRY(abort_on_error(check_local("dout", dout.extents(), shape_.heads)));
     FPDT_TRY(abort_on_error(check_local("dq", dq.extents(), shape_.heads)));
     FPDT_TRY(abort_on_error(check_local("dk", dk.extents(), shape_.kv_heads)));
     FPDT_TRY(abort_on_error(check_local("dv", dv.extents(), shape_.kv_heads)));
+    FPDT_TRY(abort_on_error(detail::check_no_alias(
+        "sequence_parallel_attention backward",
+        {detail::range_of("dq", dq), detail::range_of("dk", dk), detail::range_of("dv", dv)},
+        {detail::range_of("dout", dout)})));
     if constexpr (host_path) {
       tensor_dout_source<T> src{dout};
       tensor_gradient_sink snk{dq, dk, dv};
@@ -283,12 +287,10 @@ public:
   //! The last pass: the per-rank layer's steps plus this layer's comm-lane steps (`produce`:
   //! a chunk's source and q/k/v all-to-alls; `sink`: an output or gradient exchange and the
   //! caller's sink; on a device backend also `fetch`: a dout exchange), on the per-rank layer's
-  //! clock on the host path (exactly, through `pipeline_trace::origin`). On a device backend both
-  //! are timed with the backend's events but from two start events: this layer's, recorded on the
-  //! comm stream before the per-rank pass, and the per-rank layer's, recorded once its buffers are
-  //! allocated (and, on the first pass, its lanes made); the comm-lane steps appear later by that
-  //! set-up time (untimed (-1) where the backend has no timing events). Valid after a pass has
-  //! returned.
+  //! clock: on the host path through `pipeline_trace::origin`; on a device backend the comm
+  //! stream waits for the per-rank pass's start event (`trace_start_event()`) before its first
+  //! step and is timed from it (untimed (-1) where the backend has no timing events). Valid after
+  //! a pass has returned.
   [[nodiscard]] pipeline_trace trace() const {
     pipeline_trace t = inner_.trace();
     // Host path: the lane's steps are timed from the start of this layer's pass, the per-rank
@@ -338,9 +340,9 @@ private:
     detail::sp::buffer<T> pdout;
     status failure;                        // the pass's first error: later exchanges are skipped
     detail::sp::buffer<std::byte> send, recv; // the all-to-all's packed blocks
-    // Timing (backends that time with events): a start event on the comm stream, two per
-    // exchange step, read when the pass is drained.
-    std::optional<event_type> t_start;
+    // Timing (backends that time with events): two events per exchange step, read when the pass
+    // is drained, from the per-rank pass's start event (`origin`, waited for before the first).
+    event_type const* origin = nullptr;
     std::vector<event_type> t_events;
     std::size_t t_used = 0;
     std::vector<std::pair<trace_event, std::size_t>> timed; // step, index of its begin event
@@ -397,6 +399,7 @@ private:
       dout_copied_recorded = false;
       failure = {};
       t_used = 0;
+      origin = nullptr;
       timed.clear();
       return {};
     }
@@ -418,8 +421,12 @@ private:
         if constexpr (times_steps_with_events<B>)
           if (st.ok())
             for (auto& [e, b] : timed) {
-              auto t0e = elapsed_seconds(*t_start, t_events[b]);
-              auto t1e = elapsed_seconds(*t_start, t_events[b + 1]);
+              if (!origin) { // no per-rank pass started: the steps stay untimed
+                events.push_back(e);
+                continue;
+              }
+              auto t0e = elapsed_seconds(*origin, t_events[b]);
+              auto t1e = elapsed_seconds(*origin, t_events[b + 1]);
               if (t0e && t1e) {
                 e.begin_us = *t0e * 1e6;
                 e.end_us = *t1e * 1e6;
@@ -549,12 +556,11 @@ private:
         if (st.kind == step_kind::fetch && st.what == payload::q_side) dout_order_.push_back(st.i);
   }
 
-  // One pass: its buffers (`allocate`), the start of the comm lane's timing, the per-rank pass
-  // `run` with this layer's adapters, then `finish`.
+  // One pass: its buffers (`allocate`), the per-rank pass `run` with this layer's adapters, then
+  // `finish`.
   template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
     if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = (this->*allocate)(); !st.ok()) return finish(st);
-    if (status st = start_timing(); !st.ok()) return finish(st);
     return finish(run());
   }
 
@@ -755,6 +761,13 @@ private:
       if (after) FPDT_TRY(ln.be->wait(ln.stream, *after));
       std::size_t b = 0;
       if constexpr (times_steps_with_events<B>) {
+        // The first timed step of a pass puts the comm stream behind the per-rank pass's start
+        // event, the trace's origin, so every comm-lane time is on its clock and >= 0. Comm-lane
+        // steps are only enqueued from the per-rank pass's steps, so that event is this pass's.
+        if (ln.t_used == 0) {
+          ln.origin = inner_.trace_start_event();
+          if (ln.origin) FPDT_TRY(ln.be->wait(ln.stream, *ln.origin));
+        }
         while (ln.t_events.size() < ln.t_used + 2) {
           auto e = ln.be->create_event(true);
           if (!e) return e.error();
@@ -784,13 +797,6 @@ private:
     if (!st.ok() && lane_->failure.ok()) lane_->failure = st;
     return st;
   }
-  // Device path: a start event on the comm stream for the comm-lane steps' times, recorded just
-  // before the per-rank pass starts (whose own start event is recorded first thing in it).
-  [[nodiscard]] status start_timing() {
-    if constexpr (!host_path && times_steps_with_events<B>) return lane_->be->record(*lane_->t_start, lane_->stream);
-    return {};
-  }
-
   // Starts chunk c's q, k, v exchange on the comm lane. Host path: a job. Device path: enqueued
   // after the copies out of pq, pk, pv of the previous chunk (ev_src), then ev_pq.
   template <class Source> [[nodiscard]] status start_qkv(Source const* user, index_t c) {

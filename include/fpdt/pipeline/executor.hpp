@@ -69,6 +69,14 @@ public:
     return *streams_[static_cast<std::size_t>(l)];
   }
 
+  //! The event the last traced pass's step times are measured from (recorded on the compute
+  //! lane before its first step, and waited for by the other lanes), on backends that time with
+  //! events (`times_steps_with_events`); null elsewhere and before such a pass. Work on other
+  //! streams may wait for it and be timed from it, to share the trace's clock.
+  [[nodiscard]] event_type const* timing_start() const noexcept {
+    return timing_start_ ? &*timing_start_ : nullptr;
+  }
+
   //! Enqueues every step of `s` in order and waits for all lanes at the end.
   //!
   //! \param s     the schedule (check it with `check_schedule` first)

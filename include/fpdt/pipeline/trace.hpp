@@ -41,8 +41,9 @@ struct pipeline_trace {
   std::string name = "fpdt";         //!< process name shown by the viewer
   std::vector<trace_event> events;   //!< one per non-release step, in issue order
   //! The host clock's time at the events' 0 when they were timed on the host (host tasks); on
-  //! backends that time with events, the time the pass started enqueueing. Lets steps timed
-  //! elsewhere (a layer's own comm lane) be put on the same clock.
+  //! backends that time with events, the time the pass started enqueueing (their times count
+  //! from an event: `executor::timing_start`, `fpdt_attention::trace_start_event`). Lets steps
+  //! timed elsewhere (a layer's own comm lane) be put on the same clock.
   std::chrono::steady_clock::time_point origin{};
 
   //! Busy time of lane `l` (sum of its steps' durations), microseconds.

@@ -123,7 +123,9 @@ struct memory_breakdown {
   }
 };
 
-//! The FPDT attention layer's buffers on one rank, from its schedules.
+//! The FPDT attention layer's buffers on one rank, from its schedules, for a chunk kernel
+//! without a workspace (fpdt's own kernels; a `kernel_with_workspace` adds its
+//! `workspace_bytes` to both passes).
 struct attention_working_set {
   std::uint64_t forward = 0;  //!< device bytes of a forward (= `fpdt_attention::predicted_forward_bytes`)
   std::uint64_t backward = 0; //!< device bytes of a backward (= `predicted_backward_bytes`)

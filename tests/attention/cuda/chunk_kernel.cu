@@ -394,6 +394,9 @@ TEST_CASE("cuda chunk kernel: argument errors name the rule and leave outputs un
 TEST_CASE("cuda chunk kernel: external_chunk_kernel converts LSE base and empty rows") {
   using kernel = on_device<fpdt::external_chunk_kernel<fpdt_test::log2_plus_inf_kernel>>;
   static_assert(fpdt::chunk_kernel<fpdt::external_chunk_kernel<fpdt_test::log2_plus_inf_kernel>, float>);
+  // Inside fpdt_attention its backward's lse scratch comes from the layer's arena (the layer test
+  // checks the peak against the prediction); called alone, as here, it allocates its own.
+  static_assert(fpdt::kernel_with_workspace<fpdt::external_chunk_kernel<fpdt_test::log2_plus_inf_kernel>>);
   // A6's fully masked rows, then random chunk splits: both as the reference kernel gives them.
   attn_shape const s{5, 3, 1, 1, 8};
   auto p = random_problem<float>(s, 21);

@@ -33,7 +33,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <span>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -112,13 +114,24 @@ __global__ void convert_kernel(tensor_view<float, 2> lse, lse_convention from, l
 //! Adapts a user's kernel `Impl` (see the file comment) to the `chunk_kernel` concept.
 //!
 //! Forward: `Impl::forward`, then the LSE converted to fpdt's convention and empty rows' out set
-//! to 0. Backward: the final lse copied into scratch device memory (`cudaMallocAsync` on `stream`,
-//! `[H, Sq]` fp32) in `Impl`'s convention when it differs from fpdt's, then `Impl::backward`.
-//! Errors: those of `check_args`, of `Impl`, and `errc::backend_error` or `errc::out_of_memory`
-//! naming the CUDA call.
+//! to 0. Backward: the final lse copied into scratch device memory (`[H, Sq]` fp32) in `Impl`'s
+//! convention when it differs from fpdt's, then `Impl::backward`. The scratch is `workspace`
+//! (`kernel_with_workspace`: `fpdt_attention` gives it from its arena, inside its budget) when
+//! that is large enough, else a `cudaMallocAsync` / `cudaFreeAsync` pair on `stream` (a caller
+//! that runs the kernel alone). Errors: those of `check_args`, of `Impl`, and
+//! `errc::backend_error` or `errc::out_of_memory` naming the CUDA call.
 template <class Impl> struct external_chunk_kernel {
   Impl impl{};                   //!< the user's kernel
   cudaStream_t stream = nullptr; //!< stream the work is queued on
+  std::span<std::byte> workspace{}; //!< device scratch for the backward's lse copy (may be empty)
+
+  //! Bytes of scratch calls on chunk pairs of `shape` need: for the backward `H * Sq * 4` (fp32
+  //! lse) when `Impl`'s LSE convention differs from fpdt's, else (and for the forward) 0.
+  [[nodiscard]] std::size_t workspace_bytes(chunk_pair_shape const& shape) const noexcept {
+    constexpr lse_convention c = Impl::convention;
+    if (!shape.backward || (c.base == lse_base::natural && c.empty_row == -INFINITY)) return 0;
+    return static_cast<std::size_t>(shape.heads * shape.q_rows) * sizeof(float);
+  }
 
   //! Partial forward of one chunk pair, in fpdt's conventions.
   template <class T> [[nodiscard]] status forward(chunk_forward_args<T> const& a) const {
@@ -140,7 +153,11 @@ template <class Impl> struct external_chunk_kernel {
                         a.lse.stride(1));
     void* scratch = nullptr;
     std::size_t const bytes = static_cast<std::size_t>(h * sq) * sizeof(float);
-    FPDT_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream));
+    bool const own = workspace.size() < bytes; // no (large enough) workspace: allocate
+    if (own)
+      FPDT_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream));
+    else
+      scratch = workspace.data();
     auto const lse = contiguous_view(static_cast<float*>(scratch), std::array<index_t, 2>{h, sq});
     status st = lse.ok() ? status{} : lse.error();
     if (st.ok())
@@ -156,6 +173,7 @@ template <class Impl> struct external_chunk_kernel {
       b.lse = *lse;
       st = impl.backward(b, stream);
     }
+    if (!own) return st;
     cudaError_t const freed = cudaFreeAsync(scratch, stream);
     if (st.ok() && freed != cudaSuccess)
       return cuda_status(freed, "cudaFreeAsync(lse scratch)", __FILE__, __LINE__);
