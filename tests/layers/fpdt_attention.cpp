@@ -5,6 +5,7 @@
 #include "../attention/chunked_driver.hpp"
 #include "../attention/reference.hpp"
 #include "../backend/device_like_backend.hpp"
+#include "a12_case.hpp"
 
 #include <fpdt/layers/fpdt_attention.hpp>
 
@@ -218,70 +219,31 @@ TEST_CASE("fpdt_attention: a chunk kernel's workspace comes from the arena, insi
 }
 
 namespace {
-// Records a checksum of the k and v each backward call receives, by key chunk.
+// The host kernel, handing the K and V each backward chunk pair reads to an A12 recorder.
 struct recording_kernel {
   fpdt::host_chunk_kernel inner{1};
-  std::shared_ptr<std::map<std::pair<int, int>, std::uint64_t>> seen =
-      std::make_shared<std::map<std::pair<int, int>, std::uint64_t>>();
-  std::shared_ptr<std::mutex> m = std::make_shared<std::mutex>();
-  static std::uint64_t sum(fpdt::tensor_view<float const, 3> const& t) {
-    std::uint64_t h = 1469598103934665603ull;
+  fpdt_test::a12::recorder* rec = nullptr;
+  static std::vector<float> values(fpdt::tensor_view<float const, 3> const& t) {
+    std::vector<float> x;
     for (index_t a = 0; a < t.extent(0); ++a)
       for (index_t b = 0; b < t.extent(1); ++b)
-        for (index_t c = 0; c < t.extent(2); ++c) {
-          std::uint32_t x;
-          float const f = t(a, b, c);
-          std::memcpy(&x, &f, 4);
-          h = (h ^ x) * 1099511628211ull;
-        }
-    return h;
+        for (index_t c = 0; c < t.extent(2); ++c) x.push_back(t(a, b, c));
+    return x;
   }
   fpdt::status forward(fpdt::chunk_forward_args<float> const& a) const { return inner.forward(a); }
   fpdt::status backward(fpdt::chunk_backward_args<float> const& a) const {
-    {
-      std::lock_guard lock(*m);
-      (*seen)[{static_cast<int>(a.q_offset), static_cast<int>(a.k_offset)}] = sum(a.k) * 31 + sum(a.v);
-    }
+    rec->put(a.q_offset, a.k_offset, values(a.k), values(a.v));
     return inner.backward(a);
   }
 };
 } // namespace
 
 TEST_CASE("fpdt_attention: A12 the backward reads the chunk that was offloaded") {
-  // S = 16, H = 2, D = 8, fp32, chunks of 8; chunk 1's K and V are chunk 0's plus 3.
-  attn_shape const s{16, 16, 2, 2, 8};
-  auto p = random_problem<float>(s, 12);
-  for (index_t r = 8; r < 16; ++r)
-    for (index_t x = 0; x < 2 * 8; ++x) {
-      auto const at = static_cast<std::size_t>(r * 16 + x), src = static_cast<std::size_t>((r - 8) * 16 + x);
-      p.k[at] = p.k[src] + 3.0f;
-      p.v[at] = p.v[src] + 3.0f;
-    }
-  p.kd = fpdt_test::to_double(p.k);
-  p.vd = fpdt_test::to_double(p.v);
-  for (bool causal : {true, false}) {
-    CAPTURE(causal);
+  fpdt_test::a12::check([](problem<float> const& p, fpdt::fpdt_attention_options const& o,
+                           fpdt_test::a12::recorder& rec) {
     fpdt::host_backend be;
-    recording_kernel kernel;
-    fpdt::fpdt_attention_options o{.chunk = 8, .offload = true, .ring_slots = 2,
-                                   .mask = causal ? fpdt::causal_mask : fpdt::full_mask};
-    run_options ro;
-    ro.mask = o.mask;
-    run_result const r = run_layer<float>(be, p, o, kernel);
-    scaled_errors const e = check_against_reference(r, reference_of(p, ro), p, 1e-5);
-    (void)e;
-    for (int j = 0; j < 2; ++j) {
-      auto kj = cview(p.k, s.kv_ext()).slice(0, 8 * j, 8 * j + 8).value();
-      auto vj = cview(p.v, s.kv_ext()).slice(0, 8 * j, 8 * j + 8).value();
-      std::uint64_t const want = recording_kernel::sum(kj) * 31 + recording_kernel::sum(vj);
-      for (int i = 0; i < 2; ++i) {
-        if (causal && j > i) continue;
-        auto it = kernel.seen->find({8 * i, 8 * j});
-        REQUIRE(it != kernel.seen->end());
-        CHECK(it->second == want);
-      }
-    }
-  }
+    return run_layer<float>(be, p, o, recording_kernel{{1}, &rec});
+  });
 }
 
 namespace {

@@ -9,6 +9,7 @@
 #include "../../attention/cuda/device_tensor.cuh"
 #include "../../attention/cuda/external_impls.cuh"
 #include "../../attention/reference.hpp"
+#include "../a12_case.hpp"
 
 #include <fpdt/fpdt.cuh>
 
@@ -16,9 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 using fpdt::index_t;
@@ -241,23 +240,12 @@ TEST_CASE("cuda fpdt_attention: A18 offload on equals offload off bit for bit, o
 }
 
 namespace {
-// The reference kernel, recording a checksum of the K and V each backward chunk pair reads
-// (waiting for its stream, then reading the device slots): the A12 check that the chunk fetched
-// back is the one that was offloaded.
+// The reference kernel, handing the K and V each backward chunk pair reads (waiting for its
+// stream, then reading the device slots) to an A12 recorder (tests/layers/a12_case.hpp).
 struct recording_device_kernel {
   fpdt::cuda_reference_chunk_kernel inner{};
   cudaStream_t stream = nullptr; // set by the layer to its compute lane's stream
-  std::shared_ptr<std::map<std::pair<int, int>, std::uint64_t>> seen =
-      std::make_shared<std::map<std::pair<int, int>, std::uint64_t>>();
-  std::shared_ptr<std::mutex> m = std::make_shared<std::mutex>();
-  static std::uint64_t hash_rows(std::vector<float> const& x, std::uint64_t h = 1469598103934665603ull) {
-    for (float const f : x) {
-      std::uint32_t b;
-      std::memcpy(&b, &f, 4);
-      h = (h ^ b) * 1099511628211ull;
-    }
-    return h;
-  }
+  fpdt_test::a12::recorder* rec = nullptr;
   // Host copy of a [S, H, D] view with contiguous D, on host or device, in index order.
   static std::vector<float> gather(fpdt::tensor_view<float const, 3> const& t) {
     std::vector<float> out(static_cast<std::size_t>(t.size()));
@@ -276,11 +264,7 @@ struct recording_device_kernel {
   }
   fpdt::status backward(fpdt::chunk_backward_args<float> const& a) const {
     FPDT_CUDA_CHECK(cudaStreamSynchronize(stream)); // the fetch of this chunk has been waited for
-    std::uint64_t const h = hash_rows(gather(a.k)) * 31 + hash_rows(gather(a.v));
-    {
-      std::lock_guard lock(*m);
-      (*seen)[{static_cast<int>(a.q_offset), static_cast<int>(a.k_offset)}] = h;
-    }
+    rec->put(a.q_offset, a.k_offset, gather(a.k), gather(a.v));
     fpdt::cuda_reference_chunk_kernel k = inner;
     k.stream = stream;
     return k.backward(a);
@@ -290,46 +274,11 @@ static_assert(fpdt::chunk_kernel<recording_device_kernel, float>);
 } // namespace
 
 TEST_CASE("cuda fpdt_attention: A12 the backward reads the chunk that was offloaded") {
-  // As the host test: S = 16, H = 2, D = 8, fp32, chunks of 8; chunk 1's K and V are chunk 0's
-  // plus 3, so a chunk fetched from the wrong slot gives wrong gradients and a wrong checksum.
-  attn_shape const s{16, 16, 2, 2, 8};
-  auto p = random_problem<float>(s, 12);
-  for (index_t r = 8; r < 16; ++r)
-    for (index_t x = 0; x < 2 * 8; ++x) {
-      auto const at = static_cast<std::size_t>(r * 16 + x), src = static_cast<std::size_t>((r - 8) * 16 + x);
-      p.k[at] = p.k[src] + 3.0f;
-      p.v[at] = p.v[src] + 3.0f;
-    }
-  p.kd = fpdt_test::to_double(p.k);
-  p.vd = fpdt_test::to_double(p.v);
   auto be = make_backend();
-  for (bool causal : {true, false}) {
-    CAPTURE(causal);
+  fpdt_test::a12::check([&](problem<float> const& p, fpdt::fpdt_attention_options const& o,
+                            fpdt_test::a12::recorder& rec) {
     recording_device_kernel kernel;
-    fpdt::fpdt_attention_options o;
-    o.chunk = 8;
-    o.offload = true;
-    o.ring_slots = 2;
-    o.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
-    run_options ro;
-    ro.mask = o.mask;
-    run_result const r = run_on_device<float, recording_device_kernel>(*be, p, o, kernel);
-    check_against_reference(r, reference_of(p, ro), p, 1e-5);
-    for (int j = 0; j < 2; ++j) {
-      std::vector<float> kj, vj;
-      for (index_t row = 8 * j; row < 8 * j + 8; ++row)
-        for (index_t x = 0; x < 2 * 8; ++x) {
-          kj.push_back(p.k[static_cast<std::size_t>(row * 16 + x)]);
-          vj.push_back(p.v[static_cast<std::size_t>(row * 16 + x)]);
-        }
-      std::uint64_t const want = recording_device_kernel::hash_rows(kj) * 31 +
-                                 recording_device_kernel::hash_rows(vj);
-      for (int i = 0; i < 2; ++i) {
-        if (causal && j > i) continue;
-        auto it = kernel.seen->find({8 * i, 8 * j});
-        REQUIRE(it != kernel.seen->end());
-        CHECK(it->second == want);
-      }
-    }
-  }
+    kernel.rec = &rec;
+    return run_on_device<float, recording_device_kernel>(*be, p, o, kernel);
+  });
 }
