@@ -276,6 +276,51 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   CHECK(a.local_layer().chunks() == 4);
 }
 
+TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at once, naming both") {
+  // Rank 1 builds the layer with twice the sequence (or another chunk): without the check it
+  // would run more exchanges than rank 0 and wait for them until the world's timeout.
+  struct variant {
+    index_t s1, c1;
+    char const* names;
+  };
+  for (variant const vr : {variant{64, 8, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
+                           variant{32, 16, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"}}) {
+    CAPTURE(vr.names);
+    fpdt::local_world world(2, 20s);
+    std::vector<fpdt::status> st(2);
+    auto const t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> ts;
+    for (int r = 0; r < 2; ++r)
+      ts.emplace_back([&, r] {
+        auto comm = world.communicator(r).value();
+        fpdt::host_backend be;
+        index_t const s = r == 0 ? 32 : vr.s1, c = r == 0 ? 8 : vr.c1;
+        auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+            be, comm, {s, 4, 2, 8}, {.chunk = c});
+        if (!layer) {
+          st[static_cast<std::size_t>(r)] = layer.error();
+          return;
+        }
+        std::vector<float> q(static_cast<std::size_t>(s / 2 * 4 * 8)), kv(static_cast<std::size_t>(s / 2 * 2 * 8)),
+            out(q.size());
+        std::array<index_t, 3> const qe{s / 2, 4, 8}, ke{s / 2, 2, 8};
+        st[static_cast<std::size_t>(r)] =
+            layer->forward(fpdt::contiguous_view<float const>(q.data(), qe).value(),
+                           fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                           fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                           fpdt::contiguous_view(out.data(), qe).value());
+      });
+    for (auto& t : ts) t.join();
+    CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+    for (auto const& e : st) {
+      CHECK(e.code() == fpdt::errc::invalid_argument);
+      CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8") !=
+            std::string::npos);
+      CHECK(e.message().find(vr.names) != std::string::npos);
+    }
+  }
+}
+
 TEST_CASE("sequence parallel attention: local outputs that share memory with inputs are rejected") {
   // Each rejection aborts the world (as a shape error does: peers must not wait for this rank),
   // so each case gets a world of its own.

@@ -58,6 +58,7 @@
 #include "../pipeline/trace.hpp"
 #include "fpdt_attention.hpp"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstddef>
@@ -142,7 +143,9 @@ class sequence_parallel_attention {
 public:
   //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
-  //! index; layers run one at a time may share one).
+  //! index; layers run one at a time may share one). On the host path the first pass checks, with
+  //! one all_gather, that every rank built the layer with the same S, H, H_kv, D, C, mask and
+  //! dtype (`errc::invalid_argument` naming both ranks' values, on every rank, at once).
   //! Errors: those of `ulysses_layout::make` and `fpdt_attention::create`, naming the numbers.
   [[nodiscard]] static result<sequence_parallel_attention> create(B& be, Comm& comm,
                                                                   attention_shape global,
@@ -559,9 +562,41 @@ private:
   // One pass: its buffers (`allocate`), the per-rank pass `run` with this layer's adapters, then
   // `finish`.
   template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
+    if constexpr (host_path)
+      if (!agreed_) {
+        // Not aborted on a mismatch: every rank gathered the same numbers and fails alike (an
+        // abort could reach a peer still inside the all_gather and replace its error).
+        FPDT_TRY(check_ranks_agree());
+        agreed_ = true;
+      }
     if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = (this->*allocate)(); !st.ok()) return finish(st);
     return finish(run());
+  }
+
+  // Host path, before the first pass: every rank must have built this layer with the same S, H,
+  // H_kv, D, C, mask and dtype. A rank that disagrees would exchange other sizes or another
+  // number of chunks, found only mid-pass (a size mismatch, or a peer's timeout after the
+  // world's wait); one all_gather of those numbers names the difference at once, on every rank.
+  // Its tag (tensor 7 of the forward, chunk 0) is one no exchange uses.
+  [[nodiscard]] status check_ranks_agree() {
+    constexpr std::size_t n = 7;
+    std::array<std::int64_t, n> const mine{shape_.sequence, shape_.heads, shape_.kv_heads, shape_.head_dim,
+                                           inner_.chunk(), inner_.forward_plan().params.causal ? 1 : 0,
+                                           static_cast<std::int64_t>(sizeof(T))};
+    std::vector<std::int64_t> all(n * static_cast<std::size_t>(comm_->size()));
+    FPDT_TRY(comm_->all_gather(mine.data(), all.data(), sizeof(mine), tag(0, 7, 0)));
+    auto describe = [&](std::size_t r) {
+      std::int64_t const* x = all.data() + r * n;
+      return detail::concat("rank ", r, " has S = ", x[0], ", H = ", x[1], ", H_kv = ", x[2], ", D = ", x[3],
+                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, ", x[6], "-byte dtype");
+    };
+    for (std::size_t r = 1; r < static_cast<std::size_t>(comm_->size()); ++r)
+      if (!std::equal(all.begin(), all.begin() + n, all.begin() + static_cast<std::ptrdiff_t>(r * n)))
+        return make_error(errc::invalid_argument, "sequence_parallel_attention: the ranks disagree on the layer: ",
+                          describe(0), "; ", describe(r),
+                          " (every rank must create it with the same global shape, chunk, mask and dtype)");
+    return {};
   }
 
   // After a pass: an error aborts the communicator first (so queued exchanges waiting for peers
@@ -1033,6 +1068,7 @@ private:
   fpdt_attention<T, B, Kernel> inner_;
   std::unique_ptr<comm_lane> lane_;
   std::vector<index_t> dout_order_; // device path: see take_dout
+  bool agreed_ = false;              // host path: check_ranks_agree has passed
 };
 
 FPDT_NAMESPACE_END
