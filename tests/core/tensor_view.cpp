@@ -143,11 +143,16 @@ TEST_CASE("tensor_view: views_overlap compares memory spans, any strides and ele
   CHECK_FALSE(fpdt::views_overlap(at(0, {2, 4}), at(8, {2, 4}))); // adjacent: elements 0-7, 8-15
   CHECK(fpdt::views_overlap(at(0, {2, 4}), at(7, {2, 4})));       // one element shared
   CHECK(fpdt::views_overlap(at(7, {2, 4}), at(0, {2, 4})));
-  // Interleaved views (the columns 0-1 and 2-3 of [4, 4]) share no element but their spans
-  // overlap: the test is conservative.
-  auto left = fpdt::make_tensor_view(buf.data(), std::array<index_t, 2>{4, 2}, std::array<index_t, 2>{4, 1}).value();
-  auto right = fpdt::make_tensor_view(buf.data() + 2, std::array<index_t, 2>{4, 2}, std::array<index_t, 2>{4, 1}).value();
-  CHECK(fpdt::views_overlap(left, right));
+  // Column slices of one buffer (columns 0-1 and 2-3 of [4, 4]) interleave but share nothing:
+  // exact for views with one outer stride whose rows are contiguous.
+  auto cols = [&](index_t c0, index_t w) {
+    return fpdt::make_tensor_view(buf.data() + c0, std::array<index_t, 2>{4, w}, std::array<index_t, 2>{4, 1}).value();
+  };
+  CHECK_FALSE(fpdt::views_overlap(cols(0, 2), cols(2, 2)));
+  CHECK(fpdt::views_overlap(cols(0, 3), cols(2, 2)));
+  // Interleaved views of different strides: their spans decide (conservative).
+  auto every_other = fpdt::make_tensor_view(buf.data() + 1, std::array<index_t, 1>{8}, std::array<index_t, 1>{2}).value();
+  CHECK(fpdt::views_overlap(every_other, cols(0, 1)));
   // Another element type and rank: bytes count, not elements.
   auto bytes = reinterpret_cast<unsigned char*>(buf.data());
   auto tail = fpdt::contiguous_view(bytes + 8 * sizeof(float), std::array<index_t, 1>{4}).value();
@@ -165,4 +170,50 @@ TEST_CASE("tensor_view: views_overlap compares memory spans, any strides and ele
   auto const sp = fpdt::span_of(down);
   CHECK(sp.first == static_cast<void const*>(buf.data() + 14));
   CHECK(sp.last == static_cast<void const*>(buf.data() + 21));
+}
+
+TEST_CASE("tensor_view: views_overlap is exact for column slices of one buffer (every placement)") {
+  // Every pair of [rows, w] column-block views with row stride R placed at element offsets 0..2R
+  // of one buffer (so their rows interleave in every way): views_overlap must equal whether the
+  // two element sets meet, and the same for [rows, h, d] views of a fused [rows, H, d] tensor.
+  std::vector<float> buf(256);
+  index_t const r = 6;
+  int pairs = 0;
+  for (index_t rows_a : {1, 3})
+    for (index_t rows_b : {1, 2, 4})
+      for (index_t wa : {1, 2, 6})
+        for (index_t wb : {1, 3})
+          for (index_t oa = 0; oa <= 2 * r; ++oa)
+            for (index_t ob = 0; ob <= 2 * r; ++ob) {
+              auto a = fpdt::make_tensor_view(buf.data() + oa, std::array<index_t, 2>{rows_a, wa},
+                                              std::array<index_t, 2>{r, 1}).value();
+              auto b = fpdt::make_tensor_view(buf.data() + ob, std::array<index_t, 2>{rows_b, wb},
+                                              std::array<index_t, 2>{r, 1}).value();
+              bool meet = false;
+              for (index_t i = 0; i < rows_a; ++i)
+                for (index_t j = 0; j < wa; ++j)
+                  for (index_t k = 0; k < rows_b; ++k)
+                    for (index_t l = 0; l < wb; ++l) meet = meet || &a(i, j) == &b(k, l);
+              CAPTURE(rows_a);
+              CAPTURE(rows_b);
+              CAPTURE(wa);
+              CAPTURE(wb);
+              CAPTURE(oa);
+              CAPTURE(ob);
+              REQUIRE(fpdt::views_overlap(a, b) == meet);
+              REQUIRE(fpdt::views_overlap(b, a) == meet);
+              ++pairs;
+            }
+  CHECK(pairs == 2 * 3 * 3 * 2 * 13 * 13);
+  // dq, dk, dv as head slices of one fused gradient [S, H + 2 H_kv, D]: apart.
+  index_t const s = 4, h = 4, hkv = 2, d = 8;
+  std::vector<float> fused(static_cast<std::size_t>(s * (h + 2 * hkv) * d));
+  auto g = fpdt::contiguous_view(fused.data(), std::array<index_t, 3>{s, h + 2 * hkv, d}).value();
+  auto dq = g.slice(1, 0, h).value();
+  auto dk = g.slice(1, h, h + hkv).value();
+  auto dv = g.slice(1, h + hkv, h + 2 * hkv).value();
+  CHECK_FALSE(fpdt::views_overlap(dq, dk));
+  CHECK_FALSE(fpdt::views_overlap(dk, dv));
+  CHECK_FALSE(fpdt::views_overlap(dq, dv));
+  CHECK(fpdt::views_overlap(dq, g.slice(1, h - 1, h + 1).value()));
 }

@@ -144,6 +144,8 @@ struct workspace_kernel {
     if (workspace.size() != need)
       return fpdt::make_error(fpdt::errc::invalid_argument, "workspace of ", workspace.size(),
                               " bytes, expected ", need);
+    if (reinterpret_cast<std::uintptr_t>(workspace.data()) % fpdt::device_arena::granularity != 0)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "workspace not aligned to the arena granularity");
     std::memset(workspace.data(), 0xff, workspace.size());
     ++*calls;
     return {};
@@ -478,6 +480,19 @@ TEST_CASE("fpdt_attention: outputs that share memory with inputs or each other a
   CHECK(contains(e.message(), "outputs dq and dv overlap"));
   CHECK(db == db0);
   REQUIRE(layer.backward(dout, dq, dk, dv).ok()); // the rejections left the saved forward usable
+  // dq, dk, dv as head slices of one fused gradient [S, H + 2 H_kv, D] share no element: accepted,
+  // with the same gradients.
+  std::vector<float> fused(static_cast<std::size_t>(s * (h + 2 * hkv) * d), 7.0f);
+  auto g = fpdt::contiguous_view(fused.data(), std::array<index_t, 3>{s, h + 2 * hkv, d}).value();
+  fpdt::status const fs = layer.backward(dout, g.slice(1, 0, h).value(), g.slice(1, h, h + hkv).value(),
+                                         g.slice(1, h + hkv, h + 2 * hkv).value());
+  REQUIRE_MESSAGE(fs.ok(), fs.to_string());
+  for (index_t t = 0; t < s; ++t)
+    for (index_t x = 0; x < d; ++x) {
+      for (index_t hh = 0; hh < h; ++hh) CHECK(g(t, hh, x) == dq(t, hh, x));
+      CHECK(g(t, h, x) == dk(t, 0, x));
+      CHECK(g(t, h + 1, x) == dv(t, 0, x));
+    }
 }
 
 TEST_CASE("fpdt_attention: the trace shows copies overlapping compute") {

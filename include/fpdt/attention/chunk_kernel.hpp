@@ -188,9 +188,11 @@ struct chunk_pair_shape {
 //! A chunk kernel that needs scratch memory (on a device backend: device memory) of its own, as
 //! CUTLASS kernels and cuDNN graphs ask for a workspace: `workspace_bytes(shape)` (noexcept)
 //! says how many bytes the forward or (`shape.backward`) backward calls on chunk pairs of
-//! `shape` need (0: none), and the `workspace` member is where the caller puts them. `fpdt_attention` takes them from its backend's arena for each pass (so they
-//! count in its budget and in `predicted_forward_bytes` / `predicted_backward_bytes`), sets
-//! `workspace` on its copy of the kernel before the pass and clears it after. The layer calls the
+//! `shape` need (0: none), and the `workspace` member is where the caller puts them.
+//! `fpdt_attention` takes them from its backend's arena for each pass, sized for that pass (so
+//! they count in its budget and in `predicted_forward_bytes` / `predicted_backward_bytes`) and
+//! aligned to `device_arena::granularity` (256 bytes), sets `workspace` on its copy of the kernel
+//! before the pass and clears it after. The layer calls the
 //! kernel on one stream (its compute lane) at a time, so the calls may reuse the workspace in
 //! stream order. A kernel called without one (empty `workspace`) must still work, or return an
 //! error saying it needs one.

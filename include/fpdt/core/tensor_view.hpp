@@ -11,6 +11,7 @@
 #include "../config.hpp"
 #include "status.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cstddef>
@@ -18,6 +19,7 @@
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -283,44 +285,86 @@ template <class T, std::size_t Rank> [[nodiscard]] memory_span span_of(tensor_vi
   return {base + lo * e, base + (hi + 1) * e};
 }
 
-//! True when the memory spans of `a` and `b` intersect: a conservative aliasing test, so
-//! interleaved views that share no element count as overlapping too. Empty views overlap
-//! nothing. Used to reject outputs that share memory with inputs (or with other outputs) before
-//! a pass writes anything.
-template <class A, std::size_t RA, class B, std::size_t RB>
-[[nodiscard]] bool views_overlap(tensor_view<A, RA> const& a, tensor_view<B, RB> const& b) noexcept {
-  return span_of(a).intersects(span_of(b));
+namespace detail {
+// A view whose dim-0 slices are contiguous blocks: `rows` blocks of `block` bytes, `stride` bytes
+// apart, the first at `first` (a column slice of a row-major [S, W] buffer, or any contiguous
+// view). Empty when the view is not of that form.
+struct row_blocks {
+  std::uintptr_t first = 0;
+  index_t rows = 0, block = 0, stride = 0;
+};
+template <class T, std::size_t Rank> [[nodiscard]] std::optional<row_blocks> row_blocks_of(tensor_view<T, Rank> const& v) noexcept {
+  if (v.empty() || v.data() == nullptr || v.stride(0) <= 0) return std::nullopt;
+  index_t expect = 1; // row-major contiguity of dims 1.. (a dim of extent 1 may have any stride)
+  for (std::size_t d = Rank; d-- > 1;) {
+    if (v.extent(d) != 1 && v.stride(d) != expect) return std::nullopt;
+    expect *= v.extent(d);
+  }
+  auto const e = static_cast<index_t>(sizeof(T));
+  if (expect * e > v.stride(0) * e && v.extent(0) > 1) return std::nullopt; // rows overlap each other
+  return row_blocks{reinterpret_cast<std::uintptr_t>(v.data()), v.extent(0), expect * e, v.stride(0) * e};
 }
+// Whether two row-block views with one stride R share a byte: rows s of a, [sR, sR + La), and t of
+// b, [d + tR, d + tR + Lb) with d = b.first - a.first, meet iff some k = s - t in
+// [-(Nb - 1), Na - 1] has d - La < kR < d + Lb.
+[[nodiscard]] inline bool row_blocks_meet(row_blocks const& a, row_blocks const& b) noexcept {
+  auto const d = static_cast<std::int64_t>(b.first - a.first); // two's complement difference
+  std::int64_t const r = a.stride, lo = d - a.block;
+  // The smallest k with kR > lo (floor division rounding toward -inf).
+  std::int64_t const q = lo / r - ((lo % r != 0 && lo < 0) ? 1 : 0);
+  std::int64_t const k = std::max<std::int64_t>(q + 1, -(b.rows - 1));
+  return k <= a.rows - 1 && k * r < d + b.block;
+}
+} // namespace detail
 
 namespace detail {
-// A tensor argument's name and memory span, for check_no_alias.
+// A tensor argument's name, memory span and row blocks (when it has that form), for
+// check_no_alias and views_overlap.
 struct named_span {
   char const* name = "";
   memory_span span{};
+  std::optional<row_blocks> rows{};
 };
 template <class T, std::size_t Rank>
 [[nodiscard]] named_span range_of(char const* name, tensor_view<T, Rank> const& v) noexcept {
-  return {name, span_of(v)};
+  return {name, span_of(v), row_blocks_of(v)};
 }
-// Errors with `errc::invalid_argument`, naming the pair, when an output's span overlaps an
-// input's or another output's: the layers write outputs chunk by chunk while later chunks of
+// Whether two arguments may share a byte: exact for row blocks of one stride, else their spans.
+[[nodiscard]] inline bool may_share(named_span const& a, named_span const& b) noexcept {
+  if (!a.span.intersects(b.span)) return false;
+  if (a.rows && b.rows && a.rows->stride == b.rows->stride) return row_blocks_meet(*a.rows, *b.rows);
+  return true;
+}
+// Errors with `errc::invalid_argument`, naming the pair, when an output may share memory with an
+// input or another output (may_share: exact for column slices of one buffer, else spans): the layers write outputs chunk by chunk while later chunks of
 // their inputs are still to be read (an overlap would change inputs not yet read: silently wrong
 // results), and two overlapping outputs would overwrite each other (DESIGN.md 2.6).
 [[nodiscard]] inline status check_no_alias(char const* who, std::initializer_list<named_span> outputs,
                                            std::initializer_list<named_span> inputs) {
   for (auto o = outputs.begin(); o != outputs.end(); ++o) {
     for (named_span const& i : inputs)
-      if (o->span.intersects(i.span))
+      if (may_share(*o, i))
         return make_error(errc::invalid_argument, who, ": output ", o->name, " overlaps input ", i.name,
                           " (outputs must not share memory with inputs, not even in place: pass separate buffers)");
     for (auto p = o + 1; p != outputs.end(); ++p)
-      if (o->span.intersects(p->span))
+      if (may_share(*o, *p))
         return make_error(errc::invalid_argument, who, ": outputs ", o->name, " and ", p->name,
                           " overlap (each output needs memory of its own)");
   }
   return {};
 }
 } // namespace detail
+
+//! True when `a` and `b` may share a byte. Exact when both are row blocks with the same outer
+//! stride (their dim-0 slices contiguous: column slices of one row-major buffer, such as q, k, v
+//! or dq, dk, dv of a fused `[S, H + 2 H_kv, D]` tensor, or contiguous views); otherwise it
+//! compares their memory spans, a conservative test (other interleaved views that share no
+//! element count as overlapping). Empty and null views overlap nothing. Used to reject outputs
+//! that share memory with inputs (or with other outputs) before a pass writes anything.
+template <class A, std::size_t RA, class B, std::size_t RB>
+[[nodiscard]] bool views_overlap(tensor_view<A, RA> const& a, tensor_view<B, RB> const& b) noexcept {
+  return detail::may_share(detail::range_of("", a), detail::range_of("", b));
+}
 
 //! Checks that `view` has the `expected` extents (`any_extent` matches anything).
 //!
