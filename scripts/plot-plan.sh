@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Plots per-rank device memory against sequence length for FPDT, Ulysses and Megatron-SP (one
 # training step, the planner's memory model) with gnuplot, as a PNG.
-#   scripts/plot-plan.sh [-o FILE.png] [fpdt-plan options]
+#   scripts/plot-plan.sh [-o FILE.png] [fpdt-plan options]   (-o anywhere; -h prints this)
 #   scripts/plot-plan.sh -o plan.png --model llama3-8b --gpus 8 --gpu a100-80gb
 # Defaults: -o build/plan/plan-memory.png --model llama3-8b --gpus 8 --gpu a100-80gb. The options
 # go to `fpdt-plan --sweep` (ZeRO stage, checkpointing, --config ...). FPDT_PLAN_BIN names a
@@ -11,13 +11,31 @@ set -euo pipefail
 # directory, so the script stays there and names the repository's files by absolute path.
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/build/plan/plan-memory.png
-if [[ "${1:-}" == "-o" ]]; then
-  out=$2
-  shift 2
+args=()
+while (($# > 0)); do
+  case $1 in
+    -h | --help)
+      sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    -o)
+      if (($# < 2)); then
+        echo "plot-plan: -o needs a file name" >&2
+        exit 2
+      fi
+      out=$2
+      shift 2
+      ;;
+    *)
+      args+=("$1")
+      shift
+      ;;
+  esac
+done
+if ((${#args[@]} == 0)); then
+  args=(--model llama3-8b --gpus 8 --gpu a100-80gb)
 fi
-if (($# == 0)); then
-  set -- --model llama3-8b --gpus 8 --gpu a100-80gb
-fi
+set -- "${args[@]}"
 if ! command -v gnuplot >/dev/null 2>&1; then
   "$root/scripts/deps.sh"
 fi
@@ -28,9 +46,17 @@ if [[ -z "$bin" ]]; then
   (cd "$root" && cmake --preset default >/dev/null && cmake --build --preset default --target fpdt-plan >/dev/null)
   bin=$root/build/default/examples/fpdt-plan
 fi
+if [[ ! -x "$bin" ]]; then
+  echo "plot-plan: fpdt-plan not found or not executable at '$bin' (FPDT_PLAN_BIN)" >&2
+  exit 2
+fi
 mkdir -p "$(dirname "$out")"
 csv="${out%.png}.csv"
-"$bin" "$@" --sweep >"$csv"
+if ! "$bin" "$@" --sweep >"$csv"; then
+  rm -f "$csv"
+  echo "plot-plan: fpdt-plan $* --sweep failed" >&2
+  exit 2
+fi
 title="per-rank device memory, one training step: $*"
 gnuplot <<GNUPLOT
 set terminal pngcairo size 1000,650 font "sans,11"
