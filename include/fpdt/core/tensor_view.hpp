@@ -300,8 +300,8 @@ template <class T, std::size_t Rank> [[nodiscard]] std::optional<row_blocks> row
     if (v.extent(d) != 1 && v.stride(d) != expect) return std::nullopt;
     expect *= v.extent(d);
   }
+  if (expect > v.stride(0) && v.extent(0) > 1) return std::nullopt; // rows overlap each other
   auto const e = static_cast<index_t>(sizeof(T));
-  if (expect * e > v.stride(0) * e && v.extent(0) > 1) return std::nullopt; // rows overlap each other
   return row_blocks{reinterpret_cast<std::uintptr_t>(v.data()), v.extent(0), expect * e, v.stride(0) * e};
 }
 // Whether two row-block views with one stride R share a byte: rows s of a, [sR, sR + La), and t of
@@ -315,9 +315,7 @@ template <class T, std::size_t Rank> [[nodiscard]] std::optional<row_blocks> row
   std::int64_t const k = std::max<std::int64_t>(q + 1, -(b.rows - 1));
   return k <= a.rows - 1 && k * r < d + b.block;
 }
-} // namespace detail
 
-namespace detail {
 // A tensor argument's name, memory span and row blocks (when it has that form), for
 // check_no_alias and views_overlap.
 struct named_span {
@@ -336,9 +334,9 @@ template <class T, std::size_t Rank>
   return true;
 }
 // Errors with `errc::invalid_argument`, naming the pair, when an output may share memory with an
-// input or another output (may_share: exact for column slices of one buffer, else spans): the layers write outputs chunk by chunk while later chunks of
-// their inputs are still to be read (an overlap would change inputs not yet read: silently wrong
-// results), and two overlapping outputs would overwrite each other (DESIGN.md 2.6).
+// input or another output (may_share): the layers write outputs chunk by chunk while later
+// chunks of their inputs are still to be read (an overlap would change inputs not yet read:
+// silently wrong results), and two overlapping outputs would overwrite each other (DESIGN.md 2.6).
 [[nodiscard]] inline status check_no_alias(char const* who, std::initializer_list<named_span> outputs,
                                            std::initializer_list<named_span> inputs) {
   for (auto o = outputs.begin(); o != outputs.end(); ++o) {

@@ -627,9 +627,8 @@ private:
     return b == 0 ? 0 : detail::layer::rounded(b);
   }
   // Takes the pass's kernel workspace from the arena and hands it to the kernel (nothing without
-  // one). Called after the pass's other buffers, with the previous pass's workspace released.
+  // one). Called after the pass's other buffers; prepare_* released the previous pass's first.
   [[nodiscard]] status acquire_workspace(device_arena& arena, bool backward) {
-    release_workspace();
     if constexpr (kernel_with_workspace<Kernel>) {
       std::size_t const b = workspace_bytes(backward);
       if (b == 0) return {};
