@@ -276,51 +276,6 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   CHECK(a.local_layer().chunks() == 4);
 }
 
-TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at once, naming both") {
-  // Rank 1 builds the layer with twice the sequence (or another chunk): without the check it
-  // would run more exchanges than rank 0 and wait for them until the world's timeout.
-  struct variant {
-    index_t s1, c1;
-    char const* names;
-  };
-  for (variant const vr : {variant{64, 8, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
-                           variant{32, 16, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"}}) {
-    CAPTURE(vr.names);
-    fpdt::local_world world(2, 20s);
-    std::vector<fpdt::status> st(2);
-    auto const t0 = std::chrono::steady_clock::now();
-    std::vector<std::thread> ts;
-    for (int r = 0; r < 2; ++r)
-      ts.emplace_back([&, r] {
-        auto comm = world.communicator(r).value();
-        fpdt::host_backend be;
-        index_t const s = r == 0 ? 32 : vr.s1, c = r == 0 ? 8 : vr.c1;
-        auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
-            be, comm, {s, 4, 2, 8}, {.chunk = c});
-        if (!layer) {
-          st[static_cast<std::size_t>(r)] = layer.error();
-          return;
-        }
-        std::vector<float> q(static_cast<std::size_t>(s / 2 * 4 * 8)), kv(static_cast<std::size_t>(s / 2 * 2 * 8)),
-            out(q.size());
-        std::array<index_t, 3> const qe{s / 2, 4, 8}, ke{s / 2, 2, 8};
-        st[static_cast<std::size_t>(r)] =
-            layer->forward(fpdt::contiguous_view<float const>(q.data(), qe).value(),
-                           fpdt::contiguous_view<float const>(kv.data(), ke).value(),
-                           fpdt::contiguous_view<float const>(kv.data(), ke).value(),
-                           fpdt::contiguous_view(out.data(), qe).value());
-      });
-    for (auto& t : ts) t.join();
-    CHECK(std::chrono::steady_clock::now() - t0 < 10s);
-    for (auto const& e : st) {
-      CHECK(e.code() == fpdt::errc::invalid_argument);
-      CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8") !=
-            std::string::npos);
-      CHECK(e.message().find(vr.names) != std::string::npos);
-    }
-  }
-}
-
 TEST_CASE("sequence parallel attention: local outputs that share memory with inputs are rejected") {
   // Each rejection aborts the world (as a shape error does: peers must not wait for this rank),
   // so each case gets a world of its own.
@@ -740,7 +695,7 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
       };
       auto const uu = static_cast<std::size_t>(g.u);
       for (std::size_t r = 0; r < ru; ++r) {
-        CHECK(calls[r] == static_cast<int>(8 * g.u + dout_fetches));
+        CHECK(calls[r] == static_cast<int>(1 + 8 * g.u + dout_fetches)); // 1: the ranks-agree check
         CHECK(peaks_ok[r]);
         CHECK(threads_ok[r]); // stream-form callbacks run on the caller's thread, once per use
         CHECK(count(fwd_trace[r], fpdt::step_kind::produce) == uu);
@@ -751,6 +706,64 @@ TEST_CASE("sequence parallel attention: the device path (stream-ordered all-to-a
         // pass's start event (on the first pass too).
         check_one_clock(fwd_trace[r], g.u);
       }
+    }
+}
+
+TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at once, naming both, on both paths") {
+  // Rank 1 builds the layer with twice the sequence (or another chunk): without the check it
+  // would run more exchanges than rank 0 and wait for them until the world's timeout (host
+  // path), or exchange blocks of other sizes (device path; with NCCL, a hang).
+  struct variant {
+    index_t s1, c1;
+    char const* names;
+  };
+  auto one_rank = []<class Layer, class Backend>(Backend& be, auto& comm, index_t s, index_t c) -> fpdt::status {
+    auto layer = Layer::create(be, comm, {s, 4, 2, 8}, {.chunk = c});
+    if (!layer) return layer.error();
+    std::vector<float> q(static_cast<std::size_t>(s / 2 * 4 * 8)), kv(static_cast<std::size_t>(s / 2 * 2 * 8)),
+        out(q.size());
+    std::array<index_t, 3> const qe{s / 2, 4, 8}, ke{s / 2, 2, 8};
+    return layer->forward(fpdt::contiguous_view<float const>(q.data(), qe).value(),
+                          fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                          fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                          fpdt::contiguous_view(out.data(), qe).value());
+  };
+  for (bool const device : {false, true})
+    for (variant const vr : {variant{64, 8, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
+                             variant{32, 16, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"}}) {
+      CAPTURE(device);
+      CAPTURE(vr.names);
+      fpdt::local_world world(2, 20s);
+      std::vector<fpdt::status> st(2);
+      std::vector<int> calls(2, 0);
+      auto const t0 = std::chrono::steady_clock::now();
+      std::vector<std::thread> ts;
+      for (int r = 0; r < 2; ++r)
+        ts.emplace_back([&, r] {
+          auto comm = world.communicator(r).value();
+          index_t const s = r == 0 ? 32 : vr.s1, c = r == 0 ? 8 : vr.c1;
+          auto const ri = static_cast<std::size_t>(r);
+          if (device) {
+            dl_backend be;
+            stream_local_communicator sc{&comm};
+            st[ri] = one_rank.template operator()<device_layer>(be, sc, s, c);
+            calls[ri] = sc.calls;
+          } else {
+            fpdt::host_backend be;
+            st[ri] = one_rank.template operator()<fpdt::sequence_parallel_attention<float, fpdt::local_communicator>>(
+                be, comm, s, c);
+          }
+        });
+      for (auto& t : ts) t.join();
+      CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+      for (auto const& e : st) {
+        CHECK(e.code() == fpdt::errc::invalid_argument);
+        CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8") !=
+              std::string::npos);
+        CHECK(e.message().find(vr.names) != std::string::npos);
+      }
+      if (device) // the check's all-to-all only: no exchange of the pass was enqueued
+        CHECK(calls == std::vector<int>{1, 1});
     }
 }
 

@@ -143,9 +143,11 @@ class sequence_parallel_attention {
 public:
   //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
-  //! index; layers run one at a time may share one). On the host path the first pass checks, with
-  //! one all_gather, that every rank built the layer with the same S, H, H_kv, D, C, mask and
-  //! dtype (`errc::invalid_argument` naming both ranks' values, on every rank, at once).
+  //! index; layers run one at a time may share one). The first pass checks, with one gather
+  //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 56
+  //! bytes per rank and one wait for the comm stream), that every rank built the layer with the
+  //! same S, H, H_kv, D, C, mask and dtype (`errc::invalid_argument` naming both ranks' values,
+  //! on every rank, at once, instead of a hang or a size mismatch mid-pass).
   //! Errors: those of `ulysses_layout::make` and `fpdt_attention::create`, naming the numbers.
   [[nodiscard]] static result<sequence_parallel_attention> create(B& be, Comm& comm,
                                                                   attention_shape global,
@@ -562,32 +564,35 @@ private:
   // One pass: its buffers (`allocate`), the per-rank pass `run` with this layer's adapters, then
   // `finish`.
   template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
-    if constexpr (host_path)
-      if (!agreed_) {
-        // Not aborted on a mismatch: every rank gathered the same numbers and fails alike (an
-        // abort could reach a peer still inside the all_gather and replace its error).
-        FPDT_TRY(check_ranks_agree());
-        agreed_ = true;
-      }
+    if (!agreed_) {
+      // Not aborted on a mismatch: every rank gathered the same numbers and fails alike (an
+      // abort could reach a peer still inside the gather and replace its error).
+      FPDT_TRY(check_ranks_agree());
+      agreed_ = true;
+    }
     if (status st = lane_->begin_pass(); !st.ok()) return st;
     if (status st = (this->*allocate)(); !st.ok()) return finish(st);
     return finish(run());
   }
 
-  // Host path, before the first pass: every rank must have built this layer with the same S, H,
-  // H_kv, D, C, mask and dtype. A rank that disagrees would exchange other sizes or another
-  // number of chunks, found only mid-pass (a size mismatch, or a peer's timeout after the
-  // world's wait); one all_gather of those numbers names the difference at once, on every rank.
-  // Its tag (tensor 7 of the forward, chunk 0) is one no exchange uses.
+  // Before the first pass: every rank must have built this layer with the same S, H, H_kv, D, C,
+  // mask and dtype. A rank that disagrees would exchange other sizes or another number of
+  // chunks, found only mid-pass: on the host path as a size mismatch or a peer's timeout after
+  // the world's wait, on the device path as an NCCL hang (NCCL has no timeout of its own) or
+  // corrupt blocks. One gather of those numbers names the difference at once, on every rank.
   [[nodiscard]] status check_ranks_agree() {
     constexpr std::size_t n = 7;
-    std::array<std::int64_t, n> const mine{shape_.sequence, shape_.heads, shape_.kv_heads, shape_.head_dim,
-                                           inner_.chunk(), inner_.forward_plan().params.causal ? 1 : 0,
-                                           static_cast<std::int64_t>(sizeof(T))};
-    std::vector<std::int64_t> all(n * static_cast<std::size_t>(comm_->size()));
-    FPDT_TRY(comm_->all_gather(mine.data(), all.data(), sizeof(mine), tag(0, 7, 0)));
+    // As doubles: exact for these values (all far below 2^53), and a dtype every communicator
+    // moves.
+    std::array<double, n> const mine{static_cast<double>(shape_.sequence), static_cast<double>(shape_.heads),
+                                     static_cast<double>(shape_.kv_heads), static_cast<double>(shape_.head_dim),
+                                     static_cast<double>(inner_.chunk()),
+                                     inner_.forward_plan().params.causal ? 1.0 : 0.0, static_cast<double>(sizeof(T))};
+    std::vector<double> all(n * static_cast<std::size_t>(comm_->size()));
+    FPDT_TRY(gather_all(mine, all));
     auto describe = [&](std::size_t r) {
-      std::int64_t const* x = all.data() + r * n;
+      std::array<std::int64_t, n> x{};
+      for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<std::int64_t>(all[r * n + i]);
       return detail::concat("rank ", r, " has S = ", x[0], ", H = ", x[1], ", H_kv = ", x[2], ", D = ", x[3],
                             ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, ", x[6], "-byte dtype");
     };
@@ -597,6 +602,37 @@ private:
                           describe(0), "; ", describe(r),
                           " (every rank must create it with the same global shape, chunk, mask and dtype)");
     return {};
+  }
+
+  // Every rank's `mine` into `all` ([P][n], rank order). Host path: the communicator's
+  // all_gather, tagged with tensor 7 of the forward, chunk 0, which no exchange uses. Device
+  // path (no all_gather in the stream_communicator concept): `mine` replicated P times, one
+  // stream-ordered all-to-all of n values per rank through two small device buffers on the comm
+  // stream, then a wait for that stream. It is the first collective every rank enqueues on this
+  // layer, so the ranks' calls match by order as NCCL requires; its sizes do not depend on the
+  // values compared, so it completes even when the ranks disagree.
+  template <std::size_t n>
+  [[nodiscard]] status gather_all(std::array<double, n> const& mine, std::vector<double>& all) {
+    if constexpr (host_path) {
+      return comm_->all_gather(mine.data(), all.data(), sizeof(mine), tag(0, 7, 0));
+    } else {
+      auto& ln = *lane_;
+      std::size_t const count = all.size();
+      std::vector<double> replicated(count);
+      for (std::size_t i = 0; i < count; ++i) replicated[i] = mine[i % n];
+      detail::sp::buffer<double> send, recv;
+      FPDT_TRY(send.reset(ln.be->device_memory(), count, "rank agreement check"));
+      FPDT_TRY(recv.reset(ln.be->device_memory(), count, "rank agreement check"));
+      // The copies read and write the pageable vectors above: the wait below keeps them (and
+      // the two buffers) alive until the stream has run them.
+      status st = ln.be->copy_async(send.data(), replicated.data(), count * sizeof(double), ln.stream);
+      if (st.ok()) st = comm_->all_to_all(static_cast<void const*>(send.data()), static_cast<void*>(recv.data()), n,
+                                          dtype::f64, ln.stream.native_handle());
+      if (st.ok()) st = ln.be->copy_async(all.data(), recv.data(), count * sizeof(double), ln.stream);
+      status const waited = ln.be->synchronize(ln.stream);
+      FPDT_TRY(st);
+      return waited;
+    }
   }
 
   // After a pass: an error aborts the communicator first (so queued exchanges waiting for peers
@@ -1068,7 +1104,7 @@ private:
   fpdt_attention<T, B, Kernel> inner_;
   std::unique_ptr<comm_lane> lane_;
   std::vector<index_t> dout_order_; // device path: see take_dout
-  bool agreed_ = false;              // host path: check_ranks_agree has passed
+  bool agreed_ = false;              // check_ranks_agree has passed
 };
 
 FPDT_NAMESPACE_END
