@@ -263,7 +263,8 @@ template <class Fx> void ulysses_pack_unpack_match_formula() {
   struct lay_case {
     index_t p, h, hkv, d, c;
   };
-  for (lay_case const lc : {lay_case{4, 8, 2, 3, 8}, lay_case{2, 4, 4, 5, 6}})
+  // D = 37: more than a warp's 32 lanes (the CUDA kernels run a warp per row along D).
+  for (lay_case const lc : {lay_case{4, 8, 2, 3, 8}, lay_case{2, 4, 4, 5, 6}, lay_case{4, 8, 2, 37, 8}})
     for (fpdt::head_kind const kind : {fpdt::head_kind::query, fpdt::head_kind::key_value}) {
       CAPTURE(lc.p);
       CAPTURE(lc.hkv);

@@ -128,50 +128,65 @@ __global__ void delta_kernel(tensor_view<T const, 3> out, tensor_view<T const, 3
     if (lane == 0) delta(hh, s) = acc;
   }
 }
-// send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x), one thread per element.
+// The Ulysses pack and unpack kernels run one warp per packed row (r, s, h), lanes along D, as
+// copy_rows_kernel: three index divisions per row of D elements rather than five 64-bit
+// divisions per element, and coalesced on both sides for contiguous D.
+
+// (r, s, h) of packed row w = (r * m.rows + s) * m.heads + h.
+struct packed_row {
+  index_t r, s, h;
+};
+__device__ __forceinline__ packed_row packed_row_of(index_t w, ulysses_blocks const& m) {
+  index_t const t = w / m.heads;
+  return {t / m.rows, t % m.rows, w % m.heads};
+}
+
+// send[r][s][h][x] = src(m.row0(r) + s, m.head0(r) + h, x).
 template <class U>
 __global__ void ulysses_pack_kernel(tensor_view<U const, 3> src, U* send, ulysses_blocks m) {
-  index_t const d = src.extent(2), n = m.ranks * m.block_size(d);
-  for (index_t e = global_thread(); e < n; e += grid_threads()) {
-    index_t t = e / d;
-    index_t const x = e % d, h = t % m.heads;
-    t /= m.heads;
-    index_t const s = t % m.rows, r = t / m.rows;
-    send[e] = src(m.row0(r) + s, m.head0(r) + h, x);
+  index_t const d = src.extent(2), rows = m.ranks * m.rows * m.heads;
+  index_t const lane = threadIdx.x & 31;
+  for (index_t w = global_thread() / 32; w < rows; w += grid_threads() / 32) {
+    packed_row const p = packed_row_of(w, m);
+    U* const out = send + w * d;
+    for (index_t x = lane; x < d; x += 32) out[x] = src(m.row0(p.r) + p.s, m.head0(p.r) + p.h, x);
   }
 }
 
-// dst(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x], one thread per element.
+// dst(m.row0(r) + s, m.head0(r) + h, x) = recv[r][s][h][x].
 template <class U>
 __global__ void ulysses_unpack_kernel(U const* recv, tensor_view<U, 3> dst, ulysses_blocks m) {
-  index_t const d = dst.extent(2), n = m.ranks * m.block_size(d);
-  for (index_t e = global_thread(); e < n; e += grid_threads()) {
-    index_t t = e / d;
-    index_t const x = e % d, h = t % m.heads;
-    t /= m.heads;
-    index_t const s = t % m.rows, r = t / m.rows;
-    dst(m.row0(r) + s, m.head0(r) + h, x) = recv[e];
+  index_t const d = dst.extent(2), rows = m.ranks * m.rows * m.heads;
+  index_t const lane = threadIdx.x & 31;
+  for (index_t w = global_thread() / 32; w < rows; w += grid_threads() / 32) {
+    packed_row const p = packed_row_of(w, m);
+    U const* const in = recv + w * d;
+    for (index_t x = lane; x < d; x += 32) dst(m.row0(p.r) + p.s, m.head0(p.r) + p.h, x) = in[x];
   }
 }
 
 // The summing unpack (m.add: replicated key/value heads, blocks of one head and rows from 0): one
-// thread per element of dst [rows, heads of dst, D], adding the blocks that cover its head in rank
-// order (the first assigned, then fp32 additions, as detail::ulysses::unpack on the host).
+// warp per row (s, h) of dst [rows, heads of dst, D], lanes along D, adding the blocks that cover
+// head h in rank order (the first assigned, then fp32 additions, as detail::ulysses::unpack on
+// the host).
 template <class U>
 __global__ void ulysses_unpack_sum_kernel(U const* recv, tensor_view<U, 3> dst, ulysses_blocks m) {
-  index_t const d = dst.extent(2), hd = dst.extent(1), n = m.rows * hd * d;
-  for (index_t e = global_thread(); e < n; e += grid_threads()) {
-    index_t const x = e % d, h = (e / d) % hd, s = e / (d * hd);
-    U acc{};
-    bool any = false;
-    for (index_t r = 0; r < m.ranks; ++r) {
-      index_t const h0 = m.head0(r);
-      if (h < h0 || h >= h0 + m.heads) continue;
-      U const v = recv[((r * m.rows + s) * m.heads + (h - h0)) * d + x];
-      acc = any ? static_cast<U>(static_cast<float>(acc) + static_cast<float>(v)) : v;
-      any = true;
+  index_t const d = dst.extent(2), hd = dst.extent(1), rows = m.rows * hd;
+  index_t const lane = threadIdx.x & 31;
+  for (index_t w = global_thread() / 32; w < rows; w += grid_threads() / 32) {
+    index_t const s = w / hd, h = w % hd;
+    for (index_t x = lane; x < d; x += 32) {
+      U acc{};
+      bool any = false;
+      for (index_t r = 0; r < m.ranks; ++r) {
+        index_t const h0 = m.head0(r);
+        if (h < h0 || h >= h0 + m.heads) continue;
+        U const v = recv[((r * m.rows + s) * m.heads + (h - h0)) * d + x];
+        acc = any ? static_cast<U>(static_cast<float>(acc) + static_cast<float>(v)) : v;
+        any = true;
+      }
+      if (any) dst(s, h, x) = acc;
     }
-    if (any) dst(s, h, x) = acc;
   }
 }
 } // namespace detail::cuda_steps
@@ -264,10 +279,10 @@ template <> struct attention_step_ops<cuda_backend> {
   [[nodiscard]] static status ulysses_pack(cuda_backend& be, stream_type& s,
                                            tensor_view<U const, 3> const& src, U* send,
                                            ulysses_blocks const& m) {
-    index_t const n = m.ranks * m.block_size(src.extent(2));
-    if (n == 0) return {};
+    index_t const rows = m.ranks * m.rows * m.heads; // one warp each
+    if (rows * src.extent(2) == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
-      detail::cuda_steps::ulysses_pack_kernel<U><<<detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads),
+      detail::cuda_steps::ulysses_pack_kernel<U><<<detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32),
                                                    detail::cuda_steps::threads, 0, cs>>>(src, send, m);
     });
   }
@@ -276,10 +291,11 @@ template <> struct attention_step_ops<cuda_backend> {
   template <class U>
   [[nodiscard]] static status ulysses_unpack(cuda_backend& be, stream_type& s, U const* recv,
                                              tensor_view<U, 3> const& dst, ulysses_blocks const& m) {
-    index_t const n = m.add ? dst.size() : m.ranks * m.block_size(dst.extent(2));
-    if (n == 0) return {};
+    // One warp per row: of dst when summing, else of the packed blocks.
+    index_t const rows = m.add ? m.rows * dst.extent(1) : m.ranks * m.rows * m.heads;
+    if (rows * dst.extent(2) == 0) return {};
     return be.launch(s, [&](cudaStream_t cs) {
-      unsigned const blocks = detail::cuda_steps::blocks_for(n, detail::cuda_steps::threads);
+      unsigned const blocks = detail::cuda_steps::blocks_for(rows, detail::cuda_steps::threads / 32);
       if (m.add)
         detail::cuda_steps::ulysses_unpack_sum_kernel<U><<<blocks, detail::cuda_steps::threads, 0, cs>>>(recv, dst, m);
       else
