@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -713,12 +714,16 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
   // Rank 1 builds the layer with twice the sequence (or another chunk): without the check it
   // would run more exchanges than rank 0 and wait for them until the world's timeout (host
   // path), or exchange blocks of other sizes (device path; with NCCL, a hang).
+  // A rank with another softmax scale would give every rank silently wrong outputs; an explicit
+  // 1/sqrt(D) agrees with the default.
   struct variant {
     index_t s1, c1;
+    std::optional<float> scale1;
     char const* names;
   };
-  auto one_rank = []<class Layer, class Backend>(Backend& be, auto& comm, index_t s, index_t c) -> fpdt::status {
-    auto layer = Layer::create(be, comm, {s, 4, 2, 8}, {.chunk = c});
+  auto one_rank = []<class Layer, class Backend>(Backend& be, auto& comm, index_t s, index_t c,
+                                                 std::optional<float> scale) -> fpdt::status {
+    auto layer = Layer::create(be, comm, {s, 4, 2, 8}, {.chunk = c, .scale = scale});
     if (!layer) return layer.error();
     std::vector<float> q(static_cast<std::size_t>(s / 2 * 4 * 8)), kv(static_cast<std::size_t>(s / 2 * 2 * 8)),
         out(q.size());
@@ -729,10 +734,14 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
                           fpdt::contiguous_view(out.data(), qe).value());
   };
   for (bool const device : {false, true})
-    for (variant const vr : {variant{64, 8, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
-                             variant{32, 16, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"}}) {
+    for (variant const vr :
+         {variant{64, 8, {}, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
+          variant{32, 16, {}, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"},
+          variant{32, 8, 0.1f, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, 4-byte dtype, scale 0.100000001"},
+          variant{32, 8, 1.0f / std::sqrt(8.0f), nullptr}}) {
       CAPTURE(device);
-      CAPTURE(vr.names);
+      CAPTURE(vr.s1);
+      CAPTURE(vr.c1);
       fpdt::local_world world(2, 20s);
       std::vector<fpdt::status> st(2);
       std::vector<int> calls(2, 0);
@@ -746,20 +755,24 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
           if (device) {
             dl_backend be;
             stream_local_communicator sc{&comm};
-            st[ri] = one_rank.template operator()<device_layer>(be, sc, s, c);
+            st[ri] = one_rank.template operator()<device_layer>(be, sc, s, c, r == 0 ? std::nullopt : vr.scale1);
             calls[ri] = sc.calls;
           } else {
             fpdt::host_backend be;
             st[ri] = one_rank.template operator()<fpdt::sequence_parallel_attention<float, fpdt::local_communicator>>(
-                be, comm, s, c);
+                be, comm, s, c, r == 0 ? std::nullopt : vr.scale1);
           }
         });
       for (auto& t : ts) t.join();
       CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+      if (!vr.names) { // they agree: the pass runs
+        for (auto const& e : st) CHECK_MESSAGE(e.ok(), e.to_string());
+        continue;
+      }
       for (auto const& e : st) {
         CHECK(e.code() == fpdt::errc::invalid_argument);
-        CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8") !=
-              std::string::npos);
+        CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, "
+                               "causal mask, 4-byte dtype, scale 0.353553") != std::string::npos);
         CHECK(e.message().find(vr.names) != std::string::npos);
       }
       if (device) // the check's all-to-all only: no exchange of the pass was enqueued

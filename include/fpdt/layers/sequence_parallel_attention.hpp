@@ -65,8 +65,10 @@
 #include <cstdint>
 #include <deque>
 #include <future>
+#include <iomanip>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <string_view>
 #include <vector>
 
@@ -144,10 +146,11 @@ public:
   //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
   //! index; layers run one at a time may share one). The first pass checks, with one gather
-  //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 56
+  //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 64
   //! bytes per rank and one wait for the comm stream), that every rank built the layer with the
-  //! same S, H, H_kv, D, C, mask and dtype (`errc::invalid_argument` naming both ranks' values,
-  //! on every rank, at once, instead of a hang or a size mismatch mid-pass).
+  //! same S, H, H_kv, D, C, mask, dtype and softmax scale (`errc::invalid_argument` naming both
+  //! ranks' values, on every rank, at once, instead of a hang, a size mismatch mid-pass or
+  //! silently wrong outputs).
   //! Errors: those of `ulysses_layout::make` and `fpdt_attention::create`, naming the numbers.
   [[nodiscard]] static result<sequence_parallel_attention> create(B& be, Comm& comm,
                                                                   attention_shape global,
@@ -576,31 +579,38 @@ private:
   }
 
   // Before the first pass: every rank must have built this layer with the same S, H, H_kv, D, C,
-  // mask and dtype. A rank that disagrees would exchange other sizes or another number of
-  // chunks, found only mid-pass: on the host path as a size mismatch or a peer's timeout after
-  // the world's wait, on the device path as an NCCL hang (NCCL has no timeout of its own) or
-  // corrupt blocks. One gather of those numbers names the difference at once, on every rank.
+  // mask, dtype and softmax scale. A rank that disagrees on the sizes would exchange other sizes
+  // or another number of chunks, found only mid-pass: on the host path as a size mismatch or a
+  // peer's timeout after the world's wait, on the device path as an NCCL hang (NCCL has no
+  // timeout of its own) or corrupt blocks; one that disagrees on the scale or the mask gives
+  // every rank silently wrong outputs (each head's softmax runs on one rank with its options).
+  // One gather of those values names the difference at once, on every rank.
   [[nodiscard]] status check_ranks_agree() {
-    constexpr std::size_t n = 7;
-    // As doubles: exact for these values (all far below 2^53), and a dtype every communicator
-    // moves.
+    constexpr std::size_t n = 8;
+    // As doubles: exact for these values (integers far below 2^53, and a float), and a dtype
+    // every communicator moves. The scale is the effective one: an explicit 1/sqrt(D) agrees
+    // with the default.
     std::array<double, n> const mine{static_cast<double>(shape_.sequence), static_cast<double>(shape_.heads),
                                      static_cast<double>(shape_.kv_heads), static_cast<double>(shape_.head_dim),
                                      static_cast<double>(inner_.chunk()),
-                                     inner_.forward_plan().params.causal ? 1.0 : 0.0, static_cast<double>(sizeof(T))};
+                                     inner_.forward_plan().params.causal ? 1.0 : 0.0, static_cast<double>(sizeof(T)),
+                                     static_cast<double>(inner_.softmax_scale())};
     std::vector<double> all(n * static_cast<std::size_t>(comm_->size()));
     FPDT_TRY(gather_all(mine, all));
     auto describe = [&](std::size_t r) {
-      std::array<std::int64_t, n> x{};
-      for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<std::int64_t>(all[r * n + i]);
+      std::array<std::int64_t, n - 1> x{};
+      for (std::size_t i = 0; i + 1 < n; ++i) x[i] = static_cast<std::int64_t>(all[r * n + i]);
+      std::ostringstream scale; // enough digits to tell two floats apart
+      scale << std::setprecision(9) << all[r * n + n - 1];
       return detail::concat("rank ", r, " has S = ", x[0], ", H = ", x[1], ", H_kv = ", x[2], ", D = ", x[3],
-                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, ", x[6], "-byte dtype");
+                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, ", x[6], "-byte dtype, scale ",
+                            scale.str());
     };
     for (std::size_t r = 1; r < static_cast<std::size_t>(comm_->size()); ++r)
       if (!std::equal(all.begin(), all.begin() + n, all.begin() + static_cast<std::ptrdiff_t>(r * n)))
         return make_error(errc::invalid_argument, "sequence_parallel_attention: the ranks disagree on the layer: ",
                           describe(0), "; ", describe(r),
-                          " (every rank must create it with the same global shape, chunk, mask and dtype)");
+                          " (every rank must create it with the same global shape, chunk, mask, dtype and scale)");
     return {};
   }
 
