@@ -133,7 +133,8 @@ run_out run_single(vec const& x, vec const& w, labels_t const& labels, index_t h
 // P ranks as threads; rank r gets tokens [r N/P, (r+1) N/P). Checks run in the main thread.
 std::vector<run_out> run_ranks(int p, vec const& x, vec const& w, labels_t const& labels, index_t hd,
                                index_t v, fpdt::cross_entropy_options const& o, labels_t const* bad_rank_labels = nullptr,
-                               int bad_rank = -1) {
+                               int bad_rank = -1, fpdt::cross_entropy_options const* bad_rank_options = nullptr,
+                               double bad_rank_scale = 1.0) {
   auto const n = static_cast<index_t>(labels.size());
   index_t const nl = n / p;
   fpdt::local_world world(p, std::chrono::seconds(20));
@@ -149,7 +150,8 @@ std::vector<run_out> run_ranks(int p, vec const& x, vec const& w, labels_t const
         ro.st = comm.error();
         return;
       }
-      auto ce = fpdt::chunked_cross_entropy<double>::create(*backends[static_cast<std::size_t>(r)], hd, v, o);
+      auto ce = fpdt::chunked_cross_entropy<double>::create(*backends[static_cast<std::size_t>(r)], hd, v,
+                                                            r == bad_rank && bad_rank_options ? *bad_rank_options : o);
       if (!ce.ok()) {
         ro.st = ce.error();
         return;
@@ -161,7 +163,7 @@ std::vector<run_out> run_ranks(int p, vec const& x, vec const& w, labels_t const
       ro.dw.assign(static_cast<std::size_t>(v * hd), 0.0);
       ro.per_token.assign(static_cast<std::size_t>(nl), 1e30);
       auto res = ce->forward_backward(*comm, 42, cmat(xl, nl, hd), cmat(w, v, hd), ll, mat(ro.dx, nl, hd),
-                                      mat(ro.dw, v, hd), vecv(ro.per_token));
+                                      mat(ro.dw, v, hd), vecv(ro.per_token), {}, r == bad_rank ? bad_rank_scale : 1.0);
       ro.st = res.error();
       if (res.ok()) {
         ro.loss = res->loss;
@@ -477,5 +479,43 @@ TEST_CASE("chunked_cross_entropy: a rank with a bad label fails every rank witho
     CHECK(ranks[static_cast<std::size_t>(r)].st.code() == fpdt::errc::comm_error);
     CHECK(std::all_of(ranks[static_cast<std::size_t>(r)].dx.begin(), ranks[static_cast<std::size_t>(r)].dx.end(),
                       [](double d) { return d == 1e30; }));
+  }
+}
+
+TEST_CASE("chunked_cross_entropy: ranks that disagree on the options fail every rank, naming both, writing nothing") {
+  // Without the check each rank would return its own, silently wrong, loss: another reduction
+  // (another loss scale on one rank), another label smoothing or ignore_index (another loss
+  // function on one rank), or another upstream scale of the reduced loss.
+  int const p = 3;
+  index_t const s = 12, v = 8, hd = 5;
+  vec const x = random_vec(static_cast<std::size_t>(s * hd), 73);
+  vec const w = random_vec(static_cast<std::size_t>(v * hd), 74);
+  labels_t const labels(static_cast<std::size_t>(s), 1);
+  fpdt::cross_entropy_options const o;
+  struct variant {
+    fpdt::cross_entropy_options other;
+    double scale;
+    char const* names;
+  };
+  for (variant const& vr :
+       {variant{{.reduction = fpdt::loss_reduction::sum}, 1.0, "rank 2 has V = 8, Hd = 5, ignore_index -100, label_smoothing 0, reduction sum, scale 1"},
+        variant{{.label_smoothing = 0.1}, 1.0, "label_smoothing 0.10000000000000001, reduction mean"},
+        variant{{.ignore_index = -1}, 1.0, "rank 2 has V = 8, Hd = 5, ignore_index -1,"},
+        variant{{}, 0.5, "rank 2 has V = 8, Hd = 5, ignore_index -100, label_smoothing 0, reduction mean, scale 0.5"},
+        variant{{.chunk = 5}, 1.0, nullptr}}) { // another chunk gives the same loss: allowed
+    CAPTURE(vr.scale);
+    auto const ranks = run_ranks(p, x, w, labels, hd, v, o, nullptr, 2, &vr.other, vr.scale);
+    for (auto const& ro : ranks) {
+      if (!vr.names) {
+        CHECK_MESSAGE(ro.st.ok(), ro.st.to_string());
+        continue;
+      }
+      CHECK(ro.st.code() == fpdt::errc::invalid_argument);
+      CHECK(ro.st.message().find("the ranks disagree: rank 0 has V = 8, Hd = 5, ignore_index -100, label_smoothing 0, "
+                                 "reduction mean, scale 1; ") != std::string::npos);
+      CHECK(ro.st.message().find(vr.names) != std::string::npos);
+      CHECK(std::all_of(ro.dx.begin(), ro.dx.end(), [](double d) { return d == 1e30; }));
+      CHECK(std::all_of(ro.dw.begin(), ro.dw.end(), [](double d) { return d == 0.0; }));
+    }
   }
 }

@@ -30,9 +30,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iomanip>
 #include <span>
+#include <sstream>
+#include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -103,9 +107,12 @@ public:
   }
 
   //! Loss and gradients of this rank's tokens, with the valid-token count and the loss summed
-  //! over the ranks of `comm` (two `all_reduce_sum` calls of 2 doubles on `tag`, one after the
-  //! other: the count before any gradient is formed, the loss at the end). Every rank must call
-  //! it with the same options and tag; every rank returns the same loss and count.
+  //! over the ranks of `comm` (two collectives on `tag`, one after the other: an `all_gather` of
+  //! 64 bytes per rank with the valid-token count, whether the rank's checks passed and its V, Hd,
+  //! ignore_index, label_smoothing, reduction and (mean, sum) `scale`, before any gradient is
+  //! formed; an `all_reduce_sum` of 2 doubles, the loss, at the end). Every rank must call it
+  //! with the same layer options, V, Hd, `scale` (mean, sum) and tag; every rank returns the same
+  //! loss and count.
   //!
   //! \param x              `[N, Hd]` hidden states (read only), N >= 0 (may differ per rank)
   //! \param w              `[V, Hd]` head weight (read only)
@@ -120,14 +127,21 @@ public:
   //! Errors (every rank returns an error when any rank fails its checks, and nothing is written
   //! on any rank): `errc::shape_mismatch` / `errc::invalid_argument` naming the tensor or the
   //! token index and label value; the arena's `errc::out_of_memory`; `errc::comm_error` on the
-  //! ranks whose own checks passed while another's failed; the communicator's errors.
+  //! ranks whose own checks passed while another's failed; `errc::invalid_argument` on every
+  //! rank, naming rank 0's and the first differing rank's values, when the ranks disagree on V,
+  //! Hd, ignore_index, label_smoothing, reduction or (mean, sum) `scale` (which would otherwise
+  //! give each rank a different, silently wrong loss); the communicator's errors.
   template <communicator Comm>
   [[nodiscard]] result<cross_entropy_result<T>>
   forward_backward(Comm& comm, std::uint64_t tag, tensor_view<T const, 2> x,
                    tensor_view<T const, 2> w, std::span<std::int32_t const> labels,
                    tensor_view<T, 2> dx, tensor_view<T, 2> dw, tensor_view<T, 1> per_token_loss = {},
                    tensor_view<T const, 1> grad_output = {}, double scale = 1.0) {
-    return run([&](double* v) { return comm.all_reduce_sum(v, v, 2, tag); }, x, w, labels, dx, dw,
+    auto gather = [&](rank_record const& mine, std::vector<rank_record>& all) {
+      all.assign(static_cast<std::size_t>(comm.size()), rank_record{});
+      return comm.all_gather(&mine, all.data(), sizeof(rank_record), tag);
+    };
+    return run(gather, [&](double* v) { return comm.all_reduce_sum(v, v, 2, tag); }, x, w, labels, dx, dw,
                per_token_loss, grad_output, scale);
   }
 
@@ -137,7 +151,11 @@ public:
                    std::span<std::int32_t const> labels, tensor_view<T, 2> dx, tensor_view<T, 2> dw,
                    tensor_view<T, 1> per_token_loss = {}, tensor_view<T const, 1> grad_output = {},
                    double scale = 1.0) {
-    return run([](double*) { return status{}; }, x, w, labels, dx, dw, per_token_loss,
+    auto gather = [](rank_record const& mine, std::vector<rank_record>& all) {
+      all.assign(1, mine);
+      return status{};
+    };
+    return run(gather, [](double*) { return status{}; }, x, w, labels, dx, dw, per_token_loss,
                grad_output, scale);
   }
 
@@ -213,9 +231,33 @@ private:
     return {};
   }
 
-  template <class Reduce>
+  // What each rank tells the others before any gradient is formed (gathered as bytes).
+  struct rank_record {
+    std::int64_t valid = 0;        // this rank's valid tokens
+    std::int64_t failed = 0;       // 1 when its checks or its allocation failed
+    std::int64_t vocab = 0, hidden = 0, ignore_index = 0;
+    double label_smoothing = 0.0;
+    double scale = 0.0;            // mean, sum: the upstream gradient (none: 0, per rank)
+    std::int64_t reduction = 0;
+    [[nodiscard]] bool same_layer(rank_record const& o) const noexcept {
+      return vocab == o.vocab && hidden == o.hidden && ignore_index == o.ignore_index &&
+             label_smoothing == o.label_smoothing && scale == o.scale && reduction == o.reduction;
+    }
+    [[nodiscard]] std::string describe(std::size_t r) const {
+      static constexpr char const* names[] = {"mean", "sum", "none"};
+      std::ostringstream os; // enough digits to tell two doubles apart
+      os << std::setprecision(17) << "rank " << r << " has V = " << vocab << ", Hd = " << hidden
+         << ", ignore_index " << ignore_index << ", label_smoothing " << label_smoothing << ", reduction "
+         << names[reduction < 0 || reduction > 2 ? 0 : reduction];
+      if (reduction != static_cast<std::int64_t>(loss_reduction::none)) os << ", scale " << scale;
+      return os.str();
+    }
+  };
+  static_assert(sizeof(rank_record) == 64 && std::is_trivially_copyable_v<rank_record>);
+
+  template <class Gather, class Reduce>
   [[nodiscard]] result<cross_entropy_result<T>>
-  run(Reduce&& reduce, tensor_view<T const, 2> x, tensor_view<T const, 2> w,
+  run(Gather&& gather, Reduce&& reduce, tensor_view<T const, 2> x, tensor_view<T const, 2> w,
       std::span<std::int32_t const> labels, tensor_view<T, 2> dx, tensor_view<T, 2> dw,
       tensor_view<T, 1> per_token_loss, tensor_view<T const, 1> grad_output, double scale) {
     using namespace detail::chunked;
@@ -234,13 +276,33 @@ private:
         else local = a.error();
       }
     }
-    double counts[2] = {static_cast<double>(valid), local.ok() ? 0.0 : 1.0};
-    FPDT_TRY(reduce(counts));
+    rank_record mine;
+    mine.valid = valid;
+    mine.failed = local.ok() ? 0 : 1;
+    mine.vocab = vocab_;
+    mine.hidden = hidden_;
+    mine.ignore_index = options_.ignore_index;
+    mine.label_smoothing = options_.label_smoothing;
+    mine.reduction = static_cast<std::int64_t>(options_.reduction);
+    mine.scale = options_.reduction == loss_reduction::none ? 0.0 : scale;
+    std::vector<rank_record> all;
+    FPDT_TRY(gather(mine, all));
     if (!local.ok()) return local;
-    if (counts[1] > 0.0)
-      return make_error(errc::comm_error, "chunked_cross_entropy: ", counts[1],
+    std::int64_t failed = 0, global_count = 0;
+    for (rank_record const& r : all) {
+      failed += r.failed;
+      global_count += r.valid;
+    }
+    if (failed > 0)
+      return make_error(errc::comm_error, "chunked_cross_entropy: ", failed,
                         " other rank(s) failed their checks (see their status); nothing was written");
-    double const global_valid = counts[0];
+    for (std::size_t r = 1; r < all.size(); ++r)
+      if (!all[r].same_layer(all[0]))
+        return make_error(errc::invalid_argument, "chunked_cross_entropy: the ranks disagree: ", all[0].describe(0),
+                          "; ", all[r].describe(r),
+                          " (every rank must use the same V, Hd, ignore_index, label_smoothing, reduction and, "
+                          "for mean and sum, scale); nothing was written");
+    double const global_valid = static_cast<double>(global_count);
     cross_entropy_result<T> out;
     out.valid_tokens = static_cast<index_t>(global_valid);
 
