@@ -461,6 +461,9 @@ TEST_CASE("chunked_cross_entropy: bad labels and shapes are clear errors that wr
   REQUIRE(ce2.ok());
   r = ce2->forward_backward(cmat(x, n, hd), cmat(w, v, hd), labels, mat(dx, n, hd), mat(dw, v, hd));
   CHECK(r.error().code() == fpdt::errc::out_of_memory);
+  CHECK(r.error().message().find("; this chunked_cross_entropy call of " + std::to_string(n) + " tokens needs " +
+                                 std::to_string(ce2->workspace_bytes(n)) + " bytes at its peak (chunk 0: all tokens at once") !=
+        std::string::npos);
   CHECK(std::all_of(dx.begin(), dx.end(), [](double d) { return d == 9.0; }));
 }
 

@@ -3,6 +3,7 @@
 // reference written here (itself checked by finite differences); gradients accumulate; CASE A17
 // (inputs and weights bit-identical after forward and backward); the arena's peak equals
 // workspace_bytes() and does not grow with N; out-of-memory and argument errors.
+#include <fpdt/layers/chunked_cross_entropy.hpp>
 #include <fpdt/layers/chunked_mlp.hpp>
 
 #include "dense_helpers.hpp"
@@ -344,6 +345,25 @@ TEST_CASE("chunked_mlp: arena peak equals workspace_bytes and does not grow with
   CHECK(mlp->workspace_bytes(11) == 2 * fpdt::device_arena::rounded_size(11 * 9 * sizeof(double)));
 }
 
+TEST_CASE("chunked_mlp and chunked_cross_entropy: workspace sizes too large for size_t saturate, never wrap") {
+  // A planner in count-only mode reads the workspace; a product that wrapped (to 0 here) would
+  // read as "fits".
+  fpdt::host_backend be;
+  index_t const huge = index_t{1} << 40;
+  auto mlp = fpdt::chunked_mlp<float>::create(be, {4096, huge, fpdt::mlp_activation::swiglu}, {index_t{1} << 22});
+  REQUIRE(mlp.ok());
+  std::size_t const max = ~std::size_t{0};
+  CHECK(mlp->forward_workspace_bytes(index_t{1} << 22) == max);
+  CHECK(mlp->workspace_bytes() == max);
+  auto ce = fpdt::chunked_cross_entropy<float>::create(be, 4096, huge, {.chunk = index_t{1} << 22});
+  REQUIRE(ce.ok());
+  CHECK(ce->workspace_bytes() == max);
+  // Realistic sizes stay exact: V = 128256 (Llama 3), chunk 2^20 tokens, fp32.
+  auto llama = fpdt::chunked_cross_entropy<float>::create(be, 4096, 128256, {.chunk = index_t{1} << 20});
+  REQUIRE(llama.ok());
+  CHECK(llama->workspace_bytes() == std::size_t{128256} * (std::size_t{1} << 20) * 4);
+}
+
 TEST_CASE("chunked_mlp: over budget is out_of_memory and writes nothing") {
   index_t const n = 16, hd = 8, f = 64;
   problem const p(n, hd, f, fpdt::mlp_activation::swiglu, true, 900);
@@ -359,6 +379,10 @@ TEST_CASE("chunked_mlp: over budget is out_of_memory and writes nothing") {
   fpdt::status st = mlp->backward(p.weights(), cmat(p.x, n, hd), cmat(p.dy, n, hd), mat(g.dx, n, hd), grad_views(p, g));
   CHECK(st.code() == fpdt::errc::out_of_memory);
   CHECK(st.message().find("chunked_mlp backward") != std::string::npos);
+  // the arena names one buffer; the message also gives what the whole pass needs
+  CHECK(st.message().find("; this chunked_mlp backward of 16 tokens needs " + std::to_string(3 * one) +
+                          " bytes at its peak (chunk 4; a smaller chunk needs less)") != std::string::npos);
+  CHECK(mlp->backward_workspace_bytes(n) == 3 * one);
   CHECK(g.dx == before.dx);
   CHECK(g.w_up == before.w_up);
   CHECK(be.device_memory().current_bytes() == 0);

@@ -160,10 +160,10 @@ public:
   }
 
   //! Device bytes a call over `tokens` tokens holds at its peak, exactly as the arena counts them:
-  //! rounded(min(chunk, tokens) V sizeof(T)).
+  //! rounded(min(chunk, tokens) V sizeof(T)); SIZE_MAX when that overflows `size_t` (the arena
+  //! then refuses the call).
   [[nodiscard]] std::size_t workspace_bytes(index_t tokens) const noexcept {
-    return detail::chunked::rounded(
-        static_cast<std::size_t>((tokens > 0 ? chunk_rows(tokens) : 0) * vocab_) * sizeof(T));
+    return detail::chunked::buffer_bytes(tokens > 0 ? chunk_rows(tokens) : 0, vocab_, sizeof(T));
   }
   //! Device bytes a call holds at its peak for any N >= chunk (independent of N). With chunk = 0
   //! the workspace grows with N: returns 0, use `workspace_bytes(tokens)`.
@@ -273,7 +273,8 @@ private:
       if (n > 0) {
         auto a = arena.allocate(workspace_bytes(n), "chunked_cross_entropy logits [chunk, vocab]");
         if (a.ok()) logits = std::move(*a);
-        else local = a.error();
+        else local = detail::chunked::with_pass_need(a.error(), "chunked_cross_entropy call", workspace_bytes(n), n,
+                                                     chunk_);
       }
     }
     rank_record mine;

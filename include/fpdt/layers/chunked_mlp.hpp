@@ -136,12 +136,15 @@ public:
     if (n == 0) return {};
     index_t const rows = chunk_rows(n);
     device_arena& arena = be_->device_memory();
+    auto need = [&](status const& st) {
+      return detail::chunked::with_pass_need(st, "chunked_mlp forward", forward_workspace_bytes(n), n, chunk_);
+    };
     auto up = arena.allocate(buffer_bytes(rows), "chunked_mlp forward up [chunk, ffn]");
-    if (!up.ok()) return up.error();
+    if (!up.ok()) return need(up.error());
     arena_allocation gate;
     if (swiglu()) {
       auto g = arena.allocate(buffer_bytes(rows), "chunked_mlp forward gate [chunk, ffn]");
-      if (!g.ok()) return g.error();
+      if (!g.ok()) return need(g.error());
       gate = std::move(*g);
     }
     if (arena.mode() == arena_mode::count_only) return {};
@@ -197,15 +200,18 @@ public:
     if (n == 0) return {};
     index_t const rows = chunk_rows(n);
     device_arena& arena = be_->device_memory();
+    auto need = [&](status const& st) {
+      return detail::chunked::with_pass_need(st, "chunked_mlp backward", backward_workspace_bytes(n), n, chunk_);
+    };
     auto b1 = arena.allocate(buffer_bytes(rows), "chunked_mlp backward up [chunk, ffn]");
-    if (!b1.ok()) return b1.error();
+    if (!b1.ok()) return need(b1.error());
     auto b2 = arena.allocate(buffer_bytes(rows), swiglu() ? "chunked_mlp backward gate [chunk, ffn]"
                                                           : "chunked_mlp backward act [chunk, ffn]");
-    if (!b2.ok()) return b2.error();
+    if (!b2.ok()) return need(b2.error());
     arena_allocation b3;
     if (swiglu()) {
       auto a = arena.allocate(buffer_bytes(rows), "chunked_mlp backward act [chunk, ffn]");
-      if (!a.ok()) return a.error();
+      if (!a.ok()) return need(a.error());
       b3 = std::move(*a);
     }
     if (arena.mode() == arena_mode::count_only) return {};
@@ -266,14 +272,16 @@ public:
   }
 
   //! Device bytes a forward over `tokens` tokens holds at its peak, exactly as the arena counts
-  //! them: (1 for GeLU, 2 for SwiGLU) x rounded(min(chunk, tokens) F sizeof(T)).
+  //! them: (1 for GeLU, 2 for SwiGLU) x rounded(min(chunk, tokens) F sizeof(T)); SIZE_MAX when
+  //! that overflows `size_t` (the arena then refuses the pass).
   [[nodiscard]] std::size_t forward_workspace_bytes(index_t tokens) const noexcept {
-    return (swiglu() ? 2u : 1u) * buffer_bytes(tokens > 0 ? chunk_rows(tokens) : 0);
+    return detail::chunked::mul_saturating(swiglu() ? 2u : 1u, buffer_bytes(tokens > 0 ? chunk_rows(tokens) : 0));
   }
   //! Device bytes a backward over `tokens` tokens holds at its peak, exactly as the arena counts
-  //! them: (2 for GeLU, 3 for SwiGLU) x rounded(min(chunk, tokens) F sizeof(T)).
+  //! them: (2 for GeLU, 3 for SwiGLU) x rounded(min(chunk, tokens) F sizeof(T)); SIZE_MAX when
+  //! that overflows `size_t`.
   [[nodiscard]] std::size_t backward_workspace_bytes(index_t tokens) const noexcept {
-    return (swiglu() ? 3u : 2u) * buffer_bytes(tokens > 0 ? chunk_rows(tokens) : 0);
+    return detail::chunked::mul_saturating(swiglu() ? 3u : 2u, buffer_bytes(tokens > 0 ? chunk_rows(tokens) : 0));
   }
   //! The larger of the forward's and the backward's peak for `tokens` tokens (the backward's).
   [[nodiscard]] std::size_t workspace_bytes(index_t tokens) const noexcept {
@@ -302,7 +310,7 @@ private:
     return chunk_ == 0 ? n : std::min(chunk_, n);
   }
   [[nodiscard]] std::size_t buffer_bytes(index_t rows) const noexcept {
-    return detail::chunked::rounded(static_cast<std::size_t>(rows * ffn()) * sizeof(T));
+    return detail::chunked::buffer_bytes(rows, ffn(), sizeof(T));
   }
 
   [[nodiscard]] status check_weights(char const* who, mlp_weights<T> const& w) const {

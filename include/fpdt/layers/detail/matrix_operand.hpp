@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <string_view>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -21,6 +22,33 @@ namespace detail::chunked {
 
 //! `b` bytes as the arena reserves them.
 [[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return device_arena::rounded_size(b); }
+
+//! Sizes too large for `size_t` saturate here, so that a workspace query never wraps to a small
+//! number (a planner would read it as "fits") and the arena refuses the request by name.
+inline constexpr std::size_t saturated = ~std::size_t{0};
+
+//! a * b, or `saturated` when that overflows (or either is saturated).
+[[nodiscard]] constexpr std::size_t mul_saturating(std::size_t a, std::size_t b) noexcept {
+  if (a == saturated || b == saturated) return saturated;
+  return a != 0 && b > saturated / a ? saturated : a * b;
+}
+
+//! An arena error of a chunked layer's pass, with what the whole pass needs appended (the
+//! arena's message names one buffer only).
+[[nodiscard]] inline status with_pass_need(status const& st, std::string_view pass, std::size_t need,
+                                           index_t tokens, index_t chunk) {
+  if (st.code() != errc::out_of_memory) return st;
+  return make_error(st.code(), st.message(), "; this ", pass, " of ", tokens, " tokens needs ", need,
+                    " bytes at its peak (chunk ", chunk, chunk == 0 ? ": all tokens at once" : "",
+                    "; a smaller chunk needs less)");
+}
+
+//! rounded(rows x cols x elem bytes) for a `[rows, cols]` buffer, or `saturated` when it exceeds
+//! the arena's largest request.
+[[nodiscard]] constexpr std::size_t buffer_bytes(index_t rows, index_t cols, std::size_t elem) noexcept {
+  std::size_t const b = mul_saturating(mul_saturating(static_cast<std::size_t>(rows), static_cast<std::size_t>(cols)), elem);
+  return b > device_arena::max_request ? saturated : rounded(b);
+}
 
 //! Leading dimension (elements between rows) of a row-major 2-D view, for a GEMM.
 template <class T> [[nodiscard]] index_t leading_dim(tensor_view<T, 2> const& v) noexcept {
