@@ -107,6 +107,109 @@ TEST_CASE("mpi communicator: an abort ends every peer's wait within 10 s") {
   MPI_Barrier(MPI_COMM_WORLD); // the next test starts together
 }
 
+// Rank 0 expects fewer bytes from its peers than they send (its receives are truncated); the
+// peers get fewer bytes from rank 0 than they expect. Both sides get errc::shape_mismatch naming
+// the operation, the rank, the tag and the peer, and the communicator stays usable.
+TEST_CASE("mpi communicator: a peer sending more bytes than expected is a shape mismatch, not an MPI error") {
+  dup_comm d;
+  auto c = fpdt::mpi_communicator::create(d.c, 30s).value();
+  int const p = c.size(), r = c.rank();
+  auto const np = static_cast<std::size_t>(p);
+  std::string const self = "(rank " + std::to_string(r) + ", tag ";
+  auto check_mismatch = [&](fpdt::status const& st, char const* op, std::uint64_t tag, std::size_t small,
+                            std::size_t large) {
+    INFO(st.message());
+    CHECK(st.code() == fpdt::errc::shape_mismatch);
+    CHECK(has(st.message(), std::string("mpi_communicator::") + op + " " + self + std::to_string(tag) + ")"));
+    if (r == 0)
+      CHECK(has(st.message(), "rank 1 sent more than the expected " + std::to_string(small) + " bytes"));
+    else
+      CHECK(has(st.message(), "rank 0 sent " + std::to_string(small) + " bytes, expected " + std::to_string(large)));
+  };
+  // The communicator still works: a matching all_to_all moves the right blocks.
+  auto check_usable = [&](std::uint64_t tag) {
+    std::vector<int> send(np), recv(np, -1);
+    for (int q = 0; q < p; ++q)
+      send[static_cast<std::size_t>(q)] = 100 * r + q + static_cast<int>(tag);
+    REQUIRE(c.all_to_all(send.data(), recv.data(), sizeof(int), tag).ok());
+    for (int q = 0; q < p; ++q)
+      CHECK(recv[static_cast<std::size_t>(q)] == 100 * q + r + static_cast<int>(tag));
+  };
+
+  std::vector<std::byte> send(16 * np, std::byte{1}), recv(16 * np);
+  fpdt::status st = c.all_to_all(send.data(), recv.data(), r == 0 ? 8 : 16, 21);
+  check_mismatch(st, "all_to_all", 21, 8, 16);
+  check_usable(22);
+
+  std::vector<double> x(4, 1.0), y(4);
+  st = c.all_reduce_sum(x.data(), y.data(), r == 0 ? 2 : 4, 23);
+  check_mismatch(st, "all_reduce_sum", 23, 2 * sizeof(double), 4 * sizeof(double));
+  check_usable(24);
+
+  // all_to_all_v: rank 0 sends and expects 8 bytes per peer, the others 16 (16 to and from self).
+  std::vector<std::size_t> bytes(np), offsets(np);
+  for (std::size_t q = 0; q < np; ++q) {
+    bytes[q] = r == 0 && q != 0 ? 8 : 16;
+    offsets[q] = 16 * q;
+  }
+  st = c.all_to_all_v(send.data(), bytes, offsets, recv.data(), bytes, offsets, 25);
+  check_mismatch(st, "all_to_all_v", 25, 8, 16);
+  check_usable(26);
+
+  // Blocks large enough for MPI's rendezvous protocol.
+  std::vector<std::byte> big_send((128u << 10) * np, std::byte{2}), big_recv(big_send.size());
+  st = c.all_to_all(big_send.data(), big_recv.data(), r == 0 ? 64u << 10 : 128u << 10, 27);
+  check_mismatch(st, "all_to_all", 27, 64u << 10, 128u << 10);
+  check_usable(28);
+  REQUIRE(c.barrier(29).ok());
+}
+
+TEST_CASE("mpi communicator: errors name the operation called") {
+  dup_comm d;
+  auto c = fpdt::mpi_communicator::create(d.c, 30s).value();
+  auto const np = static_cast<std::size_t>(c.size());
+  auto names = [](fpdt::status const& st, fpdt::errc code, std::string const& op) {
+    INFO(st.message());
+    CHECK(st.code() == code);
+    CHECK(has(st.message(), "mpi_communicator::" + op + " (rank "));
+  };
+  std::vector<std::size_t> bytes(np, 4), offsets(np, 0);
+  names(c.all_to_all(nullptr, nullptr, 4, 1), fpdt::errc::invalid_argument, "all_to_all");
+  names(c.all_to_all_v(nullptr, bytes, offsets, nullptr, bytes, offsets, 1), fpdt::errc::invalid_argument,
+        "all_to_all_v");
+  std::vector<int> buf(np, 0);
+  for (std::size_t q = 0; q < np; ++q)
+    offsets[q] = 4 * q;
+  auto const big = c.max_tag() + 1;
+  names(c.all_to_all(buf.data(), buf.data(), 4, big), fpdt::errc::invalid_argument, "all_to_all");
+  names(c.all_to_all_v(buf.data(), bytes, offsets, buf.data(), bytes, offsets, big),
+        fpdt::errc::invalid_argument, "all_to_all_v");
+  double v = 1;
+  names(c.all_reduce_sum(&v, &v, 1, big), fpdt::errc::invalid_argument, "all_reduce_sum");
+  float f = 1;
+  names(c.all_reduce_sum(&f, &f, 1, big), fpdt::errc::invalid_argument, "all_reduce_sum");
+  names(c.all_gather(&v, buf.data(), 0, big), fpdt::errc::invalid_argument, "all_gather");
+  names(c.barrier(big), fpdt::errc::invalid_argument, "barrier");
+
+  // A timeout inside all_reduce_sum: only rank 0 calls it (on its own communicator, which the
+  // timeout ends); the others then take rank 0's message so that its send completes.
+  dup_comm d2;
+  auto c2 = fpdt::mpi_communicator::create(d2.c, 300ms).value();
+  if (c2.rank() == 0) {
+    fpdt::status const st = c2.all_reduce_sum(&v, &v, 1, 9);
+    names(st, fpdt::errc::timeout, "all_reduce_sum");
+    CHECK(has(st.message(), "mpi_communicator::all_reduce_sum (rank 0, tag 9): timed out"));
+    names(c2.barrier(10), fpdt::errc::comm_error, "barrier");
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (c2.rank() != 0) {
+    double got = 0;
+    CHECK(MPI_Recv(&got, 1, MPI_DOUBLE, 0, 9, d2.c, MPI_STATUS_IGNORE) == MPI_SUCCESS);
+    CHECK(got == 1.0);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 TEST_CASE("mpi sequence parallel attention: local outputs and gradients equal float64 dense attention") {
   int world = 1, me = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
