@@ -737,7 +737,7 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
     for (variant const vr :
          {variant{64, 8, {}, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
           variant{32, 16, {}, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"},
-          variant{32, 8, 0.1f, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, 4-byte dtype, scale 0.100000001"},
+          variant{32, 8, 0.1f, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, dtype f32, scale 0.100000001"},
           variant{32, 8, 1.0f / std::sqrt(8.0f), nullptr}}) {
       CAPTURE(device);
       CAPTURE(vr.s1);
@@ -772,12 +772,90 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
       for (auto const& e : st) {
         CHECK(e.code() == fpdt::errc::invalid_argument);
         CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, "
-                               "causal mask, 4-byte dtype, scale 0.353553") != std::string::npos);
+                               "causal mask, dtype f32, scale 0.353553") != std::string::npos);
         CHECK(e.message().find(vr.names) != std::string::npos);
       }
       if (device) // the check's all-to-all only: no exchange of the pass was enqueued
         CHECK(calls == std::vector<int>{1, 1});
     }
+}
+
+TEST_CASE("sequence parallel attention: ranks built with bf16 and fp16 (same size, other numbers) fail the check") {
+  // Both dtypes are 2 bytes, so every exchange has the right size and the outputs would be
+  // silently wrong: the check compares the dtype itself, not its size.
+  fpdt::local_world world(2, 20s);
+  auto run = []<class T>(fpdt::local_world& w, int r, T) -> fpdt::status {
+    auto comm = w.communicator(r).value();
+    fpdt::host_backend be;
+    auto layer = fpdt::sequence_parallel_attention<T, fpdt::local_communicator>::create(be, comm, {32, 4, 2, 8},
+                                                                                       {.chunk = 8});
+    if (!layer) return layer.error();
+    std::vector<T> q(16 * 4 * 8, T(0.5f)), kv(16 * 2 * 8, T(0.25f)), out(q.size());
+    std::array<index_t, 3> const qe{16, 4, 8}, ke{16, 2, 8};
+    return layer->forward(fpdt::contiguous_view<T const>(q.data(), qe).value(),
+                          fpdt::contiguous_view<T const>(kv.data(), ke).value(),
+                          fpdt::contiguous_view<T const>(kv.data(), ke).value(),
+                          fpdt::contiguous_view(out.data(), qe).value());
+  };
+  fpdt::status st0, st1;
+  std::thread a([&] { st0 = run(world, 0, fpdt::bfloat16{}); }), b([&] { st1 = run(world, 1, fpdt::half{}); });
+  a.join();
+  b.join();
+  for (fpdt::status const& e : {st0, st1}) {
+    CHECK(e.code() == fpdt::errc::invalid_argument);
+    CHECK(e.message().find("causal mask, dtype bf16, scale 0.353553") != std::string::npos);
+    CHECK(e.message().find("rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, dtype f16") !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("sequence parallel attention: on the device path a rank whose ranks-agree check fails releases its peers at once") {
+  // Rank 0's arena has room for one of the check's two buffers only. Its peer has already
+  // enqueued the check's all-to-all and waits for it: rank 0 must abort the communicator (as any
+  // failure of a pass does) rather than leave rank 1 to the world's timeout.
+  fpdt::local_world world(2, 20s);
+  std::vector<fpdt::status> st(2);
+  std::vector<double> seconds(2, -1.0);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      auto comm = world.communicator(r).value();
+      dl_backend be;
+      stream_local_communicator sc{&comm};
+      auto const ri = static_cast<std::size_t>(r);
+      auto layer = device_layer::create(be, sc, {32, 4, 2, 8}, {.chunk = 8});
+      if (!layer) {
+        st[ri] = layer.error();
+        return;
+      }
+      fpdt::arena_allocation ballast;
+      if (r == 0) {
+        auto& a = be.device_memory();
+        auto b = a.allocate(a.budget_bytes() - a.current_bytes() - fpdt::device_arena::rounded_size(2 * 8 * 8),
+                            "ballast");
+        if (!b.ok()) {
+          st[ri] = b.error();
+          return;
+        }
+        ballast = std::move(*b);
+      }
+      std::vector<float> q(16 * 4 * 8), kv(16 * 2 * 8), out(q.size());
+      std::array<index_t, 3> const qe{16, 4, 8}, ke{16, 2, 8};
+      auto const t0 = std::chrono::steady_clock::now();
+      st[ri] = layer->forward(fpdt::contiguous_view<float const>(q.data(), qe).value(),
+                              fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                              fpdt::contiguous_view<float const>(kv.data(), ke).value(),
+                              fpdt::contiguous_view(out.data(), qe).value());
+      seconds[ri] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    });
+  for (auto& t : ts) t.join();
+  CHECK(st[0].code() == fpdt::errc::out_of_memory);
+  CHECK(st[0].message().find("the ranks-agree check") != std::string::npos);
+  CHECK(st[0].message().find("rank agreement check") != std::string::npos);
+  CHECK(st[1].code() == fpdt::errc::comm_error);
+  CHECK(st[1].message().find("rank 0 aborted") != std::string::npos);
+  CHECK(seconds[1] >= 0.0);
+  CHECK(seconds[1] < 5.0);
 }
 
 TEST_CASE("sequence parallel attention: on the device path a stalled compute lane still gets each chunk's own q, k, v") {

@@ -590,10 +590,9 @@ public:
   [[nodiscard]] index_t chunk() const noexcept { return c_; }
   //! The options the layer was created with (`chunk` as given: 0 means C = S, see `chunk()`).
   [[nodiscard]] fpdt_attention_options const& options() const noexcept { return opt_; }
-  //! The softmax scale the kernel is given: `options().scale`, or 1/sqrt(D) when that is empty.
-  [[nodiscard]] float softmax_scale() const noexcept {
-    return opt_.scale.value_or(1.0f / std::sqrt(static_cast<float>(shape_.head_dim)));
-  }
+  //! The softmax scale the kernel applies (`resolve_scale`): `options().scale`, or
+  //! 1.0f / std::sqrt(float(D)) when that is empty.
+  [[nodiscard]] float softmax_scale() const noexcept { return resolve_scale(opt_.scale, shape_.head_dim); }
   //! Number of chunks, u.
   [[nodiscard]] index_t chunks() const noexcept { return shape_.sequence / c_; }
 

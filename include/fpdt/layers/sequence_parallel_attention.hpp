@@ -34,8 +34,9 @@
 //! pack kernel, the all-to-all, an unpack kernel: `attention_step_ops<B>::ulysses_pack` /
 //! `ulysses_unpack`, which sum replicated key/value gradients in rank order as the host does), and
 //! events order the hand-overs both ways: the comm stream waits for the copy that filled or freed
-//! a buffer on a lane, and the lane waits for the exchange that filled its slot. Nothing blocks
-//! the host until the pass ends, so the all-to-all of chunk c + 1 runs beside chunk c's compute,
+//! a buffer on a lane, and the lane waits for the exchange that filled its slot. Apart from the
+//! first pass's ranks-agree check (one 64-byte all-to-all and a wait, see `create`), nothing
+//! blocks the host until the pass ends, so the all-to-all of chunk c + 1 runs beside chunk c's compute,
 //! and every rank issues its collectives in the schedule's order (dout's too, which on the host
 //! run on the h2d lane). The caller's callbacks need the stream form (`fpdt::cuda::stream&`) and
 //! are called on the caller's thread, in chunk order. The backward's dout exchange runs one fetch
@@ -61,6 +62,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -147,7 +149,7 @@ public:
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
   //! index; layers run one at a time may share one). The first pass checks, with one gather
   //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 64
-  //! bytes per rank and one wait for the comm stream), that every rank built the layer with the
+  //! bytes per rank through pinned host memory, and one wait for the comm stream), that every rank built the layer with the
   //! same S, H, H_kv, D, C, mask, dtype and softmax scale (`errc::invalid_argument` naming both
   //! ranks' values, on every rank, at once, instead of a hang, a size mismatch mid-pass or
   //! silently wrong outputs).
@@ -587,13 +589,14 @@ private:
   // One gather of those values names the difference at once, on every rank.
   [[nodiscard]] status check_ranks_agree() {
     constexpr std::size_t n = 8;
-    // As doubles: exact for these values (integers far below 2^53, and a float), and a dtype
-    // every communicator moves. The scale is the effective one: an explicit 1/sqrt(D) agrees
-    // with the default.
+    // As doubles: exact for these values (integers far below 2^53, and a float). The scale is
+    // the effective one (`resolve_scale`): an explicit scale agrees with the default when it is
+    // the same float, 1.0f / std::sqrt(float(D)).
     std::array<double, n> const mine{static_cast<double>(shape_.sequence), static_cast<double>(shape_.heads),
                                      static_cast<double>(shape_.kv_heads), static_cast<double>(shape_.head_dim),
                                      static_cast<double>(inner_.chunk()),
-                                     inner_.forward_plan().params.causal ? 1.0 : 0.0, static_cast<double>(sizeof(T)),
+                                     inner_.forward_plan().params.causal ? 1.0 : 0.0,
+                                     static_cast<double>(static_cast<int>(dtype_of<T>)),
                                      static_cast<double>(inner_.softmax_scale())};
     std::vector<double> all(n * static_cast<std::size_t>(comm_->size()));
     FPDT_TRY(gather_all(mine, all));
@@ -603,8 +606,8 @@ private:
       std::ostringstream scale; // enough digits to tell two floats apart
       scale << std::setprecision(9) << all[r * n + n - 1];
       return detail::concat("rank ", r, " has S = ", x[0], ", H = ", x[1], ", H_kv = ", x[2], ", D = ", x[3],
-                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, ", x[6], "-byte dtype, scale ",
-                            scale.str());
+                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, dtype ",
+                            to_string(static_cast<dtype>(x[6])), ", scale ", scale.str());
     };
     for (std::size_t r = 1; r < static_cast<std::size_t>(comm_->size()); ++r)
       if (!std::equal(all.begin(), all.begin() + n, all.begin() + static_cast<std::ptrdiff_t>(r * n)))
@@ -616,32 +619,46 @@ private:
 
   // Every rank's `mine` into `all` ([P][n], rank order). Host path: the communicator's
   // all_gather, tagged with tensor 7 of the forward, chunk 0, which no exchange uses. Device
-  // path (no all_gather in the stream_communicator concept): `mine` replicated P times, one
-  // stream-ordered all-to-all of n values per rank through two small device buffers on the comm
-  // stream, then a wait for that stream. It is the first collective every rank enqueues on this
+  // path (no all_gather in the stream_communicator concept): `mine` replicated P times in pinned
+  // host memory (as the backend concept requires of a copy's host side), copied to a small device
+  // buffer, one stream-ordered all-to-all on the comm stream, copied back, then a wait for that
+  // stream. The values travel as f32 words (an all-to-all is a plain copy, and f32 is a dtype
+  // the layer's exchanges already need). It is the first collective every rank enqueues on this
   // layer, so the ranks' calls match by order as NCCL requires; its sizes do not depend on the
-  // values compared, so it completes even when the ranks disagree.
+  // values compared, so it completes even when the ranks disagree. A failure of this rank's own
+  // (memory, a copy, the enqueue, the wait, the communicator's asynchronous error) aborts the
+  // communicator where it can be, so peers waiting in the all-to-all are released.
   template <std::size_t n>
   [[nodiscard]] status gather_all(std::array<double, n> const& mine, std::vector<double>& all) {
     if constexpr (host_path) {
       return comm_->all_gather(mine.data(), all.data(), sizeof(mine), tag(0, 7, 0));
     } else {
       auto& ln = *lane_;
-      std::size_t const count = all.size();
-      std::vector<double> replicated(count);
-      for (std::size_t i = 0; i < count; ++i) replicated[i] = mine[i % n];
+      std::size_t const count = all.size(), bytes = count * sizeof(double);
+      constexpr char const* what = "sequence_parallel_attention: the ranks-agree check";
+      auto host = ln.be->pinned_memory().acquire(2 * bytes);
+      if (!host) return abort_on_error(host.error().with_context(what));
+      double* const h_send = host->template as<double>();
+      double* const h_recv = h_send + count;
+      for (std::size_t i = 0; i < count; ++i) h_send[i] = mine[i % n];
       detail::sp::buffer<double> send, recv;
-      FPDT_TRY(send.reset(ln.be->device_memory(), count, "rank agreement check"));
-      FPDT_TRY(recv.reset(ln.be->device_memory(), count, "rank agreement check"));
-      // The copies read and write the pageable vectors above: the wait below keeps them (and
-      // the two buffers) alive until the stream has run them.
-      status st = ln.be->copy_async(send.data(), replicated.data(), count * sizeof(double), ln.stream);
-      if (st.ok()) st = comm_->all_to_all(static_cast<void const*>(send.data()), static_cast<void*>(recv.data()), n,
-                                          dtype::f64, ln.stream.native_handle());
-      if (st.ok()) st = ln.be->copy_async(all.data(), recv.data(), count * sizeof(double), ln.stream);
+      if (status st = send.reset(ln.be->device_memory(), count, "rank agreement check"); !st.ok())
+        return abort_on_error(st.with_context(what));
+      if (status st = recv.reset(ln.be->device_memory(), count, "rank agreement check"); !st.ok())
+        return abort_on_error(st.with_context(what));
+      status st = ln.be->copy_async(send.data(), h_send, bytes, ln.stream);
+      if (st.ok())
+        st = comm_->all_to_all(static_cast<void const*>(send.data()), static_cast<void*>(recv.data()),
+                               2 * n, dtype::f32, ln.stream.native_handle());
+      if (st.ok()) st = ln.be->copy_async(h_recv, recv.data(), bytes, ln.stream);
+      // The wait keeps the pinned block and the two buffers alive until the stream has run.
       status const waited = ln.be->synchronize(ln.stream);
-      FPDT_TRY(st);
-      return waited;
+      if (st.ok()) st = waited;
+      if constexpr (requires { { comm_->async_error() } -> std::same_as<status>; })
+        if (st.ok()) st = comm_->async_error(); // an aborted NCCL comm completes without an error
+      if (!st.ok()) return abort_on_error(st.with_context(what));
+      std::copy(h_recv, h_recv + count, all.begin());
+      return {};
     }
   }
 

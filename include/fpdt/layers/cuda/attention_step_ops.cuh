@@ -17,9 +17,10 @@
 //! - delta = rowsum(dout * out): one warp per row, fp32 sums, a shuffle reduction;
 //! - zero: `cudaMemsetAsync`;
 //! - Ulysses pack and unpack (`sequence_parallel_attention` around the NCCL all-to-all): one
-//!   thread per element; an unpack that sums replicated key/value heads has one thread per
-//!   destination element adding its blocks in rank order, as the host does (no atomics, so the
-//!   sum is deterministic and equal to the host's).
+//!   warp per packed row (rank, token, head), lanes along D; an unpack that sums replicated
+//!   key/value heads has one warp per destination row, each lane adding its elements' blocks in
+//!   rank order, as the host does (no atomics, so the sum is deterministic and equal to the
+//!   host's).
 //!
 //! The chunk kernel must have a `cudaStream_t stream` member (the CUDA kernels of
 //! `attention/cuda/` and `external_chunk_kernel` do): the step copies the kernel, sets the copy's

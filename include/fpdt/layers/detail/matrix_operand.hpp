@@ -38,8 +38,9 @@ inline constexpr std::size_t saturated = ~std::size_t{0};
 [[nodiscard]] inline status with_pass_need(status const& st, std::string_view pass, std::size_t need,
                                            index_t tokens, index_t chunk) {
   if (st.code() != errc::out_of_memory) return st;
-  return make_error(st.code(), st.message(), "; this ", pass, " of ", tokens, " tokens needs ", need,
-                    " bytes at its peak (chunk ", chunk, chunk == 0 ? ": all tokens at once" : "",
+  return make_error(st.code(), st.message(), "; this ", pass, " of ", tokens, " tokens needs ",
+                    need == saturated ? "more bytes than size_t holds" : detail::concat(need, " bytes"),
+                    " at its peak (chunk ", chunk, chunk == 0 ? ": all tokens at once" : "",
                     "; a smaller chunk needs less)");
 }
 
