@@ -19,6 +19,7 @@
 #include <memory>
 #include <span>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -240,6 +241,86 @@ struct recording_kernel {
 };
 } // namespace
 
+namespace {
+// Fails (or throws) on one chunk pair of one pass, otherwise the host kernel.
+struct failing_kernel {
+  fpdt::host_chunk_kernel inner{1};
+  index_t c = 8, fail_i = 2, fail_j = 1;
+  bool in_backward = false, throws = false;
+  [[nodiscard]] fpdt::status maybe_fail(index_t q_offset, index_t k_offset, bool backward) const {
+    if (backward != in_backward || q_offset != fail_i * c || k_offset != fail_j * c) return {};
+    if (throws) throw std::runtime_error("kernel exploded");
+    return fpdt::make_error(fpdt::errc::not_supported, "kernel refuses");
+  }
+  template <class T> [[nodiscard]] fpdt::status forward(fpdt::chunk_forward_args<T> const& a) const {
+    FPDT_TRY(maybe_fail(a.q_offset, a.k_offset, false));
+    return inner.forward(a);
+  }
+  template <class T> [[nodiscard]] fpdt::status backward(fpdt::chunk_backward_args<T> const& a) const {
+    FPDT_TRY(maybe_fail(a.q_offset, a.k_offset, true));
+    return inner.backward(a);
+  }
+};
+} // namespace
+
+TEST_CASE("fpdt_attention: a chunk kernel's error or exception names the pass and the pair") {
+  index_t const c = 8;
+  attn_shape const s{4 * c, 4 * c, 4, 2, 16};
+  auto p = random_problem<float>(s, 33);
+  for (bool backward : {false, true})
+    for (bool throws : {false, true}) {
+      CAPTURE(backward);
+      CAPTURE(throws);
+      fpdt::host_backend be;
+      failing_kernel k;
+      k.c = c;
+      k.in_backward = backward;
+      k.throws = throws;
+      fpdt::status err;
+      (void)run_layer<float>(be, p, {.chunk = c}, k, &err);
+      CHECK(err.code() == (throws ? fpdt::errc::backend_error : fpdt::errc::not_supported));
+      std::string const want = std::string("chunk kernel ") + (backward ? "backward" : "forward") +
+                               " at q_offset 16, k_offset 8: " + (throws ? "threw kernel exploded" : "kernel refuses");
+      CHECK_MESSAGE(err.message().find(want) != std::string::npos, err.message());
+      CHECK(be.device_memory().stats().live_allocations == 0);
+    }
+  // A source's exception is errc::backend_error too (errc::internal is for fpdt's own bugs).
+  struct throwing_source {
+    fpdt::status produce(index_t c, index_t, fpdt::tensor_view<float, 3> const&, fpdt::tensor_view<float, 3> const&,
+                         fpdt::tensor_view<float, 3> const&) const {
+      if (c == 1) throw std::runtime_error("projection exploded");
+      return {};
+    }
+  };
+  struct null_sink {
+    fpdt::status consume(index_t, index_t, fpdt::tensor_view<float const, 3> const&,
+                         fpdt::tensor_view<float const, 2> const&) {
+      return {};
+    }
+  };
+  fpdt::host_backend be;
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, {.chunk = c}).value();
+  null_sink snk;
+  fpdt::status const st = layer.forward(throwing_source{}, snk);
+  CHECK(st.code() == fpdt::errc::backend_error);
+  CHECK(st.message().find("chunk source, chunk 1: threw projection exploded") != std::string::npos);
+  // A failing dout source (on the h2d lane) is named once, with its own stream only, though the
+  // compute lane's task that waited for it fails too.
+  struct failing_dout {
+    fpdt::status produce_dout(index_t c, index_t, fpdt::tensor_view<float, 3> const&) const {
+      return c == 1 ? fpdt::make_error(fpdt::errc::invalid_argument, "my dout failed") : fpdt::status{};
+    }
+  };
+  std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()), view(out, s.q_ext()))
+              .ok());
+  fpdt::tensor_gradient_sink grads{view(dq, s.q_ext()), view(dk, s.kv_ext()), view(dv, s.kv_ext())};
+  fpdt::status const bst = layer.backward(failing_dout{}, grads);
+  CHECK(bst.code() == fpdt::errc::invalid_argument);
+  CHECK_MESSAGE(bst.message().find("dout source, chunk 1: my dout failed") != std::string::npos, bst.message());
+  CHECK_MESSAGE(bst.message().find("task on stream '", 1) == std::string::npos, bst.message());
+}
+
 TEST_CASE("fpdt_attention: A12 the backward reads the chunk that was offloaded") {
   fpdt_test::a12::check([](problem<float> const& p, fpdt::fpdt_attention_options const& o,
                            fpdt_test::a12::recorder& rec) {
@@ -390,6 +471,32 @@ TEST_CASE("fpdt_attention: every failing allocation is a clear error and leaves 
         REQUIRE(n < 200);
       }
     }
+}
+
+TEST_CASE("fpdt_attention: a pinned limit of host_bytes_reserved() is enough and one byte less is not") {
+  // Small chunks: each chunk's copies (1 KiB of q, 512 B of k, ...) take a 4 KiB page each in
+  // the pool, so the reserved bytes are well above host_bytes_needed(); the error must give the
+  // figure that works.
+  attn_shape const s{64, 64, 4, 2, 8};
+  auto p = random_problem<float>(s, 35);
+  auto sized = [&](std::size_t limit, fpdt::status* err) {
+    fpdt::host_backend be({.pinned_limit_bytes = limit});
+    return run_layer<float>(be, p, {.chunk = 16}, fpdt::host_chunk_kernel{}, err);
+  };
+  fpdt::host_backend probe;
+  auto layer = fpdt::fpdt_attention<float>::create(probe, {s.sq, s.h, s.hkv, s.d}, {.chunk = 16}).value();
+  std::size_t const reserved = layer.host_bytes_reserved();
+  CHECK(reserved == 4 * 7 * fpdt::pinned_pool::granularity); // 4 chunks, 7 tensors, a page each
+  CHECK(layer.host_bytes_needed() < reserved / 2);
+  fpdt::status err;
+  (void)sized(reserved, &err);
+  CHECK_MESSAGE(err.ok(), err.to_string());
+  (void)sized(reserved - 1, &err);
+  CHECK(err.code() == fpdt::errc::out_of_memory);
+  CHECK_MESSAGE(err.message().find(std::to_string(reserved) + " pinned host bytes as the pool reserves them") !=
+                    std::string::npos,
+                err.message());
+  CHECK(err.message().find("not the pinned ones, which hold all S tokens") != std::string::npos);
 }
 
 TEST_CASE("fpdt_attention: argument errors name the numbers") {

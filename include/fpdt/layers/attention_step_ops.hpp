@@ -41,6 +41,7 @@
 
 #include <cstddef>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 
 FPDT_NAMESPACE_BEGIN
@@ -65,6 +66,22 @@ void copy_columns(tensor_view<S, 2> const& src, index_t src_col0, tensor_view<D,
     for (index_t c = 0; c < cols; ++c)
       dst(h, dst_col0 + c) = static_cast<std::remove_const_t<D>>(src(h, src_col0 + c));
 }
+
+// Runs a chunk kernel's forward or backward (`pass`) on the pair at `q_offset`, `k_offset`
+// (tokens); its error, or an exception it throws (errc::backend_error, as in any task), comes
+// back naming the kernel, the pass and the pair, as a source's or sink's names its chunk.
+template <class F>
+[[nodiscard]] status kernel_step(F&& f, char const* pass, index_t q_offset, index_t k_offset) {
+  auto ctx = [&] { return detail::concat("chunk kernel ", pass, " at q_offset ", q_offset, ", k_offset ", k_offset); };
+  try {
+    status st = f();
+    return st.ok() ? st : st.with_context(ctx());
+  } catch (std::exception const& e) {
+    return make_error(errc::backend_error, ctx(), ": threw ", e.what());
+  } catch (...) {
+    return make_error(errc::backend_error, ctx(), ": threw a non-standard exception");
+  }
+}
 } // namespace detail::layer
 
 //! The steps as host tasks on the lane's worker thread: for every backend whose streams run host
@@ -73,17 +90,22 @@ void copy_columns(tensor_view<S, 2> const& src, index_t src_col0, tensor_view<D,
 template <class B> struct host_attention_step_ops {
   using stream_type = typename B::stream_type; //!< the lane's stream
 
-  //! Runs `kernel.forward(a)` on `s` (`kernel` must outlive the task).
+  //! Runs `kernel.forward(a)` on `s` (`kernel` must outlive the task); its error or exception
+  //! comes back naming the pass and the pair's offsets.
   template <class Kernel, class T>
   [[nodiscard]] static status forward(B& be, stream_type& s, Kernel const& kernel,
                                       chunk_forward_args<T> const& a) {
-    return be.launch(s, [k = &kernel, a]() -> status { return k->forward(a); });
+    return be.launch(s, [k = &kernel, a]() -> status {
+      return detail::layer::kernel_step([&] { return k->forward(a); }, "forward", a.q_offset, a.k_offset);
+    });
   }
-  //! Runs `kernel.backward(a)` on `s` (`kernel` must outlive the task).
+  //! Runs `kernel.backward(a)` on `s` (`kernel` must outlive the task); errors as `forward`.
   template <class Kernel, class T>
   [[nodiscard]] static status backward(B& be, stream_type& s, Kernel const& kernel,
                                        chunk_backward_args<T> const& a) {
-    return be.launch(s, [k = &kernel, a]() -> status { return k->backward(a); });
+    return be.launch(s, [k = &kernel, a]() -> status {
+      return detail::layer::kernel_step([&] { return k->backward(a); }, "backward", a.q_offset, a.k_offset);
+    });
   }
   //! acc = part when `first`, else acc = merge(acc, part).
   [[nodiscard]] static status merge(B& be, stream_type& s, partial_view const& acc,

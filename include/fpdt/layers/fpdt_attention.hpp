@@ -280,7 +280,8 @@ inline constexpr std::size_t align = device_arena::granularity;
 // What one arena allocation of `b` bytes reserves (the arena's own rounding).
 [[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return device_arena::rounded_size(b); }
 // Runs a caller's source or sink; its error, or an exception it throws, comes back as a status
-// naming what failed (`what`, `chunk`), with the error code kept (exceptions: errc::internal).
+// naming what failed (`what`, `chunk`), with the error code kept (exceptions:
+// errc::backend_error, as an exception in any task: errc::internal is for fpdt's own bugs).
 // A status already naming the same callback and chunk (an adapter of a layer built on this one,
 // such as sequence_parallel_attention's, guards the same call) is passed on unchanged.
 template <class F>
@@ -292,9 +293,9 @@ template <class F>
     if (st.message().starts_with(ctx)) return st;
     return st.with_context(detail::concat(what, chunk));
   } catch (std::exception const& e) {
-    return make_error(errc::internal, what, chunk, ": threw ", e.what());
+    return make_error(errc::backend_error, what, chunk, ": threw ", e.what());
   } catch (...) {
-    return make_error(errc::internal, what, chunk, ": threw a non-standard exception");
+    return make_error(errc::backend_error, what, chunk, ": threw a non-standard exception");
   }
 }
 
@@ -421,7 +422,9 @@ public:
 
   //! Forward over all chunks: q, k, v from `source`, each chunk's output to `sink`.
   //! Errors: the arena's or pool's `errc::out_of_memory` (before any step runs); errors of the
-  //! source, kernel or sink, with the step named.
+  //! source, kernel or sink with their code, the step named ("chunk source, chunk 2: ...",
+  //! "chunk kernel forward at q_offset 32, k_offset 16: ..."); an exception any of them throws
+  //! as `errc::backend_error`, named the same way.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
     if constexpr (!detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>())
@@ -442,7 +445,8 @@ private:
       store_.clear();
       return st.with_context(detail::concat(
           "fpdt_attention forward needs ", predicted_forward_bytes(), " device bytes (",
-          "predicted_forward_bytes()) and ", host_bytes_needed(), " pinned host bytes; ", remedy()));
+          "predicted_forward_bytes()) and ", host_bytes_reserved(), " pinned host bytes as the pool reserves them ",
+          "(host_bytes_reserved(): ", host_bytes_needed(), " before rounding to 4096-byte pages); ", remedy()));
     }
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return forward_step(st, s, source, sink);
@@ -574,6 +578,16 @@ public:
     return static_cast<std::size_t>(chunks()) *
            (q_elems() * sizeof(T) * 3 + kv_elems() * sizeof(T) * 2 + lse_elems() * 4 + q_elems() * 4);
   }
+  //! Pinned host bytes the pool reserves for those copies: `host_bytes_needed()` with each
+  //! chunk's copy of each tensor rounded up to `pinned_pool::granularity` (4096 bytes). This is
+  //! what a `pinned_limit_bytes` must leave room for; it exceeds `host_bytes_needed()` noticeably
+  //! only when a chunk's copies are small next to 4 KiB. 0 without offload.
+  [[nodiscard]] std::size_t host_bytes_reserved() const noexcept {
+    if (!opt_.offload) return 0;
+    auto r = [](std::size_t b) { return pinned_pool::rounded_size(b); };
+    return static_cast<std::size_t>(chunks()) * (3 * r(q_elems() * sizeof(T)) + 2 * r(kv_elems() * sizeof(T)) +
+                                                 r(lse_elems() * 4) + r(q_elems() * 4));
+  }
   //! The trace of the last pass (forward or backward: each pass replaces it).
   [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
   //! On backends that time steps with events (`times_steps_with_events`, such as CUDA): the
@@ -615,7 +629,8 @@ private:
   }
   // What to change after an out-of-memory error (offload is only advised when it is off).
   [[nodiscard]] char const* remedy() const noexcept {
-    return opt_.offload ? "raise the budgets or use a smaller chunk C"
+    return opt_.offload ? "raise the budget that was exceeded; a smaller chunk C lowers the device bytes, but "
+                          "not the pinned ones, which hold all S tokens"
                         : "raise the budget, use a smaller chunk C, or turn offload on";
   }
   // Bytes of the chunk kernel's workspace for the forward or the backward (kernel_with_workspace;

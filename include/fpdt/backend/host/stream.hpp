@@ -144,7 +144,10 @@ private:
         if (!skip) {
           try {
             s = it.fn();
-            if (!s.ok()) s = s.with_context(::fpdt::detail::concat("task on stream '", name, "'"));
+            // An error that already names its stream (another stream's, passed on through an
+            // event wait) keeps that name alone.
+            if (!s.ok() && !s.message().starts_with("task on stream '"))
+              s = s.with_context(::fpdt::detail::concat("task on stream '", name, "'"));
           } catch (std::exception const& ex) {
             s = make_error(errc::backend_error, "task on stream '", name, "' threw: ", ex.what());
           } catch (...) {

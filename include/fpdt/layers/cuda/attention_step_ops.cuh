@@ -203,14 +203,18 @@ template <> struct attention_step_ops<cuda_backend> {
   [[nodiscard]] static status forward(cuda_backend& be, stream_type& s, Kernel const& kernel,
                                       chunk_forward_args<T> const& a) {
     Kernel k = on_stream(kernel, s);
-    return be.launch(s, [&](cudaStream_t) -> status { return k.forward(a); });
+    return be.launch(s, [&](cudaStream_t) -> status {
+      return detail::layer::kernel_step([&] { return k.forward(a); }, "forward", a.q_offset, a.k_offset);
+    });
   }
   //! Runs a copy of `kernel`, its `stream` set to `s`, on `a`.
   template <class Kernel, class T>
   [[nodiscard]] static status backward(cuda_backend& be, stream_type& s, Kernel const& kernel,
                                        chunk_backward_args<T> const& a) {
     Kernel k = on_stream(kernel, s);
-    return be.launch(s, [&](cudaStream_t) -> status { return k.backward(a); });
+    return be.launch(s, [&](cudaStream_t) -> status {
+      return detail::layer::kernel_step([&] { return k.backward(a); }, "backward", a.q_offset, a.k_offset);
+    });
   }
   //! acc = part when `first`, else acc = merge(acc, part) (`merge_row`, row by row).
   [[nodiscard]] static status merge(cuda_backend& be, stream_type& s, partial_view const& acc,
