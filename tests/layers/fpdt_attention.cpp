@@ -473,30 +473,45 @@ TEST_CASE("fpdt_attention: every failing allocation is a clear error and leaves 
     }
 }
 
-TEST_CASE("fpdt_attention: a pinned limit of host_bytes_reserved() is enough and one byte less is not") {
-  // Small chunks: each chunk's copies (1 KiB of q, 512 B of k, ...) take a 4 KiB page each in
-  // the pool, so the reserved bytes are well above host_bytes_needed(); the error must give the
-  // figure that works.
-  attn_shape const s{64, 64, 4, 2, 8};
-  auto p = random_problem<float>(s, 35);
-  auto sized = [&](std::size_t limit, fpdt::status* err) {
-    fpdt::host_backend be({.pinned_limit_bytes = limit});
-    return run_layer<float>(be, p, {.chunk = 16}, fpdt::host_chunk_kernel{}, err);
+TEST_CASE_TEMPLATE("fpdt_attention: a pinned limit of host_bytes_reserved() is enough and one byte less is not", T,
+                   float, fpdt::bfloat16) {
+  // Small chunks: each chunk's copy of each tensor takes whole 4 KiB pages in the pool, so the
+  // reserved bytes are well above host_bytes_needed(); the error must give the figure that
+  // works. The second shape has copies of several pages that are not page multiples (and
+  // tensors of both element sizes in bf16).
+  struct shape_case {
+    attn_shape s;
+    index_t c;
   };
-  fpdt::host_backend probe;
-  auto layer = fpdt::fpdt_attention<float>::create(probe, {s.sq, s.h, s.hkv, s.d}, {.chunk = 16}).value();
-  std::size_t const reserved = layer.host_bytes_reserved();
-  CHECK(reserved == 4 * 7 * fpdt::pinned_pool::granularity); // 4 chunks, 7 tensors, a page each
-  CHECK(layer.host_bytes_needed() < reserved / 2);
-  fpdt::status err;
-  (void)sized(reserved, &err);
-  CHECK_MESSAGE(err.ok(), err.to_string());
-  (void)sized(reserved - 1, &err);
-  CHECK(err.code() == fpdt::errc::out_of_memory);
-  CHECK_MESSAGE(err.message().find(std::to_string(reserved) + " pinned host bytes as the pool reserves them") !=
-                    std::string::npos,
-                err.message());
-  CHECK(err.message().find("not the pinned ones, which hold all S tokens") != std::string::npos);
+  for (shape_case const sc : {shape_case{{64, 64, 4, 2, 8}, 16}, shape_case{{90, 90, 6, 3, 40}, 30}}) {
+    attn_shape const& s = sc.s;
+    CAPTURE(s.h);
+    auto p = random_problem<T>(s, 35);
+    fpdt::fpdt_attention_options const o{.chunk = sc.c};
+    fpdt::host_backend probe;
+    auto layer = fpdt::fpdt_attention<T>::create(probe, {s.sq, s.h, s.hkv, s.d}, o).value();
+    std::size_t const reserved = layer.host_bytes_reserved();
+    if (sc.c == 16) {
+      CHECK(reserved == 4 * 7 * fpdt::pinned_pool::granularity); // 4 chunks, 7 tensors, a page each
+      CHECK(layer.host_bytes_needed() < reserved / 2);
+    }
+    fpdt::status err;
+    {
+      fpdt::host_backend be({.pinned_limit_bytes = reserved});
+      (void)run_layer<T>(be, p, o, fpdt::host_chunk_kernel{}, &err);
+      CHECK_MESSAGE(err.ok(), err.to_string());
+      CHECK(be.pinned_memory().stats().peak_reserved_bytes == reserved);
+    }
+    fpdt::host_backend be({.pinned_limit_bytes = reserved - 1});
+    (void)run_layer<T>(be, p, o, fpdt::host_chunk_kernel{}, &err);
+    CHECK(err.code() == fpdt::errc::out_of_memory);
+    CHECK_MESSAGE(err.message().find(" and " + std::to_string(reserved) +
+                                     " pinned host bytes as the pool reserves them (host_bytes_reserved(); "
+                                     "host_bytes_needed() = " + std::to_string(layer.host_bytes_needed())) !=
+                      std::string::npos,
+                  err.message());
+    CHECK(err.message().find("not the pinned ones, which hold all S tokens") != std::string::npos);
+  }
 }
 
 TEST_CASE("fpdt_attention: argument errors name the numbers") {

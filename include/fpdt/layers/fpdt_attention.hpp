@@ -443,10 +443,14 @@ private:
       fwd_fixed_ = {};
       release_workspace();
       store_.clear();
-      return st.with_context(detail::concat(
-          "fpdt_attention forward needs ", predicted_forward_bytes(), " device bytes (",
-          "predicted_forward_bytes()) and ", host_bytes_reserved(), " pinned host bytes as the pool reserves them ",
-          "(host_bytes_reserved(): ", host_bytes_needed(), " before rounding to 4096-byte pages); ", remedy()));
+      std::string const pinned =
+          opt_.offload ? detail::concat(" and ", host_bytes_reserved(),
+                                        " pinned host bytes as the pool reserves them (host_bytes_reserved(); ",
+                                        "host_bytes_needed() = ", host_bytes_needed(),
+                                        " before rounding to 4096-byte pages)")
+                       : std::string();
+      return st.with_context(detail::concat("fpdt_attention forward needs ", predicted_forward_bytes(),
+                                            " device bytes (predicted_forward_bytes())", pinned, "; ", remedy()));
     }
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return forward_step(st, s, source, sink);

@@ -152,7 +152,8 @@ public:
   //! bytes per rank through pinned host memory, and one wait for the comm stream), that every rank built the layer with the
   //! same S, H, H_kv, D, C, mask, dtype and softmax scale (`errc::invalid_argument` naming both
   //! ranks' values, on every rank, at once, instead of a hang, a size mismatch mid-pass or
-  //! silently wrong outputs).
+  //! silently wrong outputs). On the device path that check takes one pinned page (4 KiB) from
+  //! the backend's pool for the duration of the check, beside `host_bytes_reserved()`.
   //! Errors: those of `ulysses_layout::make` and `fpdt_attention::create`, naming the numbers.
   [[nodiscard]] static result<sequence_parallel_attention> create(B& be, Comm& comm,
                                                                   attention_shape global,
@@ -626,8 +627,9 @@ private:
   // the layer's exchanges already need). It is the first collective every rank enqueues on this
   // layer, so the ranks' calls match by order as NCCL requires; its sizes do not depend on the
   // values compared, so it completes even when the ranks disagree. A failure of this rank's own
-  // (memory, a copy, the enqueue, the wait, the communicator's asynchronous error) aborts the
-  // communicator where it can be, so peers waiting in the all-to-all are released.
+  // (memory, a copy, the enqueue, the wait) aborts the communicator where it can be, so peers
+  // waiting in the all-to-all are released; the communicator's own asynchronous error (a
+  // comm_error, as every communicator failure) is returned without an abort, as in a pass.
   template <std::size_t n>
   [[nodiscard]] status gather_all(std::array<double, n> const& mine, std::vector<double>& all) {
     if constexpr (host_path) {
