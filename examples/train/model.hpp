@@ -902,7 +902,7 @@ inline result<std::size_t> planned_device_bytes(model_config const& cfg, run_opt
   std::size_t const base = 4 * R(static_cast<index_t>(total)) +
                            (dev ? static_cast<std::size_t>(2 * lc + 1) * R(n * h) + static_cast<std::size_t>(lc) * R(n * hq) : 0);
   // Without offload every layer keeps its forward rings until its next forward.
-  std::size_t const resident = dev ? inner.forward_plan().ring_bytes(fpdt::detail::layer::align) : 0;
+  std::size_t const resident = dev ? inner.problem().ring_bytes(fpdt::pass::forward) : 0;
   std::size_t const others = static_cast<std::size_t>(lc - 1) * resident, all = static_cast<std::size_t>(lc) * resident;
   std::size_t const row_h = R(r * h), row_q = R(r * hq);
   // Forward, attention of one layer: the comm lane runs one caller call at a time.

@@ -13,6 +13,8 @@
 #include "backend/host/host.hpp"
 #include "schedule/token_layout.hpp"
 #include "schedule/schedule.hpp"
+#include "schedule/ulysses_layout.hpp"
+#include "schedule/attention_problem.hpp"
 #include "pipeline/trace.hpp"
 #include "pipeline/executor.hpp"
 #include "layers/fpdt_attention.hpp"

@@ -265,7 +265,7 @@ TEST_CASE("sequence parallel attention: shape errors name H, H_kv and P") {
   using layer_t = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>;
   auto e = layer_t::create(be, comm, {32, 12, 3, 8}, {.chunk = 8}).error();
   CHECK(e.message().find("H = 12, H_kv = 3, P = 4") != std::string::npos);
-  e = layer_t::create(be, comm, {30, 8, 8, 8}, {.chunk = 6}).error();
+  e = layer_t::create(be, comm, {48, 8, 8, 8}, {.chunk = 6}).error(); // S % P == 0, S % C == 0
   CHECK(e.message().find("C = 6 is not a multiple of P = 4") != std::string::npos);
   e = layer_t::create(be, comm, {36, 8, 8, 8}, {.chunk = 8}).error();
   CHECK(e.message().find("S = 36 is not a multiple of the chunk C = 8") != std::string::npos);

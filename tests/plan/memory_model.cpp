@@ -33,7 +33,7 @@ template <class T> void check_against_layer(shape const& x) {
   REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
   CHECK(model->forward == layer->predicted_forward_bytes());
   CHECK(model->backward == layer->predicted_backward_bytes());
-  CHECK(model->host == layer->host_bytes_needed());
+  CHECK(model->host == layer->host_bytes_reserved());
   auto const qn = static_cast<std::size_t>(x.s * x.h * x.d), kvn = static_cast<std::size_t>(x.s * x.hkv * x.d);
   std::vector<T> q(qn, T(0.0f)), k(kvn, T(0.0f)), v(kvn, T(0.0f)), out(qn, T(0.0f)), dout(qn, T(0.0f));
   std::vector<float> dq(qn), dk(kvn), dv(kvn);
@@ -51,6 +51,36 @@ template <class T> void check_against_layer(shape const& x) {
   double const bwd_peak = static_cast<double>(be.device_memory().stats().peak_bytes);
   CHECK(static_cast<double>(model->forward) == doctest::Approx(fwd_peak).epsilon(0.05));
   CHECK(static_cast<double>(model->backward) == doctest::Approx(bwd_peak).epsilon(0.05));
+}
+
+// One problem of the sweep below: the planner's figures for it (fpdt_attention_memory of the
+// P-rank problem), then one rank's layer run on zeros with the host backend, whose arena and
+// pinned pool measure what it really held.
+template <class T> void check_problem_against_layer(fpdt::attention_problem const& problem) {
+  fpdt::attention_working_set const model = fpdt::fpdt_attention_memory(problem);
+  fpdt::attention_problem const r = problem.per_rank();
+  index_t const s = r.sequence(), h = r.local_heads(), hkv = r.local_kv_heads(), d = r.head_dim();
+  fpdt::host_backend be;
+  auto layer = fpdt::fpdt_attention<T>::create(
+      be, {s, h, hkv, d},
+      {.chunk = r.chunk(), .offload = r.offload(), .ring_slots = r.args().ring_slots, .mask = r.mask()});
+  REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
+  auto const qn = static_cast<std::size_t>(s * h * d), kvn = static_cast<std::size_t>(s * hkv * d);
+  std::vector<T> q(qn, T(0.0f)), k(kvn, T(0.0f)), v(kvn, T(0.0f)), out(qn, T(0.0f)), dout(qn, T(0.0f));
+  std::vector<float> dq(qn), dk(kvn), dv(kvn);
+  auto in = [&](std::vector<T> const& b, index_t heads) {
+    return fpdt::contiguous_view<T const, 3>(b.data(), {s, heads, d}).value();
+  };
+  auto grad = [&](std::vector<float>& b, index_t heads) {
+    return fpdt::contiguous_view<float, 3>(b.data(), {s, heads, d}).value();
+  };
+  REQUIRE(layer->forward(in(q, h), in(k, hkv), in(v, hkv), fpdt::contiguous_view<T, 3>(out.data(), {s, h, d}).value()).ok());
+  std::size_t const fwd_peak = be.device_memory().stats().peak_bytes;
+  be.device_memory().reset_peak();
+  REQUIRE(layer->backward(in(dout, h), grad(dq, h), grad(dk, hkv), grad(dv, hkv)).ok());
+  CHECK(model.forward == fwd_peak);
+  CHECK(model.backward == be.device_memory().stats().peak_bytes);
+  CHECK(model.host == be.pinned_memory().stats().peak_reserved_bytes);
 }
 
 fpdt::model_config llama8b() { return fpdt::find_model_preset("llama3-8b").value(); }
@@ -171,7 +201,7 @@ TEST_CASE("memory_model: invalid layouts are errors that name the values") {
   t.chunk = 8192;
   r = fpdt::estimate_memory(llama8b(), t);
   REQUIRE_FALSE(r.ok());
-  CHECK(r.error().message().find("chunk 8192") != std::string::npos);
+  CHECK(r.error().message().find("chunk C = 8192") != std::string::npos);
   t.chunk = 6; // divides S, not P
   t.sequence = 4 * 6;
   CHECK_FALSE(fpdt::estimate_memory(llama8b(), t).ok());
@@ -188,4 +218,38 @@ TEST_CASE("memory_model: invalid layouts are errors that name the values") {
   CHECK_FALSE(fpdt::check_model(bad).ok());
   CHECK_FALSE(fpdt::fpdt_attention_memory(100, 4, 2, 16, 30, true, 2, 2).ok());
   CHECK_FALSE(fpdt::fpdt_attention_memory(128, 4, 2, 16, 32, true, 1, 2).ok()); // ring_slots < 2
+}
+
+TEST_CASE("memory_model: over 64 problems the planner's device and pinned bytes equal one rank's measured peaks") {
+  // A deterministic walk through (P, C, H, H_kv, D, dtype, offload, ring slots, mask).
+  int const ranks[] = {1, 2, 4};
+  int const heads[][2] = {{4, 4}, {4, 2}, {8, 2}, {4, 1}, {8, 8}};
+  int const dims[] = {8, 12, 5};
+  std::uint32_t x = 12345;
+  auto pick = [&](std::uint32_t n) {
+    x = x * 1664525u + 1013904223u;
+    return (x >> 8) % n;
+  };
+  int checked = 0;
+  for (int n = 0; n < 64; ++n) {
+    index_t const p = ranks[pick(3)];
+    auto const hh = heads[pick(5)];
+    index_t const c = p * static_cast<index_t>(1 + pick(4)) * 2;
+    fpdt::attention_problem_args a{.sequence = c * static_cast<index_t>(1 + pick(4)), .ranks = p, .chunk = c,
+                                   .heads = hh[0], .kv_heads = hh[1], .head_dim = dims[pick(3)],
+                                   .type = pick(2) ? fpdt::dtype::bf16 : fpdt::dtype::f32,
+                                   .mask = pick(2) ? fpdt::causal_mask : fpdt::full_mask,
+                                   .offload = pick(4) != 0, .ring_slots = static_cast<index_t>(2 + pick(2))};
+    if (a.heads % p != 0) a.heads = 4 * p;
+    auto problem = fpdt::attention_problem::create(a);
+    REQUIRE_MESSAGE(problem.ok(), problem.error().to_string());
+    INFO("S ", a.sequence, " P ", p, " C ", c, " H ", a.heads, " H_kv ", a.kv_heads, " D ", a.head_dim, " dtype ",
+         fpdt::to_string(a.type), " mask ", fpdt::to_string(a.mask.kind), " offload ", a.offload, " ring ", a.ring_slots);
+    if (a.type == fpdt::dtype::bf16)
+      check_problem_against_layer<fpdt::bfloat16>(*problem);
+    else
+      check_problem_against_layer<float>(*problem);
+    ++checked;
+  }
+  CHECK(checked == 64);
 }

@@ -40,6 +40,7 @@
 #include "../memory/staging_ring.hpp"
 #include "../pipeline/executor.hpp"
 #include "../pipeline/trace.hpp"
+#include "../schedule/attention_problem.hpp"
 #include "../schedule/schedule.hpp"
 
 #include <array>
@@ -277,8 +278,6 @@ struct tensor_gradient_sink {
 
 namespace detail::layer {
 inline constexpr std::size_t align = device_arena::granularity;
-// What one arena allocation of `b` bytes reserves (the arena's own rounding).
-[[nodiscard]] constexpr std::size_t rounded(std::size_t b) noexcept { return device_arena::rounded_size(b); }
 // Runs a caller's source or sink; its error, or an exception it throws, comes back as a status
 // naming what failed (`what`, `chunk`), with the error code kept (exceptions:
 // errc::backend_error, as an exception in any task: errc::internal is for fpdt's own bugs).
@@ -393,25 +392,13 @@ public:
   [[nodiscard]] static result<fpdt_attention> create(B& be, attention_shape shape,
                                                      fpdt_attention_options const& options = {},
                                                      Kernel kernel = {}) {
-    if (shape.sequence < 1 || shape.heads < 1 || shape.kv_heads < 1 || shape.head_dim < 1)
-      return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence, ", H = ",
-                        shape.heads, ", H_kv = ", shape.kv_heads, ", D = ", shape.head_dim,
-                        " must all be >= 1");
-    if (shape.heads % shape.kv_heads != 0)
-      return make_error(errc::shape_mismatch, "fpdt_attention: H = ", shape.heads,
-                        " must be a multiple of H_kv = ", shape.kv_heads);
-    if (options.chunk < 0)
-      return make_error(errc::invalid_argument, "fpdt_attention: chunk C = ", options.chunk,
-                        " must be >= 1 (or 0: C = S)");
-    index_t const c = options.chunk == 0 ? shape.sequence : options.chunk;
-    if (c < 1 || shape.sequence % c != 0)
-      return make_error(errc::invalid_argument, "fpdt_attention: S = ", shape.sequence,
-                        " is not a multiple of the chunk C = ", c);
-    if (options.ring_slots < 2 || options.ring_slots > 64)
-      return make_error(errc::invalid_argument, "fpdt_attention: ring_slots = ", options.ring_slots,
-                        " must be in [2, 64] (2 is double buffering)");
+    auto problem = attention_problem::create({shape.sequence, 1, options.chunk, shape.heads,
+                                              shape.kv_heads, shape.head_dim, dtype_of<T>, options.mask,
+                                              options.offload, options.ring_slots},
+                                             "fpdt_attention");
+    if (!problem) return problem.error();
     if (status st = check_scale(options.scale); !st.ok()) return st;
-    fpdt_attention layer(be, shape, options, c, std::move(kernel));
+    fpdt_attention layer(be, *problem, options, std::move(kernel));
     FPDT_TRY(layer.build_schedules());
     return result<fpdt_attention>(std::move(layer));
   }
@@ -474,14 +461,14 @@ public:
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
                                tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out,
                                tensor_view<float, 2> const& lse = {}) {
-    FPDT_TRY(check_shape("q", q.extents(), shape_.heads));
-    FPDT_TRY(check_shape("k", k.extents(), shape_.kv_heads));
-    FPDT_TRY(check_shape("v", v.extents(), shape_.kv_heads));
-    FPDT_TRY(check_shape("out", out.extents(), shape_.heads));
-    if (!lse.empty() && (lse.extent(0) != shape_.heads || lse.extent(1) != shape_.sequence))
+    FPDT_TRY(check_shape("q", q.extents(), prob_.local_heads()));
+    FPDT_TRY(check_shape("k", k.extents(), prob_.local_kv_heads()));
+    FPDT_TRY(check_shape("v", v.extents(), prob_.local_kv_heads()));
+    FPDT_TRY(check_shape("out", out.extents(), prob_.local_heads()));
+    if (!lse.empty() && (lse.extent(0) != prob_.local_heads() || lse.extent(1) != prob_.sequence()))
       return make_error(errc::shape_mismatch, "fpdt_attention forward: lse ",
-                        detail::shape_string(lse.extents()), " must be [H, S] = [", shape_.heads,
-                        ", ", shape_.sequence, "]");
+                        detail::shape_string(lse.extents()), " must be [H, S] = [", prob_.local_heads(),
+                        ", ", prob_.sequence(), "]");
     FPDT_TRY(detail::check_no_alias("fpdt_attention forward", {detail::range_of("out", out), detail::range_of("lse", lse)},
                                     {detail::range_of("q", q), detail::range_of("k", k), detail::range_of("v", v)}));
     detail::layer::step_tensor_source<T, B> src{be_, q, k, v};
@@ -536,7 +523,7 @@ public:
     if (!saved_)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
-    FPDT_TRY(check_shape("dout", dout.extents(), shape_.heads));
+    FPDT_TRY(check_shape("dout", dout.extents(), prob_.local_heads()));
     detail::layer::step_tensor_dout_source<T, B> src{be_, dout};
     return backward(src, sink);
   }
@@ -546,9 +533,9 @@ public:
   //! `errc::invalid_argument` naming two views that overlap.
   [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
                                 tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
-    FPDT_TRY(check_shape("dq", dq.extents(), shape_.heads));
-    FPDT_TRY(check_shape("dk", dk.extents(), shape_.kv_heads));
-    FPDT_TRY(check_shape("dv", dv.extents(), shape_.kv_heads));
+    FPDT_TRY(check_shape("dq", dq.extents(), prob_.local_heads()));
+    FPDT_TRY(check_shape("dk", dk.extents(), prob_.local_kv_heads()));
+    FPDT_TRY(check_shape("dv", dv.extents(), prob_.local_kv_heads()));
     FPDT_TRY(detail::check_no_alias("fpdt_attention backward",
                                     {detail::range_of("dq", dq), detail::range_of("dk", dk), detail::range_of("dv", dv)},
                                     {detail::range_of("dout", dout)}));
@@ -564,33 +551,25 @@ public:
   //! the chunk kernel's workspace when it asks for one: `kernel_with_workspace`), at the arena's
   //! granularity: the arena's peak during a forward.
   [[nodiscard]] std::size_t predicted_forward_bytes() const noexcept {
-    return fwd_.ring_bytes(detail::layer::align) + 2 * acc_bytes() + workspace_alloc_bytes(false);
+    return prob_.forward_device_bytes(workspace_bytes(false));
   }
   //! Device bytes the backward's buffers take (plus, without offload, the forward's rings that
   //! stay resident, and the kernel's workspace as for the forward): the arena's peak during a
   //! backward.
   [[nodiscard]] std::size_t predicted_backward_bytes() const noexcept {
-    std::size_t const grads = detail::layer::rounded(kv_elems() * 4) * 2 + workspace_alloc_bytes(true);
-    if (opt_.offload) return bwd_.ring_bytes(detail::layer::align) + grads;
-    return fwd_.ring_bytes(detail::layer::align) +
-           static_cast<std::size_t>(chunks()) * grad_slot_bytes() + grads;
+    return prob_.backward_device_bytes(workspace_bytes(true));
   }
   //! Pinned host bytes a forward with offload needs for the chunks it keeps (q, k, v, out, lse,
   //! and the backward's dq and dout), before the pool's rounding; 0 without offload.
   [[nodiscard]] std::size_t host_bytes_needed() const noexcept {
-    if (!opt_.offload) return 0;
-    return static_cast<std::size_t>(chunks()) *
-           (q_elems() * sizeof(T) * 3 + kv_elems() * sizeof(T) * 2 + lse_elems() * 4 + q_elems() * 4);
+    return prob_.host_bytes_needed();
   }
   //! Pinned host bytes the pool reserves for those copies: `host_bytes_needed()` with each
   //! chunk's copy of each tensor rounded up to `pinned_pool::granularity` (4096 bytes). This is
   //! what a `pinned_limit_bytes` must leave room for; it exceeds `host_bytes_needed()` noticeably
   //! only when a chunk's copies are small next to 4 KiB. 0 without offload.
   [[nodiscard]] std::size_t host_bytes_reserved() const noexcept {
-    if (!opt_.offload) return 0;
-    auto r = [](std::size_t b) { return pinned_pool::rounded_size(b); };
-    return static_cast<std::size_t>(chunks()) * (3 * r(q_elems() * sizeof(T)) + 2 * r(kv_elems() * sizeof(T)) +
-                                                 r(lse_elems() * 4) + r(q_elems() * 4));
+    return prob_.host_bytes_reserved();
   }
   //! The trace of the last pass (forward or backward: each pass replaces it).
   [[nodiscard]] pipeline_trace const& trace() const noexcept { return trace_; }
@@ -605,32 +584,36 @@ public:
   //! Pinned host bytes the layer holds (its chunk store).
   [[nodiscard]] std::size_t host_bytes() const noexcept { return store_.host_bytes(); }
   //! Tokens per chunk, C.
-  [[nodiscard]] index_t chunk() const noexcept { return c_; }
+  [[nodiscard]] index_t chunk() const noexcept { return prob_.chunk(); }
   //! The options the layer was created with (`chunk` as given: 0 means C = S, see `chunk()`).
   [[nodiscard]] fpdt_attention_options const& options() const noexcept { return opt_; }
   //! The softmax scale the kernel applies (`resolve_scale`): `options().scale`, or
   //! 1.0f / std::sqrt(float(D)) when that is empty.
-  [[nodiscard]] float softmax_scale() const noexcept { return resolve_scale(opt_.scale, shape_.head_dim); }
+  [[nodiscard]] float softmax_scale() const noexcept { return resolve_scale(opt_.scale, prob_.head_dim()); }
   //! Number of chunks, u.
-  [[nodiscard]] index_t chunks() const noexcept { return shape_.sequence / c_; }
+  [[nodiscard]] index_t chunks() const noexcept { return prob_.chunks(); }
+  //! The attention problem of this rank (P = 1): shapes, per-chunk tensors, slot layouts, bytes.
+  [[nodiscard]] attention_problem const& problem() const noexcept { return prob_; }
 
 private:
-  fpdt_attention(B& be, attention_shape shape, fpdt_attention_options const& o, index_t c, Kernel k)
-      : be_(&be), shape_(shape), opt_(o), c_(c), kernel_(std::move(k)),
-        store_(be.pinned_memory(), shape.sequence / c,
-               {q_elems() * sizeof(T), kv_elems() * sizeof(T), kv_elems() * sizeof(T),
-                q_elems() * sizeof(T), lse_elems() * 4, q_elems() * 4, q_elems() * sizeof(T)},
-               {"q", "k", "v", "out", "lse", "dq", "dout"}) {}
+  fpdt_attention(B& be, attention_problem const& problem, fpdt_attention_options const& o, Kernel k)
+      : be_(&be), prob_(problem), opt_(o), kernel_(std::move(k)),
+        store_(be.pinned_memory(), problem.chunks(), host_tensor_bytes(problem), host_tensor_names()) {}
 
-  [[nodiscard]] std::size_t q_elems() const noexcept {
-    return static_cast<std::size_t>(c_ * shape_.heads * shape_.head_dim);
+  // The chunk store's tensors: the problem's `host_tensors`, in its order (= enum host_tensor).
+  [[nodiscard]] static std::vector<std::size_t> host_tensor_bytes(attention_problem const& p) {
+    std::vector<std::size_t> b;
+    for (chunk_tensor t : attention_problem::host_tensors) b.push_back(p.bytes(t));
+    return b;
   }
-  [[nodiscard]] std::size_t kv_elems() const noexcept {
-    return static_cast<std::size_t>(c_ * shape_.kv_heads * shape_.head_dim);
+  [[nodiscard]] static std::vector<std::string> host_tensor_names() {
+    std::vector<std::string> n;
+    for (chunk_tensor t : attention_problem::host_tensors) n.emplace_back(to_string(t));
+    return n;
   }
-  [[nodiscard]] std::size_t lse_elems() const noexcept {
-    return static_cast<std::size_t>(c_ * shape_.heads);
-  }
+  // Bytes of chunk tensor t, and its offset in a slot of kind k.
+  [[nodiscard]] std::size_t bytes(chunk_tensor t) const noexcept { return prob_.bytes(t); }
+  [[nodiscard]] std::size_t at(slot_kind k, chunk_tensor t) const noexcept { return prob_.slot(k).at(t); }
   // What to change after an out-of-memory error (offload is only advised when it is off).
   [[nodiscard]] char const* remedy() const noexcept {
     return opt_.offload ? "raise the budget that was exceeded; a smaller chunk C lowers the device bytes, but "
@@ -642,13 +625,10 @@ private:
   [[nodiscard]] std::size_t workspace_bytes(bool backward) const noexcept {
     if constexpr (kernel_with_workspace<Kernel>)
       return kernel_.workspace_bytes(
-          chunk_pair_shape{c_, c_, shape_.heads, shape_.kv_heads, shape_.head_dim, backward});
+          chunk_pair_shape{prob_.chunk(), prob_.chunk(), prob_.local_heads(), prob_.local_kv_heads(),
+                           prob_.head_dim(), backward});
     else
       return 0;
-  }
-  [[nodiscard]] std::size_t workspace_alloc_bytes(bool backward) const noexcept {
-    std::size_t const b = workspace_bytes(backward);
-    return b == 0 ? 0 : detail::layer::rounded(b);
   }
   // Takes the pass's kernel workspace from the arena and hands it to the kernel (nothing without
   // one). Called after the pass's other buffers; prepare_* released the previous pass's first.
@@ -666,15 +646,6 @@ private:
   void release_workspace() noexcept {
     if constexpr (kernel_with_workspace<Kernel>) kernel_.workspace = {};
     workspace_ = {};
-  }
-  // One fp32 partial state (out [C, H, D] and lse [H, C]) as one allocation.
-  [[nodiscard]] std::size_t acc_bytes() const noexcept {
-    return detail::layer::rounded(q_elems() * 4) + detail::layer::rounded(lse_elems() * 4);
-  }
-  // Backward without offload: dout, dq and delta of one chunk.
-  [[nodiscard]] std::size_t grad_slot_bytes() const noexcept {
-    using detail::layer::rounded;
-    return rounded(q_elems() * sizeof(T)) + rounded(q_elems() * 4) + rounded(lse_elems() * 4);
   }
 
   // The lanes' streams, made on the first pass and kept for the next ones.
@@ -698,34 +669,17 @@ private:
     return {};
   }
   [[nodiscard]] status check_shape(char const* name, std::array<index_t, 3> const& e, index_t heads) const {
-    if (e[0] != shape_.sequence || e[1] != heads || e[2] != shape_.head_dim)
+    if (e[0] != prob_.sequence() || e[1] != heads || e[2] != prob_.head_dim())
       return make_error(errc::shape_mismatch, "fpdt_attention: ", name, " ",
-                        detail::shape_string(e), " must be [", shape_.sequence, ", ", heads, ", ",
-                        shape_.head_dim, "]");
+                        detail::shape_string(e), " must be [", prob_.sequence(), ", ", heads, ", ",
+                        prob_.head_dim(), "]");
     return {};
   }
 
   [[nodiscard]] status build_schedules() {
-    using detail::layer::rounded;
-    schedule_params p;
-    p.chunks = chunks();
-    p.causal = opt_.mask.kind == mask_kind::causal;
-    p.offload = opt_.offload;
-    p.ring_slots = opt_.ring_slots;
-    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
-    p.q_bytes = qb;
-    p.kv_bytes = 2 * kvb;
-    p.out_bytes = qb + lb;
-    p.q_side_bytes = 2 * qb + lb + qb;
-    p.dout_bytes = qb;
-    p.dq_bytes = q_elems() * 4;
-    p.dkv_bytes = 2 * kv_elems() * 4;
-    p.bytes = {rounded(qb), 2 * rounded(kvb), rounded(qb) + rounded(lb)};
-    auto f = forward_schedule(p);
+    auto f = prob_.forward_schedule();
     if (!f) return f.error();
-    // Backward slots: q, out, lse, dout, dq, delta (offload) in the q ring; k, v in the kv ring.
-    p.bytes = {3 * rounded(qb) + 2 * rounded(lb) + rounded(q_elems() * 4), 2 * rounded(kvb), 0};
-    auto b = backward_schedule(p);
+    auto b = prob_.backward_schedule();
     if (!b) return b.error();
     // check_schedule's happens-before closure is quadratic in the step count (and the steps grow
     // as u^2): check what is cheap to check here; the same builders are checked for u up to 16 in
@@ -758,7 +712,8 @@ private:
     if (!kv) return kv.error();
     auto out = staging_ring::create(arena, rs[2], fwd_.params.bytes.out, "fpdt_attention forward out ring");
     if (!out) return out.error();
-    auto acc = staging_ring::create(arena, 2, acc_bytes(), "fpdt_attention accumulator and partial");
+    auto acc = staging_ring::create(arena, 2, prob_.slot(slot_kind::forward_acc).bytes,
+                                    "fpdt_attention accumulator and partial");
     if (!acc) return acc.error();
     FPDT_TRY(acquire_workspace(arena, false));
     if (opt_.offload) {
@@ -773,21 +728,21 @@ private:
   // Views into a q-ring slot / kv-ring slot / out slot / accumulator of the forward.
   [[nodiscard]] tensor_view<T, 3> q_view(std::byte* base) const {
     return contiguous_view(reinterpret_cast<T*>(base),
-                           std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value();
+                           std::array<index_t, 3>{chunk(), prob_.local_heads(), prob_.head_dim()}).value();
   }
   [[nodiscard]] tensor_view<T, 3> kv_view(std::byte* base, int which) const {
-    std::size_t const off = which * detail::layer::rounded(kv_elems() * sizeof(T));
+    std::size_t const off = at(slot_kind::forward_kv, which == 0 ? chunk_tensor::k : chunk_tensor::v);
     return contiguous_view(reinterpret_cast<T*>(base + off),
-                           std::array<index_t, 3>{c_, shape_.kv_heads, shape_.head_dim}).value();
+                           std::array<index_t, 3>{chunk(), prob_.local_kv_heads(), prob_.head_dim()}).value();
   }
   [[nodiscard]] tensor_view<float, 2> lse_view(std::byte* base) const {
-    return contiguous_view(reinterpret_cast<float*>(base), std::array<index_t, 2>{shape_.heads, c_}).value();
+    return contiguous_view(reinterpret_cast<float*>(base), std::array<index_t, 2>{prob_.local_heads(), chunk()}).value();
   }
   [[nodiscard]] partial_view acc_view(index_t which) const {
     std::byte* base = fwd_fixed_.slot(which);
     return {contiguous_view(reinterpret_cast<float*>(base),
-                            std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value(),
-            lse_view(base + detail::layer::rounded(q_elems() * 4))};
+                            std::array<index_t, 3>{chunk(), prob_.local_heads(), prob_.head_dim()}).value(),
+            lse_view(base + at(slot_kind::forward_acc, chunk_tensor::acc_lse))};
   }
 
   // A caller's plain-form callback as a host task on lane `s` (the host backend only).
@@ -805,8 +760,8 @@ private:
   template <class Source, class Sink>
   [[nodiscard]] status forward_step(schedule_step const& st, typename B::stream_type& s,
                                     Source const& source, Sink& sink) {
-    using detail::layer::rounded;
-    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
+    std::size_t const qb = bytes(chunk_tensor::q), kvb = bytes(chunk_tensor::k), lb = bytes(chunk_tensor::lse);
+    std::size_t const v_at = at(slot_kind::forward_kv, chunk_tensor::v), lse_at = at(slot_kind::forward_out, chunk_tensor::lse);
     auto slot = [&](ring r) { return st.slot_of(r); };
     switch (st.kind) {
     case step_kind::produce: {
@@ -815,10 +770,10 @@ private:
       auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
       index_t const c = st.i;
       if constexpr (detail::layer::stream_form_source<Source, T, stream_t>)
-        return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv, s); }, "chunk source, chunk ", c);
+        return detail::layer::guarded([&] { return source.produce(c, c * chunk(), qv, kv, vv, s); }, "chunk source, chunk ", c);
       else
         return host_task(s, [&source, qv, kv, vv, c, this]() -> status {
-          return detail::layer::guarded([&] { return source.produce(c, c * c_, qv, kv, vv); }, "chunk source, chunk ", c);
+          return detail::layer::guarded([&] { return source.produce(c, c * chunk(), qv, kv, vv); }, "chunk source, chunk ", c);
         });
     }
     case step_kind::offload: {
@@ -837,7 +792,7 @@ private:
         store_.set_place(host_k, st.j, chunk_place::in_flight);
         store_.set_place(host_v, st.j, chunk_place::in_flight);
         FPDT_TRY(copy(*hk, kvs, kvb, s));
-        return copy(*hv, kvs + rounded(kvb), kvb, s);
+        return copy(*hv, kvs + v_at, kvb, s);
       }
       std::byte* os = fwd_rings_.out.slot(slot(ring::out));
       auto ho = store_.host_copy(host_out, st.i);
@@ -846,7 +801,7 @@ private:
       if (!hl) return hl.error();
       store_.set_place(host_out, st.i, chunk_place::in_flight);
       FPDT_TRY(copy(*ho, os, qb, s));
-      return copy(*hl, os + rounded(qb), lb, s);
+      return copy(*hl, os + lse_at, lb, s);
     }
     case step_kind::fetch: {
       if (st.what == payload::q) {
@@ -860,7 +815,7 @@ private:
       if (!hk) return hk.error();
       if (!hv) return hv.error();
       FPDT_TRY(copy(kvs, *hk, kvb, s));
-      return copy(kvs + rounded(kvb), *hv, kvb, s);
+      return copy(kvs + v_at, *hv, kvb, s);
     }
     case step_kind::compute: {
       chunk_forward_args<T> a{};
@@ -870,8 +825,8 @@ private:
       a.v = kv_view(kvs, 1);
       a.out = acc_view(1);
       a.mask = opt_.mask;
-      a.q_offset = st.i * c_;
-      a.k_offset = st.j * c_;
+      a.q_offset = st.i * chunk();
+      a.k_offset = st.j * chunk();
       a.scale = opt_.scale;
       return ops::forward(*be_, s, kernel_, a);
     }
@@ -884,19 +839,19 @@ private:
       partial_view acc = acc_view(0);
       std::byte* os = fwd_rings_.out.slot(slot(ring::out));
       auto ov = q_view(os);
-      auto lv = lse_view(os + rounded(qb));
+      auto lv = lse_view(os + lse_at);
       return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
       std::byte* os = fwd_rings_.out.slot(slot(ring::out));
       tensor_view<T const, 3> ov = q_view(os);
-      tensor_view<float const, 2> lv = lse_view(os + rounded(qb));
+      tensor_view<float const, 2> lv = lse_view(os + lse_at);
       index_t const c = st.i;
       if constexpr (detail::layer::stream_form_sink<Sink, T, stream_t>)
-        return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv, s); }, "chunk sink, chunk ", c);
+        return detail::layer::guarded([&] { return sink.consume(c, c * chunk(), ov, lv, s); }, "chunk sink, chunk ", c);
       else
         return host_task(s, [&sink, ov, lv, c, this]() -> status {
-          return detail::layer::guarded([&] { return sink.consume(c, c * c_, ov, lv); }, "chunk sink, chunk ", c);
+          return detail::layer::guarded([&] { return sink.consume(c, c * chunk(), ov, lv); }, "chunk sink, chunk ", c);
         });
     }
     default:
@@ -926,11 +881,12 @@ private:
       q = std::move(*qr);
       kv = std::move(*kr);
     } else {
-      auto gr = staging_ring::create(arena, chunks(), grad_slot_bytes(), "fpdt_attention backward grad ring");
+      auto gr = staging_ring::create(arena, chunks(), prob_.slot(slot_kind::backward_grad).bytes,
+                                     "fpdt_attention backward grad ring");
       if (!gr) return gr.error();
       q = std::move(*gr);
     }
-    auto acc = staging_ring::create(arena, 1, detail::layer::rounded(kv_elems() * 4) * 2,
+    auto acc = staging_ring::create(arena, 1, prob_.slot(slot_kind::backward_dkv).bytes,
                                     "fpdt_attention dk and dv accumulators");
     if (!acc) return acc.error();
     FPDT_TRY(acquire_workspace(arena, true));
@@ -940,30 +896,30 @@ private:
   }
 
   [[nodiscard]] bwd_parts parts(index_t slot) const {
-    using detail::layer::rounded;
-    std::size_t const qb = rounded(q_elems() * sizeof(T)), lb = rounded(lse_elems() * 4);
+    using T3 = chunk_tensor;
     bwd_parts p;
     auto view3f = [&](std::byte* b) {
       return contiguous_view(reinterpret_cast<float*>(b),
-                             std::array<index_t, 3>{c_, shape_.heads, shape_.head_dim}).value();
+                             std::array<index_t, 3>{chunk(), prob_.local_heads(), prob_.head_dim()}).value();
     };
     if (opt_.offload) {
       std::byte* b = bwd_rings_.q.slot(slot);
-      p.q = q_view(b);
-      p.out = q_view(b + qb);
-      p.dout = q_view(b + 2 * qb);
-      p.lse = lse_view(b + 3 * qb);
-      p.delta = lse_view(b + 3 * qb + lb);
-      p.dq = view3f(b + 3 * qb + 2 * lb);
+      auto in = [&](T3 t) { return b + at(slot_kind::backward_q, t); };
+      p.q = q_view(in(T3::q));
+      p.out = q_view(in(T3::out));
+      p.dout = q_view(in(T3::dout));
+      p.lse = lse_view(in(T3::lse));
+      p.delta = lse_view(in(T3::delta));
+      p.dq = view3f(in(T3::dq));
     } else {
       p.q = q_view(fwd_rings_.q.slot(slot));
       std::byte* o = fwd_rings_.out.slot(slot);
-      p.out = q_view(o);
-      p.lse = lse_view(o + qb);
+      p.out = q_view(o + at(slot_kind::forward_out, T3::out));
+      p.lse = lse_view(o + at(slot_kind::forward_out, T3::lse));
       std::byte* g = bwd_rings_.q.slot(slot);
-      p.dout = q_view(g);
-      p.dq = view3f(g + qb);
-      p.delta = lse_view(g + qb + rounded(q_elems() * 4));
+      p.dout = q_view(g + at(slot_kind::backward_grad, T3::dout));
+      p.dq = view3f(g + at(slot_kind::backward_grad, T3::dq));
+      p.delta = lse_view(g + at(slot_kind::backward_grad, T3::delta));
     }
     return p;
   }
@@ -971,16 +927,16 @@ private:
     return opt_.offload ? bwd_rings_.kv.slot(slot) : fwd_rings_.kv.slot(slot);
   }
   [[nodiscard]] tensor_view<float, 3> dkv_view(int which) const {
-    std::size_t const off = which * detail::layer::rounded(kv_elems() * 4);
+    std::size_t const off = at(slot_kind::backward_dkv, which == 0 ? chunk_tensor::dk : chunk_tensor::dv);
     return contiguous_view(reinterpret_cast<float*>(bwd_fixed_.slot(0) + off),
-                           std::array<index_t, 3>{c_, shape_.kv_heads, shape_.head_dim}).value();
+                           std::array<index_t, 3>{chunk(), prob_.local_kv_heads(), prob_.head_dim()}).value();
   }
 
   template <class Dout, class Sink>
   [[nodiscard]] status backward_step(schedule_step const& st, typename B::stream_type& s,
                                      Dout const& dout, Sink& sink) {
-    using detail::layer::rounded;
-    std::size_t const qb = q_elems() * sizeof(T), kvb = kv_elems() * sizeof(T), lb = lse_elems() * 4;
+    std::size_t const qb = bytes(chunk_tensor::q), kvb = bytes(chunk_tensor::k), lb = bytes(chunk_tensor::lse);
+    std::size_t const v_at = at(slot_kind::forward_kv, chunk_tensor::v);
     switch (st.kind) {
     case step_kind::fetch: {
       if (st.what == payload::kv) {
@@ -990,7 +946,7 @@ private:
         if (!hk) return hk.error();
         if (!hv) return hv.error();
         FPDT_TRY(copy(kvs, *hk, kvb, s));
-        return copy(kvs + rounded(kvb), *hv, kvb, s);
+        return copy(kvs + v_at, *hv, kvb, s);
       }
       bwd_parts const p = parts(st.slot_of(ring::q));
       if (opt_.offload) {
@@ -1008,7 +964,7 @@ private:
           auto hdo = store_.host_copy(host_dout, st.i);
           if (!hd) return hd.error();
           if (!hdo) return hdo.error();
-          FPDT_TRY(copy(p.dq.data(), *hd, q_elems() * 4, s));
+          FPDT_TRY(copy(p.dq.data(), *hd, bytes(chunk_tensor::dq), s));
           return copy(p.dout.data(), *hdo, qb, s);
         }
       }
@@ -1016,10 +972,10 @@ private:
       index_t const c = st.i;
       tensor_view<T, 3> const dst = p.dout;
       if constexpr (detail::layer::stream_form_dout<Dout, T, stream_t>)
-        return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst, s); }, "dout source, chunk ", c);
+        return detail::layer::guarded([&] { return dout.produce_dout(c, c * chunk(), dst, s); }, "dout source, chunk ", c);
       else
         return host_task(s, [&dout, dst, c, this]() -> status {
-          return detail::layer::guarded([&] { return dout.produce_dout(c, c * c_, dst); }, "dout source, chunk ", c);
+          return detail::layer::guarded([&] { return dout.produce_dout(c, c * chunk(), dst); }, "dout source, chunk ", c);
         });
     }
     case step_kind::zero: {
@@ -1046,8 +1002,8 @@ private:
       a.dk = dkv_view(0);
       a.dv = dkv_view(1);
       a.mask = opt_.mask;
-      a.q_offset = st.i * c_;
-      a.k_offset = st.j * c_;
+      a.q_offset = st.i * chunk();
+      a.k_offset = st.j * chunk();
       a.scale = opt_.scale;
       return ops::backward(*be_, s, kernel_, a);
     }
@@ -1055,30 +1011,30 @@ private:
       bwd_parts const p = parts(st.slot_of(ring::q));
       auto hd = store_.host_copy(host_dq, st.i);
       if (!hd) return hd.error();
-      FPDT_TRY(copy(*hd, p.dq.data(), q_elems() * 4, s));
+      FPDT_TRY(copy(*hd, p.dq.data(), bytes(chunk_tensor::dq), s));
       if (st.what != payload::dq_dout) return {};
       auto hdo = store_.host_copy(host_dout, st.i);
       if (!hdo) return hdo.error();
-      return copy(*hdo, p.dout.data(), q_elems() * sizeof(T), s);
+      return copy(*hdo, p.dout.data(), bytes(chunk_tensor::dout), s);
     }
     case step_kind::sink: {
       if (st.what == payload::dq) {
         tensor_view<float const, 3> g = parts(st.slot_of(ring::q)).dq;
         index_t const c = st.i;
         if constexpr (detail::layer::stream_form_dq<Sink, stream_t>)
-          return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g, s); }, "gradient sink, dq chunk ", c);
+          return detail::layer::guarded([&] { return sink.consume_dq(c, c * chunk(), g, s); }, "gradient sink, dq chunk ", c);
         else
           return host_task(s, [&sink, g, c, this]() -> status {
-            return detail::layer::guarded([&] { return sink.consume_dq(c, c * c_, g); }, "gradient sink, dq chunk ", c);
+            return detail::layer::guarded([&] { return sink.consume_dq(c, c * chunk(), g); }, "gradient sink, dq chunk ", c);
           });
       }
       tensor_view<float const, 3> gk = dkv_view(0), gv = dkv_view(1);
       index_t const c = st.j;
       if constexpr (detail::layer::stream_form_dkv<Sink, stream_t>)
-        return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv, s); }, "gradient sink, dk/dv chunk ", c);
+        return detail::layer::guarded([&] { return sink.consume_dkv(c, c * chunk(), gk, gv, s); }, "gradient sink, dk/dv chunk ", c);
       else
         return host_task(s, [&sink, gk, gv, c, this]() -> status {
-          return detail::layer::guarded([&] { return sink.consume_dkv(c, c * c_, gk, gv); }, "gradient sink, dk/dv chunk ", c);
+          return detail::layer::guarded([&] { return sink.consume_dkv(c, c * chunk(), gk, gv); }, "gradient sink, dk/dv chunk ", c);
         });
     }
     default:
@@ -1087,9 +1043,8 @@ private:
   }
 
   B* be_;
-  attention_shape shape_;
+  attention_problem prob_;
   fpdt_attention_options opt_;
-  index_t c_;
   Kernel kernel_;
   chunk_store store_;
   schedule fwd_{}, bwd_{};

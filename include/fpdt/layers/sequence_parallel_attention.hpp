@@ -145,7 +145,8 @@ class sequence_parallel_attention {
                 "(nccl_communicator on cuda_backend)");
 
 public:
-  //! Checks the shapes (`ulysses_layout::make`, S % C == 0) and builds the per-rank layer.
+  //! Checks the problem once (`attention_problem::create` with P = the communicator's size: every
+  //! shape rule, naming the values) and builds the per-rank layer from its `per_rank()` problem.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
   //! index; layers run one at a time may share one). The first pass checks, with one gather
   //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 64
@@ -154,18 +155,19 @@ public:
   //! ranks' values, on every rank, at once, instead of a hang, a size mismatch mid-pass or
   //! silently wrong outputs). On the device path that check takes one pinned page (4 KiB) from
   //! the backend's pool for the duration of the check, beside `host_bytes_reserved()`.
-  //! Errors: those of `ulysses_layout::make` and `fpdt_attention::create`, naming the numbers.
+  //! Errors: those of `attention_problem::create` (shapes, naming the numbers), a salt over 63, or
+  //! more chunks than the tags can name.
   [[nodiscard]] static result<sequence_parallel_attention> create(B& be, Comm& comm,
                                                                   attention_shape global,
                                                                   fpdt_attention_options options,
                                                                   std::uint64_t salt = 0,
                                                                   Kernel kernel = {}) {
-    index_t const c = options.chunk == 0 ? global.sequence : options.chunk;
-    auto l = ulysses_layout::make(comm.size(), global.heads, global.kv_heads, global.head_dim, c);
-    if (!l) return l.error();
-    if (global.sequence < 1 || global.sequence % c != 0)
-      return make_error(errc::invalid_argument, "sequence_parallel_attention: S = ",
-                        global.sequence, " is not a multiple of the chunk C = ", c);
+    auto problem = attention_problem::create({global.sequence, comm.size(), options.chunk, global.heads,
+                                              global.kv_heads, global.head_dim, dtype_of<T>, options.mask,
+                                              options.offload, options.ring_slots},
+                                             "sequence_parallel_attention");
+    if (!problem) return problem.error();
+    index_t const c = problem->chunk();
     if (salt > detail::sp::max_salt)
       return make_error(errc::invalid_argument, "sequence_parallel_attention: salt ", salt,
                         " must be <= ", detail::sp::max_salt, " (it forms part of the all-to-all tags)");
@@ -182,8 +184,8 @@ public:
                           " (MPI_TAG_UB); use a smaller salt or fewer chunks");
     }
     options.chunk = c;
-    attention_shape per_rank{global.sequence, l->heads_per_rank(head_kind::query),
-                             l->heads_per_rank(head_kind::key_value), global.head_dim};
+    attention_problem const local = problem->per_rank();
+    attention_shape per_rank{local.sequence(), local.local_heads(), local.local_kv_heads(), local.head_dim()};
     auto inner = fpdt_attention<T, B, Kernel>::create(be, per_rank, options, std::move(kernel));
     if (!inner) return inner.error();
     // The exchanges are on the critical path (chunk c + 1's compute waits for its q, k, v), so
@@ -207,7 +209,7 @@ public:
       }
     }
     return result<sequence_parallel_attention>(
-        sequence_parallel_attention(comm, *l, global, salt, std::move(*inner), std::move(cl)));
+        sequence_parallel_attention(comm, problem->heads_layout(), global, salt, std::move(*inner), std::move(cl)));
   }
 
   //! Any error of a pass on this rank (shapes, source, sink, kernel, memory) aborts the

@@ -223,37 +223,27 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   double const zero_fwd = zero3 ? collective_seconds(layer_param_bytes, t.gpus, hw) : 0;
   layer_time lt;
   if (t.method == parallel_method::fpdt) {
-    index_t const c = t.chunk == 0 ? t.sequence : t.chunk;
-    index_t const hl = m.heads / t.gpus, kvl = local_kv_heads(m, t.gpus);
-    std::uint64_t const qe = static_cast<std::uint64_t>(c * hl) * static_cast<std::uint64_t>(m.hidden / m.heads);
-    std::uint64_t const kve = static_cast<std::uint64_t>(c * kvl) * static_cast<std::uint64_t>(m.hidden / m.heads);
-    std::uint64_t const le = static_cast<std::uint64_t>(c * hl), dbu = static_cast<std::uint64_t>(t.dtype_bytes);
-    if (t.sequence / c > max_simulated_chunks)
+    auto problem = fpdt_attention_problem(m, t);
+    if (!problem) return problem.error();
+    attention_problem const rank = problem->per_rank();
+    index_t const c = rank.chunk(), hl = rank.local_heads();
+    if (rank.chunks() > max_simulated_chunks)
       return make_error(errc::invalid_argument, "estimate_step: sequence ", t.sequence, " / chunk ", c,
-                        " = ", t.sequence / c, " chunks; the simulation takes at most ",
+                        " = ", rank.chunks(), " chunks; the simulation takes at most ",
                         max_simulated_chunks, " (u^2 / 2 steps): use a larger chunk");
-    schedule_params sp;
-    sp.chunks = t.sequence / c;
-    sp.causal = true;
-    sp.offload = t.offload;
-    sp.ring_slots = t.ring_slots;
-    sp.q_bytes = qe * dbu;
-    sp.kv_bytes = 2 * kve * dbu;
-    sp.out_bytes = qe * dbu + le * 4;
-    sp.q_side_bytes = 3 * qe * dbu + le * 4;
-    sp.dout_bytes = qe * dbu;
-    sp.dq_bytes = qe * 4;
-    sp.dkv_bytes = 2 * kve * 4;
-    auto fs = forward_schedule(sp);
+    // The schedules the layer runs, with the bytes its steps move.
+    schedule_params const sp = rank.schedule_params_of(pass::backward);
+    auto fs = rank.forward_schedule();
     if (!fs) return fs.error();
-    auto bs = backward_schedule(sp);
+    auto bs = rank.backward_schedule();
     if (!bs) return bs.error();
+    double const qe = static_cast<double>(rank.bytes(chunk_tensor::dq)) / 4; // elements of q_i
     double const cl = static_cast<double>(c) / p; // local tokens of a chunk
     double const cg = static_cast<double>(c);
     double const pair_fwd = 4 * cg * cg * static_cast<double>(hl) * d;
     double const a2a_qkv = collective_seconds(cl * (h + 2 * kv_dim) * db, t.gpus, hw);
     double const a2a_out = collective_seconds(cl * h * db, t.gpus, hw);
-    double const acc = static_cast<double>(qe * 4 + le * 4);
+    double const acc = static_cast<double>(rank.bytes(chunk_tensor::acc_out) + rank.bytes(chunk_tensor::acc_lse));
     copy_rates const rates = free_copies ? copy_rates{inf, inf, inf}
                                          : copy_rates{hw.pcie_h2d_gbps * 1e9, hw.pcie_d2h_gbps * 1e9,
                                                       hw.pcie_both_gbps * 1e9};
@@ -276,7 +266,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
           return {0, a2a_out, t.offload ? st.bytes - sp.dout_bytes : std::uint64_t{0}};
         return {0, 0, std::nullopt};
       case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab, 0};
-      case step_kind::delta: return {2 * static_cast<double>(qe) * db / hbm, 0};
+      case step_kind::delta: return {2 * qe * db / hbm, 0};
       case step_kind::sink: // gradients leave in the model dtype through the all-to-all
         return {0, st.what == payload::dq ? a2a_out : collective_seconds(cl * 2 * kv_dim * db, t.gpus, hw)};
       default: return {static_cast<double>(st.bytes) / hbm, 0};

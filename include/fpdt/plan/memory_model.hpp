@@ -32,6 +32,7 @@
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
 #include "../memory/device_arena.hpp"
+#include "../schedule/attention_problem.hpp"
 #include "../schedule/schedule.hpp"
 
 #include <algorithm>
@@ -129,24 +130,12 @@ struct memory_breakdown {
 struct attention_working_set {
   std::uint64_t forward = 0;  //!< device bytes of a forward (= `fpdt_attention::predicted_forward_bytes`)
   std::uint64_t backward = 0; //!< device bytes of a backward (= `predicted_backward_bytes`)
-  std::uint64_t host = 0;     //!< pinned host bytes of the chunk copies (= `host_bytes_needed`)
+  std::uint64_t host = 0;     //!< pinned host bytes the pool reserves for the chunk copies (= `host_bytes_reserved`)
 };
 
 namespace detail::plan {
 
 inline constexpr std::uint64_t u64(index_t v) noexcept { return static_cast<std::uint64_t>(v); }
-inline constexpr std::uint64_t rounded(std::uint64_t b) noexcept {
-  constexpr std::uint64_t g = device_arena::granularity;
-  return (b + g - 1) / g * g;
-}
-
-// Ring sizes of an offloaded schedule come from `ring_slots` alone (the builders size the rings
-// before the first step), so a schedule of a few chunks has the rings of one of any length: the
-// planner builds that one instead of one of u^2 steps. Without offload every ring has u slots and
-// the real u is used.
-inline constexpr index_t schedule_chunks_for_memory(index_t u, bool offload, index_t ring_slots) noexcept {
-  return offload ? std::min<index_t>(u, 2 * ring_slots + 2) : u;
-}
 
 } // namespace detail::plan
 
@@ -185,9 +174,34 @@ inline constexpr index_t schedule_chunks_for_memory(index_t u, bool offload, ind
   return {};
 }
 
+namespace detail::plan {
+// The model dtype of `dtype_bytes` for attention: 4 -> f32, 2 -> bf16 (f16 has the same sizes).
+[[nodiscard]] inline result<dtype> attention_dtype(index_t dtype_bytes) {
+  if (dtype_bytes == 4) return dtype::f32;
+  if (dtype_bytes == 2) return dtype::bf16;
+  return make_error(errc::invalid_argument, "dtype_bytes ", dtype_bytes,
+                    ": FPDT attention runs in f32, f16 or bf16 (4 or 2 bytes)");
+}
+} // namespace detail::plan
+
+//! The attention problem one FPDT layer of model `m` solves under training layout `t` (P = gpus,
+//! S, C = chunk or S, H, H_kv, D = hidden / heads, causal, offload, ring slots): the same value
+//! `sequence_parallel_attention` validates and sizes itself by. Errors: `attention_problem::create`'s,
+//! naming the values; `dtype_bytes` other than 2 or 4.
+[[nodiscard]] inline result<attention_problem> fpdt_attention_problem(model_config const& m,
+                                                                      training_config const& t) {
+  auto type = detail::plan::attention_dtype(t.dtype_bytes);
+  if (!type) return type.error();
+  return attention_problem::create({t.sequence, t.gpus, t.chunk, m.heads, m.kv_heads,
+                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, causal_mask, t.offload,
+                                    t.ring_slots},
+                                   "fpdt");
+}
+
 //! Checks a training layout against a model: S, P positive, S % P == 0; H % P == 0; H_kv % P == 0
-//! or P % H_kv == 0 (replicated kv heads, comm/ulysses.hpp); FPDT: S % C == 0, C % P == 0, at most
-//! 2^20 chunks; ZeRO stage 0-3; dtype 1, 2 or 4 bytes. Errors: `errc::invalid_argument` naming the
+//! or P % H_kv == 0 (replicated kv heads, comm/ulysses.hpp); FPDT: the rules of its
+//! `fpdt_attention_problem` (S % C == 0, C % P == 0, at most 2^20 chunks, ring slots, dtype 2 or
+//! 4 bytes); ZeRO stage 0-3; dtype 1, 2 or 4 bytes. Errors: `errc::invalid_argument` naming the
 //! values.
 [[nodiscard]] inline status check_training(model_config const& m, training_config const& t) {
   FPDT_TRY(check_model(m));
@@ -208,15 +222,8 @@ inline constexpr index_t schedule_chunks_for_memory(index_t u, bool offload, ind
   if (t.dtype_bytes != 1 && t.dtype_bytes != 2 && t.dtype_bytes != 4)
     return make_error(errc::invalid_argument, "dtype_bytes ", t.dtype_bytes, " must be 1, 2 or 4");
   if (t.method == parallel_method::fpdt) {
-    index_t const c = t.chunk == 0 ? t.sequence : t.chunk;
-    if (c < 1 || t.sequence % c != 0)
-      return make_error(errc::invalid_argument, "sequence length ", t.sequence,
-                        " is not divisible by chunk ", c);
-    if (c % t.gpus != 0)
-      return make_error(errc::invalid_argument, "chunk ", c, " is not divisible by world size ", t.gpus);
-    if (t.sequence / c > (index_t{1} << 20))
-      return make_error(errc::invalid_argument, "sequence ", t.sequence, " / chunk ", c,
-                        " gives more than 2^20 chunks");
+    auto problem = fpdt_attention_problem(m, t); // S % C, C % P, u <= 2^20, ring slots, dtype
+    if (!problem) return problem.error();
     if (t.mlp_chunk < 0 || t.loss_chunk < 0)
       return make_error(errc::invalid_argument, "mlp_chunk ", t.mlp_chunk, " and loss_chunk ",
                         t.loss_chunk, " must not be negative");
@@ -224,56 +231,35 @@ inline constexpr index_t schedule_chunks_for_memory(index_t u, bool offload, ind
   return {};
 }
 
-//! Device and host bytes of an `fpdt_attention` layer of shape `[S, H, D]` q and `[S, H_kv, D]`
-//! k, v (per rank: the heads after the all-to-all) with chunks of `chunk` tokens, elements of
-//! `dtype_bytes`: the schedules' ring bytes at the arena's granularity plus the fp32 accumulators
-//! (forward: accumulator and partial `[C, H, D]` + `[H, C]`; backward: fp32 dk, dv `[C, H_kv, D]`;
-//! without offload, the forward's rings and per-chunk dout, dq, delta stay resident).
-//! Causal and full masks have the same rings. Errors: `errc::invalid_argument` for non-positive
-//! sizes or S % C != 0; the schedule builders' errors (ring_slots out of [2, 64]).
+//! Device and pinned host bytes of one rank of an FPDT attention layer solving `problem`: what
+//! the per-rank layer allocates (`attention_problem::forward_device_bytes`,
+//! `backward_device_bytes` without a kernel workspace, `host_bytes_reserved`: what the pinned pool
+//! really holds, 4 KiB pages included), so the prediction is the layer's own figure. Causal and full masks have the same buffers.
+[[nodiscard]] inline attention_working_set fpdt_attention_memory(attention_problem const& problem) {
+  attention_problem const r = problem.ranks() == 1 ? problem : problem.per_rank();
+  attention_working_set w;
+  w.forward = r.forward_device_bytes();
+  w.backward = r.backward_device_bytes();
+  w.host = r.host_bytes_reserved();
+  return w;
+}
+
+//! `fpdt_attention_memory` of a one-rank problem: q `[S, H, D]`, k, v `[S, H_kv, D]` (per rank:
+//! the heads after the all-to-all), chunks of `chunk` tokens, elements of `dtype_bytes` (2 or 4).
+//! Errors: `attention_problem::create`'s, naming the values (S % C != 0, ring_slots out of
+//! [2, 64], ...).
 [[nodiscard]] inline result<attention_working_set>
 fpdt_attention_memory(index_t sequence, index_t heads, index_t kv_heads, index_t head_dim,
                       index_t chunk, bool offload, index_t ring_slots, index_t dtype_bytes) {
-  using detail::plan::rounded;
-  using detail::plan::u64;
-  if (sequence < 1 || heads < 1 || kv_heads < 1 || head_dim < 1 || chunk < 1 || dtype_bytes < 1)
-    return make_error(errc::invalid_argument, "fpdt_attention_memory: sequence ", sequence, ", heads ",
-                      heads, ", kv_heads ", kv_heads, ", head_dim ", head_dim, ", chunk ", chunk,
-                      ", dtype_bytes ", dtype_bytes, " must be positive");
-  if (sequence % chunk != 0)
-    return make_error(errc::invalid_argument, "fpdt_attention_memory: sequence ", sequence,
-                      " is not divisible by chunk ", chunk);
-  index_t const u = sequence / chunk;
-  std::uint64_t const qe = u64(chunk * heads * head_dim), kve = u64(chunk * kv_heads * head_dim),
-                      le = u64(chunk * heads), db = u64(dtype_bytes);
-  std::uint64_t const qb = qe * db, kvb = kve * db, lb = le * 4;
-  // The slot sizes fpdt_attention::build_schedules gives the builders.
-  schedule_params p;
-  p.chunks = detail::plan::schedule_chunks_for_memory(u, offload, ring_slots);
-  p.causal = true;
-  p.offload = offload;
-  p.ring_slots = ring_slots;
-  p.bytes = {static_cast<std::size_t>(rounded(qb)), static_cast<std::size_t>(2 * rounded(kvb)),
-             static_cast<std::size_t>(rounded(qb) + rounded(lb))};
-  auto f = forward_schedule(p);
-  if (!f) return f.error();
-  p.bytes = {static_cast<std::size_t>(3 * rounded(qb) + 2 * rounded(lb) + rounded(qe * 4)),
-             static_cast<std::size_t>(2 * rounded(kvb)), 0};
-  auto b = backward_schedule(p);
-  if (!b) return b.error();
-  std::uint64_t const acc = rounded(qe * 4) + rounded(le * 4);
-  std::uint64_t const grads = 2 * rounded(kve * 4);
-  std::uint64_t const fwd_rings = f->ring_bytes(device_arena::granularity);
-  attention_working_set w;
-  w.forward = fwd_rings + 2 * acc;
-  if (offload) {
-    w.backward = b->ring_bytes(device_arena::granularity) + grads;
-    w.host = u64(u) * (qb * 3 + kvb * 2 + lb + qe * 4); // q, out, dout; k, v; lse; dq
-  } else {
-    std::uint64_t const grad_slot = rounded(qb) + rounded(qe * 4) + rounded(le * 4);
-    w.backward = fwd_rings + u64(u) * grad_slot + grads;
-  }
-  return w;
+  auto type = detail::plan::attention_dtype(dtype_bytes);
+  if (!type) return type.error();
+  if (chunk < 1)
+    return make_error(errc::invalid_argument, "fpdt_attention_memory: chunk ", chunk, " must be >= 1");
+  auto problem = attention_problem::create({sequence, 1, chunk, heads, kv_heads, head_dim, *type,
+                                            causal_mask, offload, ring_slots},
+                                           "fpdt_attention_memory");
+  if (!problem) return problem.error();
+  return fpdt_attention_memory(*problem);
 }
 
 namespace detail::plan {
@@ -351,18 +337,17 @@ inline constexpr std::uint64_t layer_gradient_bytes_per_token(model_config const
     r.checkpoints = kept;
   // One layer's backward.
   if (fpdt_method) {
-    index_t const c = t.chunk == 0 ? t.sequence : t.chunk;
-    auto a = fpdt_attention_memory(t.sequence, m.heads / t.gpus, kv_local, m.hidden / m.heads, c,
-                                   t.offload, t.ring_slots, t.dtype_bytes);
-    if (!a) return a.error();
-    std::uint64_t const c_local = u64(c) / p;
+    auto problem = fpdt_attention_problem(m, t);
+    if (!problem) return problem.error();
+    attention_working_set const a = fpdt_attention_memory(*problem);
+    std::uint64_t const c_local = u64(problem->chunk()) / p;
     std::uint64_t const d = u64(m.hidden / m.heads);
     // All-to-all send and receive buffers of one chunk's q, k, v (model dtype).
     std::uint64_t const a2a = 2 * c_local * (h + 2 * u64(kv_local) * p * d) * db;
-    r.attention_working = std::max(a->forward, a->backward) + a2a;
+    r.attention_working = std::max(a.forward, a.backward) + a2a;
     // With checkpointing one layer's chunks are on the host at a time (the recomputed one);
     // without it every layer keeps its chunks there until its backward.
-    r.host_attention = a->host * (t.checkpointing ? 1 : u64(m.layers));
+    r.host_attention = a.host * (t.checkpointing ? 1 : u64(m.layers));
     // Four [S/P, h] hidden states: input, post-attention residual and their gradients.
     r.layer_working = 4 * hidden_local;
     // MLP and loss chunks are the layers' own options (chunked_mlp, chunked_cross_entropy); by

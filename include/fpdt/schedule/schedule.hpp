@@ -160,6 +160,19 @@ struct schedule {
   }
 };
 
+//! Slots of each ring (indexed by `ring`) of the schedule of pass `which` built from `p`: with
+//! offload, forward {1, ring_slots, 1} and backward {ring_slots, 2, 0}; without, u slots for each
+//! ring the pass uses (chunk c stays in slot c). The builders size their rings with this, and the
+//! memory predictions (`attention_problem`) read it, so both hold the same number.
+[[nodiscard]] constexpr std::array<index_t, ring_count> ring_sizes(pass which,
+                                                                  schedule_params const& p) noexcept {
+  if (which == pass::forward)
+    return p.offload ? std::array<index_t, ring_count>{1, p.ring_slots, 1}
+                     : std::array<index_t, ring_count>{p.chunks, p.chunks, p.chunks};
+  return p.offload ? std::array<index_t, ring_count>{p.ring_slots, 2, 0}
+                   : std::array<index_t, ring_count>{p.chunks, p.chunks, 0};
+}
+
 namespace detail::sched {
 
 // Builds steps and round-robin slot assignment; each slot remembers the release step of its
@@ -177,8 +190,8 @@ struct builder {
     s.steps.push_back(st);
     return static_cast<std::uint32_t>(s.steps.size() - 1);
   }
-  void rings(index_t q, index_t kv, index_t out) {
-    s.ring_size = {q, kv, out};
+  void rings(std::array<index_t, ring_count> sizes) {
+    s.ring_size = sizes;
     for (int r = 0; r < ring_count; ++r)
       last_release[static_cast<std::size_t>(r)].assign(static_cast<std::size_t>(s.ring_size[static_cast<std::size_t>(r)]), -1);
   }
@@ -246,10 +259,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   b.s.which = pass::forward;
   b.s.params = p;
   auto const u = static_cast<std::int32_t>(p.chunks);
-  if (p.offload)
-    b.rings(1, p.ring_slots, 1);
-  else
-    b.rings(p.chunks, p.chunks, p.chunks);
+  b.rings(ring_sizes(pass::forward, p));
   std::vector<std::int64_t> kv_offload(static_cast<std::size_t>(u), -1);
   std::vector<std::int64_t> q_offload(static_cast<std::size_t>(u), -1);
   std::vector<std::int64_t> produced_at(static_cast<std::size_t>(u), -1);
@@ -359,10 +369,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   b.s.which = pass::backward;
   b.s.params = p;
   auto const u = static_cast<std::int32_t>(p.chunks);
-  if (p.offload)
-    b.rings(p.ring_slots, 2, 0);
-  else
-    b.rings(p.chunks, p.chunks, 0);
+  b.rings(ring_sizes(pass::backward, p));
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
   for (std::int32_t j = 0; j < u; ++j) {

@@ -1,0 +1,131 @@
+// Tests of include/fpdt/schedule/attention_problem.hpp: every shape rule is refused once, naming
+// the values; the per-rank problem; slot layouts; the schedules and byte figures it derives.
+#include <fpdt/schedule/attention_problem.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+using fpdt::attention_problem;
+using fpdt::chunk_tensor;
+using fpdt::index_t;
+using fpdt::slot_kind;
+
+namespace {
+bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
+
+std::string refusal(fpdt::attention_problem_args const& a) {
+  auto p = attention_problem::create(a, "layer");
+  return p.ok() ? std::string("accepted") : p.error().message();
+}
+} // namespace
+
+TEST_CASE("attention_problem: each rule is refused naming the values and the rule") {
+  fpdt::attention_problem_args ok{.sequence = 64, .ranks = 4, .chunk = 16, .heads = 8, .kv_heads = 2, .head_dim = 8};
+  CHECK(refusal(ok) == "accepted");
+  struct bad {
+    fpdt::attention_problem_args a;
+    char const* want;
+  };
+  auto with = [&](auto f) {
+    auto a = ok;
+    f(a);
+    return a;
+  };
+  std::vector<bad> const cases = {
+      {with([](auto& a) { a.sequence = 0; }), "S = 0, H = 8, H_kv = 2, D = 8, P = 4 must all be >= 1"},
+      {with([](auto& a) { a.head_dim = -1; }), "D = -1"},
+      {with([](auto& a) { a.kv_heads = 3; }), "H = 8 must be a multiple of H_kv = 3"},
+      {with([](auto& a) { a.chunk = -16; }), "chunk C = -16 must be >= 1 (or 0: C = S)"},
+      {with([](auto& a) { a.sequence = 72; a.chunk = 16; }), "S = 72 is not a multiple of the chunk C = 16"},
+      {with([](auto& a) { a.chunk = 6; a.sequence = 48; }), "C = 6 is not a multiple of P = 4"},
+      {with([](auto& a) { a.heads = 6; a.kv_heads = 6; }), "H = 6 query heads are not a multiple of P = 4"},
+      {with([](auto& a) { a.ranks = 8; a.sequence = 64; a.chunk = 16; a.heads = 24; a.kv_heads = 3; }),
+       "H_kv must be a multiple of P"},
+      {with([](auto& a) { a.ring_slots = 1; }), "ring_slots = 1 must be in [2, 64]"},
+      {with([](auto& a) { a.type = fpdt::dtype::f64; }), "dtype f64 is not a model dtype"},
+      {with([](auto& a) { a.ranks = 1; a.sequence = index_t{1} << 21; a.chunk = 1; }), "chunks; at most 2^20"},
+  };
+  for (bad const& b : cases) {
+    std::string const m = refusal(b.a);
+    INFO(m);
+    CHECK(contains(m, b.want));
+    CHECK(contains(m, "layer: ")); // the caller's name leads
+  }
+}
+
+TEST_CASE("attention_problem: C = 0 means S, and per_rank keeps S and C and takes the rank's heads") {
+  auto p = attention_problem::create({.sequence = 96, .ranks = 4, .chunk = 0, .heads = 8, .kv_heads = 2, .head_dim = 16}).value();
+  CHECK(p.chunk() == 96);
+  CHECK(p.chunks() == 1);
+  CHECK(p.local_heads() == 2);
+  CHECK(p.local_kv_heads() == 1); // H_kv = 2 < P = 4: one replicated head per rank
+  attention_problem const r = p.per_rank();
+  CHECK(r.ranks() == 1);
+  CHECK(r.sequence() == 96);
+  CHECK(r.chunk() == 96);
+  CHECK(r.local_heads() == 2);
+  CHECK(r.local_kv_heads() == 1);
+  CHECK(r.bytes(chunk_tensor::q) == p.bytes(chunk_tensor::q)); // the tensors are already per rank
+  auto s = attention_problem::create({.sequence = 64, .ranks = 2, .chunk = 16, .heads = 8, .kv_heads = 4, .head_dim = 8}).value();
+  CHECK(s.local_kv_heads() == 2); // sharded
+}
+
+TEST_CASE("attention_problem: slot layouts are disjoint, aligned and sized by their tensors") {
+  for (fpdt::dtype t : {fpdt::dtype::f32, fpdt::dtype::bf16, fpdt::dtype::f16}) {
+    auto p = attention_problem::create(
+                 {.sequence = 60, .ranks = 1, .chunk = 20, .heads = 3, .kv_heads = 1, .head_dim = 5, .type = t})
+                 .value();
+    CHECK(p.bytes(chunk_tensor::q) == 20u * 3 * 5 * fpdt::size_bytes(t));
+    CHECK(p.bytes(chunk_tensor::k) == 20u * 1 * 5 * fpdt::size_bytes(t));
+    CHECK(p.bytes(chunk_tensor::lse) == 20u * 3 * 4);
+    CHECK(p.bytes(chunk_tensor::dq) == 20u * 3 * 5 * 4);
+    CHECK(p.bytes(chunk_tensor::dk) == 20u * 1 * 5 * 4);
+    for (std::size_t k = 0; k < fpdt::slot_kind_count; ++k) {
+      fpdt::slot_layout const l = p.slot(static_cast<slot_kind>(k));
+      std::vector<std::pair<std::size_t, std::size_t>> spans;
+      std::size_t sum = 0;
+      for (std::size_t i = 0; i < fpdt::chunk_tensor_count; ++i) {
+        auto const ct = static_cast<chunk_tensor>(i);
+        if (!l.has(ct)) continue;
+        CHECK(l.at(ct) % fpdt::device_arena::granularity == 0);
+        std::size_t const b = fpdt::device_arena::rounded_size(p.bytes(ct));
+        spans.emplace_back(l.at(ct), l.at(ct) + b);
+        sum += b;
+      }
+      CHECK(sum == l.bytes);
+      std::sort(spans.begin(), spans.end());
+      for (std::size_t i = 1; i < spans.size(); ++i) CHECK(spans[i - 1].second <= spans[i].first);
+    }
+  }
+}
+
+TEST_CASE("attention_problem: its schedules are checked and hold the rings ring_sizes gives") {
+  for (bool offload : {true, false})
+    for (fpdt::attention_mask m : {fpdt::causal_mask, fpdt::full_mask}) {
+      auto p = attention_problem::create({.sequence = 48, .ranks = 2, .chunk = 8, .heads = 4, .kv_heads = 2,
+                                          .head_dim = 8, .type = fpdt::dtype::bf16, .mask = m, .offload = offload,
+                                          .ring_slots = 3})
+                   .value()
+                   .per_rank();
+      auto f = p.forward_schedule().value();
+      auto b = p.backward_schedule().value();
+      CHECK(fpdt::check_schedule(f).ok());
+      CHECK(fpdt::check_schedule(b).ok());
+      CHECK(f.ring_size == fpdt::ring_sizes(fpdt::pass::forward, f.params));
+      CHECK(b.ring_size == fpdt::ring_sizes(fpdt::pass::backward, b.params));
+      CHECK(f.params.chunks == 6);
+      CHECK(f.params.causal == (m.kind == fpdt::mask_kind::causal));
+      CHECK(f.params.bytes.q == p.slot(slot_kind::forward_q).bytes);
+      CHECK(b.params.bytes.q == p.slot(slot_kind::backward_q).bytes);
+      std::size_t const acc = 2 * p.slot(slot_kind::forward_acc).bytes;
+      CHECK(p.forward_device_bytes() == f.ring_bytes() + acc);
+      CHECK(p.forward_device_bytes(1) == f.ring_bytes() + acc + 256); // a workspace takes whole granules
+      if (offload)
+        CHECK(p.backward_device_bytes() == b.ring_bytes() + p.slot(slot_kind::backward_dkv).bytes);
+      CHECK((p.host_bytes_needed() == 0) == !offload);
+      CHECK(p.host_bytes_reserved() >= p.host_bytes_needed());
+    }
+}
