@@ -7,7 +7,7 @@ if(FPDT_ENABLE_CUDA)
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
-    # Ampere and Hopper at least (DESIGN.md, issue "CUDA backend"); callers may override.
+    # Ampere and Hopper at least (docs/design.md 4.7); callers may override.
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
       set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()

@@ -4,7 +4,7 @@
 Runs `fpdt-bench` (Google Benchmark, JSON output) for the chunk_forward / chunk_backward benchmarks
 and times torch.nn.functional.scaled_dot_product_attention forward and backward on the same shapes
 (H = 8, S = Sq = Sk, D, fp32 / bf16, full / causal) in the same run, with the same thread count,
-then prints throughput in GFLOP/s and the ratio ours / torch. FLOPs as in DESIGN.md 5: forward
+then prints throughput in GFLOP/s and the ratio ours / torch. FLOPs as in docs/design.md 5: forward
 4 S^2 H D, backward 2.5x, both halved for causal.
 
 torch is optional (pip install torch); without it only fpdt's numbers are printed.

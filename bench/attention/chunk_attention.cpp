@@ -1,6 +1,6 @@
 // Benchmarks of include/fpdt/attention/host/chunk_attention.hpp: the host chunk kernel forward and
 // backward on one chunk pair, S = Sq = Sk in 1K..8K, H = 8, D in {64, 128}, fp32 and bf16, full and
-// causal. Counter "FLOP/s": forward 4 S^2 H D, backward 2.5x that, halved for causal (DESIGN.md 5).
+// causal. Counter "FLOP/s": forward 4 S^2 H D, backward 2.5x that, halved for causal (docs/design.md 5).
 // scripts/bench_attention_vs_torch.py runs these beside PyTorch's CPU scaled_dot_product_attention.
 #include <fpdt/attention/host/chunk_attention.hpp>
 #include <fpdt/core/bfloat16.hpp>

@@ -1,4 +1,4 @@
-// The machine's fp32 FMA ceiling, measured (DESIGN.md 5: "the machine's ceilings, measured once"):
+// The machine's fp32 FMA ceiling, measured (docs/design.md 5: ceilings are measured once):
 // independent chains of fused multiply-adds on all host threads, counted as 2 FLOP each. Kernel
 // benchmarks divide their FLOP/s by this to report the fraction of peak.
 #include <fpdt/core/parallel_for.hpp>

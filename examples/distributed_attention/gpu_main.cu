@@ -1,4 +1,4 @@
-// fpdt-attention-gpu: FPDT attention forward and backward on P GPUs (DESIGN.md 2, FPDT paper
+// fpdt-attention-gpu: FPDT attention forward and backward on P GPUs (docs/design.md 2, FPDT paper
 // section 3): sequence_parallel_attention on cuda_backend with the tensor-core chunk kernel and an
 // NCCL communicator, at Llama-3-8B attention shapes by default (H = 32, H_kv = 8, D = 128), bf16,
 // causal. How a trainer wires it:

@@ -1,4 +1,4 @@
-// fpdt-attention: FPDT attention forward and backward on P ranks (DESIGN.md 2, FPDT paper section
+// fpdt-attention: FPDT attention forward and backward on P ranks (docs/design.md 2, FPDT paper section
 // 3), at Llama-3-8B attention shapes by default (H = 32, H_kv = 8, D = 128), bf16, causal.
 //
 // Ranks are threads of this process with the in-process communicator (--ranks P), or MPI

@@ -1,4 +1,4 @@
-// fpdt-offload-demo: the FPDT offload pattern on the host backend (DESIGN.md 2.2, 3).
+// fpdt-offload-demo: the FPDT offload pattern on the host backend (docs/design.md 2.2, 4).
 //
 // u chunks are produced one by one on the compute lane into a ring of staging slots in a budgeted
 // "device" arena, offloaded to pinned host memory on the d2h lane while the next chunk computes,

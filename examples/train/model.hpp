@@ -1,5 +1,5 @@
 // The model of fpdt-train: a decoder-only byte-level transformer written the way a trainer would
-// write it, with fpdt's pieces for the parts that grow with the sequence (DESIGN.md 2.1-2.6):
+// write it, with fpdt's pieces for the parts that grow with the sequence (docs/design.md 2):
 //
 //   embedding -> L x [ RMSNorm -> q/k/v projections -> rotary embeddings at global positions ->
 //   FPDT attention (sequence_parallel_attention) -> o projection -> residual ->

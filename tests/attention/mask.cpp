@@ -1,5 +1,5 @@
 // Tests of include/fpdt/attention/mask.hpp: visible, visible_keys and local_keys for the full and
-// causal masks, by global position (DESIGN.md 2.4), including key chunks entirely before, after
+// causal masks, by global position (docs/design.md 3.4), including key chunks entirely before, after
 // or straddling the query position and empty key chunks.
 #include <fpdt/attention/mask.hpp>
 

@@ -1,5 +1,5 @@
 // Tests of include/fpdt/attention/online_softmax.hpp: the stable merge of partial attention states
-// (DESIGN.md 2.4), CASES.md A7 (merge with empty states) and A9 (merge overflow), large LSE gaps,
+// (docs/design.md 3.2), CASES.md A7 (merge with empty states) and A9 (merge overflow), large LSE gaps,
 // shape errors, strided views, and associativity / commutativity within fp32 rounding.
 #include "reference.hpp"
 
@@ -56,7 +56,7 @@ bool same_bits(float const* a, float const* b, index_t n) {
   return std::memcmp(a, b, static_cast<std::size_t>(n) * sizeof(float)) == 0;
 }
 
-// The float64 merge of rows (o1, l1) and (o2, l2) given as floats: DESIGN.md 2.4's formula.
+// The float64 merge of rows (o1, l1) and (o2, l2) given as floats: docs/design.md 3.2's formula.
 struct merged64 {
   std::vector<double> o;
   double l;

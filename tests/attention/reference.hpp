@@ -2,7 +2,7 @@
 // library's kernels), plus the small helpers the attention tests share: seeded random data,
 // conversions to the model dtypes, contiguous views and error metrics.
 //
-// Layouts follow DESIGN.md 2.4/2.5: q [Sq, H, D], k and v [Sk, H_kv, D], out [Sq, H, D],
+// Layouts follow docs/design.md 3.1/3.5: q [Sq, H, D], k and v [Sk, H_kv, D], out [Sq, H, D],
 // lse [H, Sq] (natural log), all row-major. Query head h uses key/value head h / (H / H_kv)
 // (grouped order). Query row i sits at global position q_offset + i, key row j at k_offset + j;
 // causal: key visible iff its position <= the query's. A row with no visible key has out = 0 and

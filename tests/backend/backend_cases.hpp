@@ -189,7 +189,7 @@ void arena_budget() {
   CHECK(counting->device_memory().peak_bytes() == std::size_t{1} << 39);
 }
 
-// The FPDT offload pattern (DESIGN.md 2.2, CASES.md A18): chunks are produced on the compute lane
+// The FPDT offload pattern (docs/design.md 2.2, CASES.md A18): chunks are produced on the compute lane
 // into a ring of staging slots, offloaded to pinned memory on the d2h lane, and later fetched back
 // on the h2d lane and read on the compute lane. Slots are reused only after the copy that reads
 // them has finished, and the copy lane has an artificial delay, so any missing event would show as

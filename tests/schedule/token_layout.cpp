@@ -1,5 +1,5 @@
 // Tests of include/fpdt/schedule/token_layout.hpp: the chunk-interleaved token layout of
-// DESIGN.md 2.1. Divisibility errors (CASES.md A2), the interleaving spelled out by hand, and for
+// docs/design.md 2.1. Divisibility errors (CASES.md A2), the interleaving spelled out by hand, and for
 // many (S, P, C) with tokens that encode their global index: scatter/gather round trips, every
 // token on exactly one rank, the all-to-all property (local chunk j of all ranks, rank-major, is
 // global chunk j), position ids, the inverse map, strided views, and errors that write nothing.
@@ -105,7 +105,7 @@ template <class T> void check_layout(index_t S, index_t P, index_t C, index_t w)
       auto const cl = L.checked_local_of(g);
       REQUIRE(cl.ok());
       CHECK(*cl == std::make_pair(r, l));
-      // The closed form of DESIGN.md 2.1: local chunk j of rank r is global piece j*P + r.
+      // The closed form of docs/design.md 2.1: local chunk j of rank r is global piece j*P + r.
       index_t const j = l / (C / P);
       CHECK(g == j * C + r * (C / P) + l % (C / P));
     }

@@ -1,7 +1,7 @@
 //! \file
 //! \brief The `chunk_kernel` concept: attention of one query chunk against one key/value chunk.
 //!
-//! Layouts (DESIGN.md 2.4, 2.5), all row-major views with any strides `tensor_view` accepts:
+//! Layouts (docs/design.md 3.1, 3.5), all row-major views with any strides `tensor_view` accepts:
 //! - `q [Sq, H, D]`, `k [Sk, H_kv, D]`, `v [Sk, H_kv, D]` in the model dtype `T` (fp32, bf16, fp16);
 //! - partial output `out [Sq, H, D]` fp32 and `lse [H, Sq]` fp32, natural log;
 //! - GQA: query head h uses key/value head h / (H / H_kv) (grouped order), H % H_kv == 0;
@@ -11,7 +11,7 @@
 //! Forward writes the partial state of the chunk pair (a row with no visible key gets out = 0 and
 //! lse = -inf); the caller merges partials with `merge_partials`. Backward uses the *final*
 //! merged out's `lse` and `delta = rowsum(dout * out)` (fp32, `[H, Sq]`) of each query row, which
-//! makes the per-chunk-pair gradients exact (FlashAttention-2 backward, DESIGN.md 2.3), and
+//! makes the per-chunk-pair gradients exact (FlashAttention-2 backward, docs/design.md 2.3), and
 //! accumulates (+=) into fp32 `dq [Sq, H, D]`, `dk`, `dv [Sk, H_kv, D]`.
 //!
 //! A kernel is a type with const member functions `forward(chunk_forward_args<T> const&)` and
@@ -143,7 +143,7 @@ template <class T> [[nodiscard]] status check_args(chunk_backward_args<T> const&
 }
 
 //! delta[h, s] = sum_d dout[s, h, d] * out[s, h, d], accumulated in fp32: the per-row term of the
-//! softmax backward, computed once per query chunk (DESIGN.md 2.3).
+//! softmax backward, computed once per query chunk (docs/design.md 2.3).
 //!
 //! \param out   `[Sq, H, D]` final merged output (any element type, const or not)
 //! \param dout  `[Sq, H, D]` its gradient

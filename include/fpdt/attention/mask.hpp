@@ -1,7 +1,7 @@
 //! \file
 //! \brief `attention_mask`: which keys a query may see, as data, by global token position.
 //!
-//! DESIGN.md 2.4: causal alignment is by global position: the key at position p_k is visible to
+//! docs/design.md 3.4: causal alignment is by global position: the key at position p_k is visible to
 //! the query at p_q iff p_k <= p_q. A chunk kernel receives the global offsets of its query and
 //! key ranges and asks the mask for each query's visible key range. Every mask is a contiguous
 //! range of keys per query, so kernels skip whole tiles outside it; sliding-window and document

@@ -4,7 +4,7 @@
 //! FPDT computes attention one chunk pair at a time; each chunk kernel returns a partial state:
 //! the output normalised over the keys it saw, `out [Sq, H, D]` fp32, and the natural-log
 //! log-sum-exp of its scores, `lse [H, Sq]` fp32. Two partial states over disjoint key sets merge
-//! exactly into the state over their union (DESIGN.md 2.4; FlashAttention-2's rescaling, written
+//! exactly into the state over their union (docs/design.md 3.2; FlashAttention-2's rescaling, written
 //! here in LSE form):
 //!
 //!     m = max(l1, l2),  l = m + log(exp(l1 - m) + exp(l2 - m)),

@@ -1,7 +1,7 @@
 //! \file
 //! \brief The `backend` concept: streams, events, asynchronous copies and memory of one device.
 //!
-//! The FPDT pipeline (DESIGN.md section 3) runs its steps on four lanes (compute, host-to-device
+//! The FPDT pipeline (docs/design.md 4.5) runs its steps on four lanes (compute, host-to-device
 //! copies, device-to-host copies, communication), each a stream, and orders them with events only.
 //! A backend supplies those streams and events, asynchronous copies between device memory and
 //! pinned host memory, and the two allocators (a budgeted device arena and a pinned host pool).
@@ -37,7 +37,7 @@ namespace detail {
 }
 } // namespace detail
 
-//! The role a stream plays in the pipeline (DESIGN.md section 1, "lane").
+//! The role a stream plays in the pipeline (docs/design.md 1, "lane").
 enum class lane : std::uint8_t {
   compute, //!< attention, merges, casts
   h2d,     //!< fetches: host-to-device copies of offloaded chunks

@@ -1,7 +1,7 @@
 //! \file
 //! \brief The `communicator` concept and the in-process model (`local_world`, P ranks as threads).
 //!
-//! DESIGN.md 2.5 and 3: the Ulysses all-to-all and the few collectives FPDT needs, over host
+//! docs/design.md 3.5 and 4.8: the Ulysses all-to-all and the few collectives FPDT needs, over host
 //! memory. Every operation is blocking for the calling thread and carries a *tag*: operations are
 //! matched across ranks by tag, not by call order, so different lanes of one rank (the compute
 //! lane's output all-to-all, the copy lane's dout all-to-all) may run collectives concurrently.

@@ -2,7 +2,7 @@
 //! \brief Ulysses all-to-all for one chunk, with grouped-query attention: sequence-sharded
 //! `[C/P, H, D]` to head-sharded `[C, H/P, D]` and back.
 //!
-//! DESIGN.md 2.1, 2.5; DeepSpeed-Ulysses (Jacobs et al., arXiv 2309.14509) and FPDT (Yao et al.,
+//! docs/design.md 2.1, 3.5; DeepSpeed-Ulysses (Jacobs et al., arXiv 2309.14509) and FPDT (Yao et al.,
 //! arXiv 2408.16978) section 3. Rank r holds piece r of every global chunk (the chunk-interleaved
 //! layout of schedule/token_layout.hpp), so after `seq_to_head` of local chunk j every rank holds
 //! the global tokens [jC, (j+1)C) in order, for its heads:
@@ -45,7 +45,7 @@ concept stream_communicator =
       { c.all_to_all(send, recv, n, t, st.native_handle()) } -> std::same_as<status>;
     };
 
-//! Where the P blocks of one Ulysses all-to-all sit in a `[rows, heads, D]` view (DESIGN.md 2.5):
+//! Where the P blocks of one Ulysses all-to-all sit in a `[rows, heads, D]` view (docs/design.md 3.5):
 //! block r (the part sent to, or received from, rank r) covers rows [row0(r), row0(r) + rows) and
 //! heads [head0(r), head0(r) + heads), all of D; in the send and receive buffers the blocks are
 //! contiguous `[P][rows][heads][D]`. `local_side` describes the sequence-sharded `[C/P, H or H_kv,

@@ -1,7 +1,7 @@
 //! \file
 //! \brief The `gemm_policy` concept and `host_gemm`, a portable cache-blocked matrix product.
 //!
-//! The chunked MLP and the chunked LM head + loss (DESIGN.md 2.6) are matrix products over token
+//! The chunked MLP and the chunked LM head + loss (docs/design.md 2.5) are matrix products over token
 //! chunks; they take the product as a policy so a trainer can plug in its BLAS (`cblas_gemm`,
 //! core/cblas_gemm.hpp, when built with fpdt::blas) or its own kernel. Every policy computes, in
 //! BLAS's row-major convention,

@@ -336,7 +336,7 @@ template <class T, std::size_t Rank>
 // Errors with `errc::invalid_argument`, naming the pair, when an output may share memory with an
 // input or another output (may_share): the layers write outputs chunk by chunk while later
 // chunks of their inputs are still to be read (an overlap would change inputs not yet read:
-// silently wrong results), and two overlapping outputs would overwrite each other (DESIGN.md 2.6).
+// silently wrong results), and two overlapping outputs would overwrite each other (docs/design.md 2.5).
 [[nodiscard]] inline status check_no_alias(char const* who, std::initializer_list<named_span> outputs,
                                            std::initializer_list<named_span> inputs) {
   for (auto o = outputs.begin(); o != outputs.end(); ++o) {

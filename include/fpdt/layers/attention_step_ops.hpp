@@ -2,7 +2,7 @@
 //! \brief `attention_step_ops<B>`: the elementwise steps of `fpdt_attention` on backend `B`.
 //!
 //! Besides copies (the backend's `copy_async`) and the chunk kernel, an FPDT attention pass has a
-//! few elementwise steps (DESIGN.md 2.2, 2.3): merging a chunk pair's partial state into the
+//! few elementwise steps (docs/design.md 2.2, 2.3): merging a chunk pair's partial state into the
 //! query chunk's accumulator, finalizing it (fp32 to the model dtype), zeroing gradient
 //! accumulators, delta = rowsum(dout * out), and copying token rows between whole tensors and
 //! chunk slots. A backend supplies them by specializing this template:

@@ -3,7 +3,7 @@
 //! token chunk, so the `[N, V]` logits never exist; ranks of a sequence-parallel group agree on the
 //! global count of valid tokens before any gradient is formed.
 //!
-//! DESIGN.md 2.6; FPDT paper (Yao et al., arXiv 2408.16978) section 3.3 (the `[S/P, V]` logits
+//! docs/design.md 2.5; FPDT paper (Yao et al., arXiv 2408.16978) section 3.3 (the `[S/P, V]` logits
 //! of a long sequence outgrow the device, so the head and the loss run chunk by chunk). Per chunk
 //! of C tokens: logits `[C, V]` = x_c W^T (in T: fp32 for float, fp64 for double, from the
 //! backend's device arena), the loss of each valid token, and right away dlogits, from which

@@ -2,7 +2,7 @@
 //! \brief `chunked_mlp`: a transformer MLP (GeLU or SwiGLU) run over token chunks, forward and
 //! backward, with the `[chunk, ffn]` intermediate recomputed in the backward instead of stored.
 //!
-//! DESIGN.md 2.6; FPDT paper (Yao et al., arXiv 2408.16978) section 3.3 (the MLP's intermediate
+//! docs/design.md 2.5; FPDT paper (Yao et al., arXiv 2408.16978) section 3.3 (the MLP's intermediate
 //! of `[S/P, ffn]` tokens dominates activation memory at long context, so it is processed chunk by
 //! chunk). Only the caller's input x is kept between forward and backward (by the caller); per
 //! chunk of C tokens the pass holds at most three `[C, F]` buffers, drawn from the backend's

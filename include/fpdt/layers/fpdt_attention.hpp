@@ -2,7 +2,7 @@
 //! \brief `fpdt_attention`: FPDT attention on one rank (P = 1), forward and backward over u chunks,
 //! with the inactive chunks offloaded to pinned host memory and the copies hidden behind compute.
 //!
-//! DESIGN.md 2.2 (forward), 2.3 (backward), 3 (architecture), FPDT paper (Yao et al., arXiv
+//! docs/design.md 2.2 (forward), 2.3 (backward), 4 (architecture), FPDT paper (Yao et al., arXiv
 //! 2408.16978) section 3. The layer builds the pass's schedule (schedule/schedule.hpp), checks it,
 //! allocates exactly the schedule's device buffers from the backend's arena (rings of staging
 //! slots plus the fp32 accumulators, independent of S when offload is on) and its pinned host

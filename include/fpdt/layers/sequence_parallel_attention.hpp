@@ -1,7 +1,7 @@
 //! \file
 //! \brief `sequence_parallel_attention`: FPDT attention on P ranks with the Ulysses all-to-all.
 //!
-//! DESIGN.md 2.1-2.5, FPDT (Yao et al., arXiv 2408.16978) section 3. Each rank holds S/P tokens
+//! docs/design.md 2.1-2.4, 3.5, FPDT (Yao et al., arXiv 2408.16978) section 3. Each rank holds S/P tokens
 //! in the chunk-interleaved layout (schedule/token_layout.hpp: its local chunk j is piece r of
 //! global chunk j) and calls this layer with its communicator. Per chunk, the layer's source
 //! adapter asks the caller's source for the local chunk `[C/P, H, D]` and turns it into the whole
@@ -14,7 +14,7 @@
 //! may exchange concurrently. Gradients of chunk j go back as soon as they are final (dq_j after
 //! outer iteration j in the causal backward, dk_j and dv_j after their inner loop).
 //!
-//! The comm lane (DESIGN.md 2.2-2.3): the layer owns one stream of the backend's comm lane, a
+//! The comm lane (docs/design.md 2.4): the layer owns one stream of the backend's comm lane, a
 //! worker that runs exchange jobs in the order they are queued, which is the schedule's order on
 //! every rank, so peers meet in the same order. In the forward, the job for chunk c + 1 (the
 //! caller's source, then the q, k, v all-to-alls) is queued when chunk c's q, k, v are handed to

@@ -1,7 +1,7 @@
 //! \file
 //! \brief `chunk_store`: where each chunk of each tensor lives, and its pinned host copy.
 //!
-//! DESIGN.md 2.2-2.3 and 3: FPDT keeps every chunk's q, k, v, out, lse (and, in the backward, the
+//! docs/design.md 2.2, 2.3 and 4.6: FPDT keeps every chunk's q, k, v, out, lse (and, in the backward, the
 //! fp32 dq accumulator and dout) in pinned host memory between uses. The store hands out one pinned block
 //! per (tensor, chunk) from the backend's `pinned_pool` (so blocks are reused across calls and the
 //! pool does not grow from call to call) and records each chunk's place: on the device, on the

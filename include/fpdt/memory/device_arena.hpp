@@ -3,7 +3,7 @@
 //!
 //! Every device buffer of the FPDT pipeline (staging slots, accumulators, chunk buffers) comes from
 //! an arena, so the peak device bytes of a layer are measured exactly and can be asserted on in
-//! tests and compared with the planner's prediction (DESIGN.md sections 3 and 5). In count-only
+//! tests and compared with the planner's prediction (docs/design.md 4.6 and 5). In count-only
 //! mode nothing is allocated: the same code path that runs a layer reports the bytes it would need
 //! (CUB's size-query habit).
 #pragma once

@@ -1,7 +1,7 @@
 //! \file
 //! \brief `pinned_pool`: a caching pool of pinned host memory for offloaded chunks.
 //!
-//! FPDT keeps every inactive chunk's q, k, v, out and lse in pinned host memory (DESIGN.md 2.2).
+//! FPDT keeps every inactive chunk's q, k, v, out and lse in pinned host memory (docs/design.md 2.2).
 //! Pinning is slow (`cudaHostAlloc` costs milliseconds), so released blocks are cached and
 //! reused: a training step that offloads the same chunk sizes as the previous one takes no new
 //! memory from the upstream, and the pool does not grow from call to call.

@@ -1,11 +1,11 @@
 //! \file
 //! \brief `staging_ring`: a fixed ring of equal device slots that chunks rotate through.
 //!
-//! DESIGN.md 1 and 3: "a ring of fixed device buffers that chunks rotate through (double
-//! buffering = 2 slots)". The slots are allocated once, from the budgeted device arena, when the
-//! ring is made, so the device bytes of a pass are the ring's bytes whatever the sequence length;
-//! which chunk sits in which slot, and when a slot may be reused, is the schedule's business
-//! (schedule/schedule.hpp).
+//! docs/design.md 1 ("ring, slot") and 4.6: chunks take turns in a fixed set of device slots (two
+//! slots is double buffering). The slots are allocated once, from the budgeted device arena, when
+//! the ring is made, so the device bytes of a pass are the ring's bytes whatever the sequence
+//! length; which chunk sits in which slot, and when a slot may be reused, is the schedule's
+//! business (schedule/schedule.hpp).
 #pragma once
 
 #include "../config.hpp"

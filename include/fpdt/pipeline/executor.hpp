@@ -1,7 +1,7 @@
 //! \file
 //! \brief `executor`: runs a schedule's steps on a backend's lanes, ordered by events only.
 //!
-//! DESIGN.md 3 (the stream-overlap pipeline). One stream per lane (compute at high priority,
+//! docs/design.md 4.5 (the stream-overlap pipeline). One stream per lane (compute at high priority,
 //! h2d, d2h, comm); every step is enqueued on its lane's stream after waits on the events of the
 //! steps it depends on that ran on other lanes (same-lane order is the stream's FIFO order, and a
 //! `release` marker stands for its own dependencies), then an event is recorded after it. The

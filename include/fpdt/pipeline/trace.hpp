@@ -2,7 +2,7 @@
 //! \brief `pipeline_trace`: what each step of a schedule did, when, on which lane, with how many
 //! bytes; written as Chrome trace JSON (open it in Perfetto or chrome://tracing).
 //!
-//! DESIGN.md 3: the trace comes from the same steps the executor runs. Times are microseconds of
+//! docs/design.md 4.5: the trace comes from the same steps the executor runs. Times are microseconds of
 //! the host's steady clock since the start of the pass; on the host backend they are taken on the
 //! lane's own worker thread just before and after the step's work, so they show what overlapped
 //! with what.

@@ -3,7 +3,7 @@
 //! simulation of the schedule's steps on the compute, h2d, d2h and comm lanes at hardware rates,
 //! giving step time, exposed copy time and MFU.
 //!
-//! DESIGN.md 3 ("one schedule, three consumers"): FPDT attention is priced by running the very
+//! docs/design.md 4.4 (the schedule's three consumers): FPDT attention is priced by running the very
 //! `forward_schedule` / `backward_schedule` the layer executes through a list-scheduling
 //! simulation (a step starts when its dependencies are done and its lane is free; lanes are FIFO
 //! like the executor's streams). Compute steps cost FLOPs / throughput, merges and finalizes cost

@@ -2,7 +2,7 @@
 //! \brief The planner's memory model: per-rank device and pinned-host bytes of one training step
 //! of a decoder transformer under FPDT, Ulysses or Megatron sequence parallelism.
 //!
-//! DESIGN.md 3 ("one schedule, three consumers"): the FPDT attention working set is not derived
+//! docs/design.md 4.4 (the schedule's three consumers): the FPDT attention working set is not derived
 //! here but read from the schedules the layer runs (`forward_schedule`, `backward_schedule`,
 //! `schedule::ring_bytes`), with the same slot sizes `fpdt_attention` allocates, so the model and
 //! the layer's arena peak agree by construction (tests/plan/memory_model.cpp measures it).

@@ -2,7 +2,7 @@
 //! \brief Chunk schedules: the forward and backward of FPDT attention as plain data, and the
 //! checks that prove a schedule safe.
 //!
-//! DESIGN.md 2.2, 2.3 and 3 ("one schedule, three consumers"): a schedule is the ordered list of
+//! docs/design.md 2.2, 2.3 and 4.4 (the schedule's three consumers): a schedule is the ordered list of
 //! steps of one pass (produce, offload, fetch, compute(i, j), merge, finalize, delta, zero,
 //! write-back, sink, release) with the lane each runs on and the earlier steps it waits for. The
 //! executor runs it (pipeline/executor.hpp), the layer gives each step its work, the planner
@@ -39,8 +39,8 @@ FPDT_NAMESPACE_BEGIN
 
 //! The two passes of a layer.
 enum class pass : std::uint8_t {
-  forward,  //!< DESIGN.md 2.2: outer loop over query chunks i, inner over key chunks j
-  backward, //!< DESIGN.md 2.3: outer loop over key chunks j, inner over query chunks i
+  forward,  //!< docs/design.md 2.2: outer loop over query chunks i, inner over key chunks j
+  backward, //!< docs/design.md 2.3: outer loop over key chunks j, inner over query chunks i
 };
 
 //! What a step does.
@@ -242,7 +242,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 
 } // namespace detail::sched
 
-//! The forward schedule of FPDT attention on one rank (DESIGN.md 2.2), for P = 1 (the distributed
+//! The forward schedule of FPDT attention on one rank (docs/design.md 2.2), for P = 1 (the distributed
 //! issue adds the all-to-all steps).
 //!
 //! Per query chunk i: produce q_i, k_i, v_i (compute lane); with offload, offload them (d2h) as
@@ -351,7 +351,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   return std::move(b.s);
 }
 
-//! The backward schedule of FPDT attention on one rank (DESIGN.md 2.3), for P = 1.
+//! The backward schedule of FPDT attention on one rank (docs/design.md 2.3), for P = 1.
 //!
 //! Per key/value chunk j (outer loop): fetch k_j, v_j into the 2-slot kv ring (k_{j+1} is fetched
 //! while j's inner loop runs) and zero the fp32 dk_j, dv_j accumulators; per query chunk i >= j

@@ -1,7 +1,7 @@
 //! \file
 //! \brief `token_layout`: FPDT's chunk-interleaved token layout, its permutation and its inverse.
 //!
-//! DESIGN.md 2.1: the global sequence of S tokens is cut into pieces of C/P tokens (C the global
+//! docs/design.md 2.1: the global sequence of S tokens is cut into pieces of C/P tokens (C the global
 //! chunk, P the sequence-parallel world size). Rank r holds pieces r, r+P, r+2P, ... in that
 //! order, so its local sequence has S/P tokens and u = S/C local chunks of C/P tokens each. Local
 //! chunk j of rank r is global piece j*P + r, i.e. the global tokens
@@ -33,7 +33,7 @@
 
 FPDT_NAMESPACE_BEGIN
 
-//! The chunk-interleaved token layout of S tokens over P ranks with global chunk C (DESIGN.md 2.1).
+//! The chunk-interleaved token layout of S tokens over P ranks with global chunk C (docs/design.md 2.1).
 //!
 //! A small value (three integers), trivially copyable into kernels. Build it with `make`, which
 //! checks S % C == 0 and C % P == 0; every other member relies on those invariants. All counts

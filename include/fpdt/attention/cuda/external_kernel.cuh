@@ -5,7 +5,7 @@
 //! fpdt's pipeline needs, per chunk pair, a forward that writes a partial state (fp32 out
 //! `[Sq, H, D]` and lse `[H, Sq]` in natural log, out = 0 and lse = -inf for a row with no visible
 //! key) and a backward that accumulates fp32 dq, dk, dv from the *final* merged lse and
-//! delta = rowsum(dout * out) (DESIGN.md 2.3, 2.4; see chunk_kernel.hpp). Libraries differ on two
+//! delta = rowsum(dout * out) (docs/design.md 2.3, 3; see chunk_kernel.hpp). Libraries differ on two
 //! conventions only, and this adapter converts both:
 //! - the LSE base: natural log (cuDNN's stats, PyTorch) or base 2 (kernels that work in exp2);
 //! - the value written for an empty row: -inf, +inf (FlashAttention-2 writes +inf), or NaN; such

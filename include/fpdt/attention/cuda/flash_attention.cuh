@@ -2,7 +2,7 @@
 //! \brief `cuda_flash_chunk_kernel`: the tensor-core CUDA chunk attention kernel (sm_80+).
 //!
 //! Models `chunk_kernel` for bf16 and fp16 inputs with fp32 accumulation, head dimensions 64 and
-//! 128, full and causal masks by global position, GQA (DESIGN.md 2.4, 2.5). FlashAttention-2
+//! 128, full and causal masks by global position, GQA (docs/design.md 3, 3.5). FlashAttention-2
 //! (Dao, 2023, Algorithms 1 and 2), written for `mma.sync.m16n8k16`:
 //! - Forward: a block of 4 warps owns 64 query rows of one head (16 per warp, Q in registers);
 //!   key/value tiles of 64 rows stream through double-buffered shared memory by `cp.async`; the
@@ -541,7 +541,7 @@ struct cuda_flash_chunk_kernel {
     return a.q.extent(2) == 64 ? launch_forward<T, 64>(p, a.out) : launch_forward<T, 128>(p, a.out);
   }
 
-  //! Backward of one chunk pair: adds into fp32 `dq`, `dk`, `dv` (DESIGN.md 2.3); needs the final
+  //! Backward of one chunk pair: adds into fp32 `dq`, `dk`, `dv` (docs/design.md 2.3); needs the final
   //! merged `lse` and `delta`.
   template <class T>
     requires detail::cuda_mma::is_mma_type<T>

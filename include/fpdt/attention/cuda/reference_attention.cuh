@@ -3,7 +3,7 @@
 //! the yardstick for the fast kernels on the GPU.
 //!
 //! Models `chunk_kernel` for fp32, bf16 and fp16 inputs, any strides, head dimension D <= 256,
-//! full and causal masks by global position, GQA (DESIGN.md 2.4). One warp per (query row, query
+//! full and causal masks by global position, GQA (docs/design.md 3). One warp per (query row, query
 //! head); each lane holds D/32 elements of the row. Forward: the online softmax of FlashAttention
 //! (Dao et al. 2022, Algorithm 1) one key at a time, in fp32 with `expf`. Backward: one warp per
 //! (query row, head) walks the visible keys, p = exp(s - lse) clamped to 1, dp = dout . v,
@@ -188,7 +188,7 @@ struct cuda_reference_chunk_kernel {
     return launch(a, detail::cuda_reference::forward_kernel<T>, "forward_kernel launch");
   }
 
-  //! Backward of one chunk pair: adds into fp32 `dq`, `dk`, `dv` (DESIGN.md 2.3).
+  //! Backward of one chunk pair: adds into fp32 `dq`, `dk`, `dv` (docs/design.md 2.3).
   template <class T> [[nodiscard]] status backward(chunk_backward_args<T> const& a) const {
     FPDT_TRY(check_args(a));
     FPDT_TRY(check_head_dim(a.q.extent(2), "cuda_reference_chunk_kernel backward"));

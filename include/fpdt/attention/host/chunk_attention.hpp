@@ -341,7 +341,7 @@ struct host_chunk_kernel {
               for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = o[x] * inv;
             }
             a.out.lse(head, i0 + i) = (m[r] + std::log2(l[r])) * ha::ln2;
-          } else { // no visible key: out 0, lse -inf (DESIGN.md 2.4)
+          } else { // no visible key: out 0, lse -inf (docs/design.md 3.2)
             for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = 0.0f;
             a.out.lse(head, i0 + i) = ha::ninf;
           }

@@ -3,12 +3,12 @@
 //! attention on the host, the reference that kernels, layers and examples are checked against.
 //!
 //! Source: the definition of softmax attention, out = softmax(scale Q K^T + mask) V, computed
-//! exactly per row in float64 (max, exp, sum, log), and its gradient (DESIGN.md 2.3):
+//! exactly per row in float64 (max, exp, sum, log), and its gradient (docs/design.md 2.3):
 //! dP = dO V^T, dS = P (dP - delta) with delta = rowsum(dO * O), dQ = scale dS K,
 //! dK = scale dS^T Q, dV = P^T dO. Independent of the chunk kernels (no tiling of keys, no online
 //! softmax), and slow: O(Sq Sk H D) float64 operations, in register-blocked loops.
 //!
-//! Layouts (DESIGN.md 2.4, 2.5), views with any strides `tensor_view` accepts:
+//! Layouts (docs/design.md 3.1, 3.5), views with any strides `tensor_view` accepts:
 //! - `q [Sq, H, D]`, `k` and `v [Sk, H_kv, D]`, `dout [Sq, H, D]`, of any element type that
 //!   converts to double (double, float, bfloat16, half), read once and converted exactly;
 //! - results row-major float64: `out [Sq, H, D]`, `lse [H, Sq]` (natural log), `dq [Sq, H, D]`,
@@ -288,7 +288,7 @@ dense_reference_forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3
 
 //! Float64 dense attention forward and backward: out and lse as `dense_reference_forward`, and
 //! the gradients dq `[Sq, H, D]`, dk and dv `[Sk, H_kv, D]` of loss = sum(out * dout), by the
-//! softmax backward of DESIGN.md 2.3 (dS = P (dP - delta), delta = rowsum(dout * out)).
+//! softmax backward of docs/design.md 2.3 (dS = P (dP - delta), delta = rowsum(dout * out)).
 //!
 //! \tparam T element type of the inputs, converted exactly to double (double, float, bf16, fp16).
 //! \param q `[Sq, H, D]` queries.

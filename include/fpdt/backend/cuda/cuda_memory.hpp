@@ -1,7 +1,7 @@
 //! \file
 //! \brief CUDA `memory_resource`s: stream-ordered device memory and pinned host memory.
 //!
-//! The upstreams under the CUDA backend's `device_arena` and `pinned_pool` (DESIGN.md section 3).
+//! The upstreams under the CUDA backend's `device_arena` and `pinned_pool` (docs/design.md 4.7).
 //! Device memory comes from a device's default memory pool through `cudaMallocFromPoolAsync`, so
 //! freed blocks stay cached in the pool (with a high release threshold) and a training step that
 //! frees and reallocates the same sizes does not go back to the driver. Pinned memory comes from

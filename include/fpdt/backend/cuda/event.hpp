@@ -1,7 +1,7 @@
 //! \file
 //! \brief `cuda::event`: move-only owner of a `cudaEvent_t`.
 //!
-//! The CUDA backend's event (DESIGN.md section 3). Events are created with
+//! The CUDA backend's event (docs/design.md 4.7). Events are created with
 //! `cudaEventDisableTiming` (the cheapest kind, all the pipeline needs to order streams) unless
 //! timing is asked for. As with every CUDA event, a wait refers to the latest record issued
 //! before it, and a never-recorded event is complete. Needs the CUDA runtime (link `fpdt::cuda`);

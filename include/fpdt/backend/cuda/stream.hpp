@@ -1,7 +1,7 @@
 //! \file
 //! \brief `cuda::stream`: move-only owner of a non-blocking `cudaStream_t` with a priority.
 //!
-//! The CUDA backend's stream (DESIGN.md section 3): work on one stream runs in order; streams are
+//! The CUDA backend's stream (docs/design.md 4.7): work on one stream runs in order; streams are
 //! created non-blocking, so they never synchronise implicitly with the legacy default stream and
 //! are ordered only by events. Needs the CUDA runtime (link `fpdt::cuda`); compiles with a plain
 //! C++ compiler.

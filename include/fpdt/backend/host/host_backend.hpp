@@ -1,7 +1,7 @@
 //! \file
 //! \brief `host_backend`: the `backend` concept on the CPU, with worker-thread streams.
 //!
-//! DESIGN.md section 3: device memory is ordinary memory behind a budgeted arena (an over-budget
+//! docs/design.md 4.7: device memory is ordinary memory behind a budgeted arena (an over-budget
 //! allocation is a clear out-of-memory error; peak bytes are exact), streams are worker threads
 //! with FIFO queues, events are completion markers, copies are `memcpy` run in stream order. It is
 //! what CI, the unit tests and the default demo use, and it is clean under ThreadSanitizer.

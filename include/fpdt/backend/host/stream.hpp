@@ -1,7 +1,7 @@
 //! \file
 //! \brief `host::stream`: an ordered queue of work run by one worker thread.
 //!
-//! The host backend's stand-in for `cudaStream_t` (DESIGN.md section 3): work enqueued on one
+//! The host backend's stand-in for `cudaStream_t` (docs/design.md 4.7): work enqueued on one
 //! stream runs in FIFO order on the stream's own thread; work on different streams runs
 //! concurrently, ordered only by events. Errors are values: a task that returns a failing status
 //! or throws puts the stream in an error state; later tasks are skipped (records still complete

@@ -2,7 +2,7 @@
 //! \brief `FPDT_MPI_CHECK`: turns a failing MPI call into an `fpdt::status`.
 //!
 //! Needs an MPI implementation's `mpi.h` (link `fpdt::mpi`). fpdt never creates the MPI world:
-//! callers pass their own `MPI_Comm` (DESIGN.md section 3).
+//! callers pass their own `MPI_Comm` (docs/design.md 4.8).
 #pragma once
 
 #include "../../config.hpp"

@@ -1,7 +1,7 @@
 //! \file
 //! \brief `mpi_communicator`: the `communicator` concept over the caller's `MPI_Comm`.
 //!
-//! DESIGN.md 3: fpdt never creates the MPI world; the caller passes its communicator (initialised
+//! docs/design.md 4.8: fpdt never creates the MPI world; the caller passes its communicator (initialised
 //! with `MPI_Init_thread` at `MPI_THREAD_SERIALIZED` or higher: several lanes of one rank
 //! exchange, one at a time under this object's lock). Operations are point-to-point
 //! `MPI_Isend`/`MPI_Irecv` under the operation's tag, so they are matched by tag like the

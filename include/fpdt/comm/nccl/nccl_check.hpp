@@ -2,7 +2,7 @@
 //! \brief `FPDT_NCCL_CHECK`: turns a failing NCCL call into an `fpdt::status`.
 //!
 //! Needs NCCL's `nccl.h` (link `fpdt::nccl`). fpdt never creates the NCCL world: callers pass
-//! their own `ncclComm_t` (DESIGN.md section 3).
+//! their own `ncclComm_t` (docs/design.md 4.8).
 #pragma once
 
 #include "../../config.hpp"

@@ -4,8 +4,8 @@
 //!
 //! The Ulysses all-to-all (FPDT paper, arXiv 2408.16978, section 3; DeepSpeed-Ulysses) reshards
 //! each chunk from sequence-sharded `[C/P, H, D]` to head-sharded `[C, H/P, D]` and back
-//! (DESIGN.md sections 2.2, 2.5); all-reduce sums replicated key/value gradients and loss counts,
-//! all-gather and barrier serve set-up and checks. DESIGN.md section 3: fpdt never creates the
+//! (docs/design.md 2.4, 3.5); all-reduce sums replicated key/value gradients and loss counts,
+//! all-gather and barrier serve set-up and checks. docs/design.md 4.8: fpdt never creates the
 //! NCCL world; the caller passes its own `ncclComm_t` and the stream of the comm lane.
 //!
 //! Models `stream_communicator` (comm/ulysses.hpp), which `sequence_parallel_attention` needs on
@@ -257,7 +257,7 @@ public:
   //! Posts one `ncclSend`/`ncclRecv` pair per peer with a non-zero count, in one
   //! `ncclGroupStart`/`ncclGroupEnd`; a zero count posts nothing for that peer (its partner, which
   //! sees the same count, posts nothing either). Used by Ulysses with GQA when head counts do not
-  //! split evenly into equal blocks (DESIGN.md 2.5).
+  //! split evenly into equal blocks (docs/design.md 3.5).
   //!
   //! Errors: `errc::invalid_argument` naming the values when a span does not have `size()`
   //! entries, `send_counts[rank()] != recv_counts[rank()]`, a buffer with a non-zero count is
@@ -312,9 +312,10 @@ public:
 
   //! All-reduce sum (`ncclAllReduce` with `ncclSum`): `recv[i]` becomes the sum over ranks of
   //! their `send[i]`, for `count` elements of `type`. In place when `send == recv`; otherwise the
-  //! two buffers must not overlap. Used for the replicated key/value heads' gradients (DESIGN.md
-  //! 2.5) and the global count of valid tokens (2.6). The summation order is NCCL's (not
-  //! deterministic across algorithms for f16/bf16/f32 with P > 2). `count == 0` enqueues nothing.
+  //! two buffers must not overlap. Used for the replicated key/value heads' gradients
+  //! (docs/design.md 3.5) and the global count of valid tokens (2.5). The summation order is
+  //! NCCL's (not deterministic across algorithms for f16/bf16/f32 with P > 2). `count == 0`
+  //! enqueues nothing.
   //!
   //! Errors: `errc::invalid_argument` naming the values for a null buffer, partly overlapping
   //! buffers, a dtype outside the enum or a byte size that overflows; `errc::not_supported` for

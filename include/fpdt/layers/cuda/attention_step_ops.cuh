@@ -2,7 +2,7 @@
 //! \brief `attention_step_ops<cuda_backend>`: `fpdt_attention`'s elementwise steps as CUDA
 //! kernels on the lane's stream, so the FPDT layer runs on a GPU.
 //!
-//! DESIGN.md 2.2-2.4. Each step is one small kernel (or `cudaMemsetAsync`) queued on the stream
+//! docs/design.md 2.2, 2.3, 3. Each step is one small kernel (or `cudaMemsetAsync`) queued on the stream
 //! the executor hands the step; nothing synchronizes. They are memory-bound and O(C H D) per
 //! chunk, against the chunk kernel's O(C^2 H D):
 //! - merge: one warp per (token, head) row; lane l merges elements l, l + 32, ... with
