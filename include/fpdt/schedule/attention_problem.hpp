@@ -5,7 +5,7 @@
 //! the layout of each device slot, the schedules, and the device and pinned bytes of a pass. The
 //! layers allocate and run exactly that; the planner (plan/) sizes and prices exactly that.
 //!
-//! docs/design.md section 4.2. The rules: S, H, H_kv, D >= 1; C = S when 0 is given, else C >= 1;
+//! docs/design.md section 4.3. The rules: S, H, H_kv, D >= 1; C = S when 0 is given, else C >= 1;
 //! H % H_kv == 0; S % C == 0 and C % P == 0 (`token_layout::make`); H % P == 0 and H_kv % P == 0
 //! or P % H_kv == 0 (`ulysses_layout::make`); ring slots in [2, 64]; u = S / C <= 2^20.
 #pragma once
