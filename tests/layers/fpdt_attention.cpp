@@ -811,3 +811,80 @@ TEST_CASE("fpdt_attention: a backend without host tasks runs through attention_s
     CHECK(layer.trace().busy_us(fpdt::lane::compute) > 0);
   }
 }
+
+TEST_CASE_TEMPLATE("fpdt_attention: forwards in flight each keep their own context, and each backward its own gradients", T,
+                   float, fpdt::bfloat16) {
+  // Found by wrapping the layer in an autograd function: a second forward before the first
+  // backward replaced the saved state, and that backward returned the second forward's
+  // gradients. With contexts, two micro-batches interleave and each gets its own, bit for bit
+  // those of a forward and backward run alone.
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    fpdt::host_backend be;
+    attn_shape const s{32, 32, 4, 2, 8};
+    auto const a = random_problem<T>(s, 11), b = random_problem<T>(s, 12);
+    fpdt::fpdt_attention_options o;
+    o.chunk = 8;
+    o.offload = offload;
+    run_result const alone_a = run_layer<T>(be, a, o), alone_b = run_layer<T>(be, b, o);
+    auto layer = fpdt::fpdt_attention<T>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value();
+    fpdt::attention_context ca, cb;
+    CHECK_FALSE(ca.ready());
+    std::vector<T> out_a(s.q_size()), out_b(s.q_size());
+    REQUIRE(layer.forward(ca, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
+    REQUIRE(layer.forward(cb, cview(b.q, s.q_ext()), cview(b.k, s.kv_ext()), cview(b.v, s.kv_ext()), view(out_b, s.q_ext())).ok());
+    CHECK(ca.ready());
+    CHECK(cb.ready());
+    CHECK(ca.host_bytes() == (offload ? layer.host_bytes_reserved() : 0));
+    CHECK((ca.device_bytes() > 0) == !offload); // without offload the forward's rings stay on the device
+    auto grads = [&](fpdt::attention_context& c, problem<T> const& p) {
+      run_result r;
+      r.dq.assign(s.q_size(), fnan);
+      r.dk.assign(s.kv_size(), fnan);
+      r.dv.assign(s.kv_size(), fnan);
+      fpdt::status const st = layer.backward(c, cview(p.dout, s.q_ext()), view(r.dq, s.q_ext()),
+                                             view(r.dk, s.kv_ext()), view(r.dv, s.kv_ext()));
+      REQUIRE_MESSAGE(st.ok(), st.to_string());
+      return r;
+    };
+    run_result const ga = grads(ca, a); // the first forward's backward runs after the second forward
+    run_result const gb = grads(cb, b);
+    for (std::size_t i = 0; i < out_a.size(); ++i) {
+      CHECK(static_cast<float>(out_a[i]) == alone_a.out[i]);
+      CHECK(static_cast<float>(out_b[i]) == alone_b.out[i]);
+    }
+    CHECK(ga.dq == alone_a.dq);
+    CHECK(ga.dk == alone_a.dk);
+    CHECK(ga.dv == alone_a.dv);
+    CHECK(gb.dq == alone_b.dq);
+    CHECK(gb.dv == alone_b.dv);
+    CHECK(ga.dq != gb.dq);
+    // A context is consumed: its memory is back and a second backward is refused by name.
+    CHECK_FALSE(ca.ready());
+    CHECK(ca.host_bytes() == 0);
+    CHECK(ca.device_bytes() == 0);
+    std::vector<float> dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+    auto again = [&](fpdt::attention_context& c, decltype(layer)& l) {
+      return l.backward(c, cview(a.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()), view(dv, s.kv_ext()));
+    };
+    fpdt::status st = again(ca, layer);
+    CHECK(st.code() == fpdt::errc::invalid_argument);
+    CHECK(st.message().find("already ran") != std::string::npos);
+    fpdt::attention_context empty;
+    st = again(empty, layer);
+    CHECK(st.message().find("no successful forward") != std::string::npos);
+    // A context from another layer (even one of the same shape) is refused.
+    auto other = fpdt::fpdt_attention<T>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value();
+    fpdt::attention_context co;
+    REQUIRE(other.forward(co, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
+    st = again(co, layer);
+    CHECK(st.message().find("another layer") != std::string::npos);
+    CHECK(co.ready()); // refused without touching it
+    CHECK(again(co, other).ok());
+    // A layer moved keeps its identity: its contexts stay valid.
+    REQUIRE(layer.forward(ca, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
+    auto moved = std::move(layer);
+    CHECK(again(ca, moved).ok());
+    CHECK(dq == alone_a.dq);
+  }
+}

@@ -49,6 +49,7 @@
 #include <cstddef>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -348,6 +349,55 @@ template <class B> struct step_tensor_gradient_sink {
 };
 } // namespace detail::layer
 
+namespace detail::layer {
+// The forward's device rings (q, kv, out), kept in the context without offload.
+struct forward_rings {
+  staging_ring q, kv, out;
+};
+} // namespace detail::layer
+
+template <class T, class B, class Kernel>
+  requires chunk_kernel<Kernel, T>
+class fpdt_attention;
+
+//! What a forward leaves for its backward (docs/design.md 4.4): with offload, the pinned host
+//! copies of every chunk's q, k, v, out and lse (and room for the backward's dq and dout); without,
+//! the forward's device rings holding them. Move-only; empty when default-constructed.
+//!
+//! `fpdt_attention::forward(ctx, ...)` fills it (replacing, and first freeing, what it held) and
+//! `backward(ctx, ...)` consumes it, so several forwards may be in flight at once (micro-batches,
+//! pipeline-parallel schedules), each with its own context and its own memory. A context whose
+//! backward already ran, one that holds no successful forward, and one made by another layer are
+//! refused by `backward` with `errc::invalid_argument`. Destroying a context frees its memory.
+class attention_context {
+public:
+  attention_context() noexcept = default;                           //!< empty: holds no forward
+  attention_context(attention_context&&) noexcept = default;            //!< takes over the state
+  attention_context& operator=(attention_context&&) noexcept = default; //!< frees, takes over
+  attention_context(attention_context const&) = delete;
+  attention_context& operator=(attention_context const&) = delete;
+
+  //! Whether it holds a successful forward whose backward has not run yet.
+  [[nodiscard]] bool ready() const noexcept { return state_ == state::ready; }
+  //! Pinned host bytes it holds (offload on; 0 off or empty).
+  [[nodiscard]] std::size_t host_bytes() const noexcept { return store_ ? store_->host_bytes() : 0; }
+  //! Device bytes it holds between the passes (the forward's rings without offload; 0 with).
+  [[nodiscard]] std::size_t device_bytes() const noexcept {
+    auto b = [](staging_ring const& r) { return static_cast<std::size_t>(r.size()) * r.slot_bytes(); };
+    return b(rings_.q) + b(rings_.kv) + b(rings_.out);
+  }
+
+private:
+  template <class T, class B, class Kernel>
+    requires chunk_kernel<Kernel, T>
+  friend class fpdt_attention;
+  enum class state : std::uint8_t { empty, ready, used };
+  state state_ = state::empty;
+  void const* owner_ = nullptr; // the identity of the layer whose forward filled it
+  std::optional<chunk_store> store_{};
+  detail::layer::forward_rings rings_{};
+};
+
 //! FPDT attention on one rank (see the file comment).
 //!
 //! \tparam T      model dtype: float, bfloat16 or half
@@ -412,24 +462,35 @@ public:
   //! source, kernel or sink with their code, the step named ("chunk source, chunk 2: ...",
   //! "chunk kernel forward at q_offset 32, k_offset 16: ..."); an exception any of them throws
   //! as `errc::backend_error`, named the same way.
+  //! This form keeps what the backward needs inside the layer (one saved forward: the next
+  //! forward replaces it, and `backward` without a context differentiates the latest one); the
+  //! context form below hands it to the caller instead.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
+    return forward(saved_, source, sink);
+  }
+
+  //! Forward as above, leaving what the backward needs in `ctx` (whatever it held is freed
+  //! first; on error it is left empty). Errors: as above.
+  template <class Source, class Sink>
+  [[nodiscard]] status forward(attention_context& ctx, Source const& source, Sink& sink) {
     if constexpr (!detail::layer::check_forward_callbacks<Source, Sink, T, stream_t, forms>())
       return make_error(errc::internal, "rejected at compile time");
     else
-      return run_forward(source, sink);
+      return run_forward(ctx, source, sink);
   }
 
 private:
   template <class Source, class Sink>
-  [[nodiscard]] status run_forward(Source const& source, Sink& sink) {
-    saved_ = false;
+  [[nodiscard]] status run_forward(attention_context& ctx, Source const& source, Sink& sink) {
+    ctx = attention_context{}; // frees the previous forward's state before this one allocates
     FPDT_TRY(make_executor()); // before any buffer, so a failure here leaves nothing allocated
+    ctx.store_.emplace(be_->pinned_memory(), prob_.chunks(), host_tensor_bytes(prob_), host_tensor_names());
+    cx_ = &ctx;
     if (status st = prepare_forward(); !st.ok()) {
-      fwd_rings_ = {};
+      ctx = attention_context{};
       fwd_fixed_ = {};
       release_workspace();
-      store_.clear();
       std::string const pinned =
           opt_.offload ? detail::concat(" and ", host_bytes_reserved(),
                                         " pinned host bytes as the pool reserves them (host_bytes_reserved(); ",
@@ -443,13 +504,18 @@ private:
       return forward_step(st, s, source, sink);
     };
     status st = ex_->run(fwd_, work, &trace_);
-    store_.settle(chunk_place::in_flight, chunk_place::host);
+    ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     // The accumulators are done; with offload the rings are too (the host copies are the state).
     fwd_fixed_ = {};
     release_workspace();
-    if (opt_.offload) fwd_rings_ = {};
-    if (!st.ok()) return st;
-    saved_ = true;
+    if (opt_.offload) ctx.rings_ = {};
+    cx_ = nullptr;
+    if (!st.ok()) {
+      ctx = attention_context{};
+      return st;
+    }
+    ctx.state_ = attention_context::state::ready;
+    ctx.owner_ = id_.get();
     return {};
   }
 
@@ -457,10 +523,18 @@ public:
   //! Forward from whole tensors: q `[S, H, D]`, k and v `[S, H_kv, D]` into out `[S, H, D]` and,
   //! when given, lse `[H, S]`. out and lse must not share memory with q, k, v or each other
   //! (`views_overlap`; not even out = q in place). Errors: `errc::shape_mismatch` naming the
-  //! shapes; `errc::invalid_argument` naming two views that overlap; as above.
+  //! shapes; `errc::invalid_argument` naming two views that overlap; as above. The state for the
+  //! backward stays in the layer (see `forward(source, sink)`).
   [[nodiscard]] status forward(tensor_view<T const, 3> const& q, tensor_view<T const, 3> const& k,
                                tensor_view<T const, 3> const& v, tensor_view<T, 3> const& out,
                                tensor_view<float, 2> const& lse = {}) {
+    return forward(saved_, q, k, v, out, lse);
+  }
+
+  //! Forward from whole tensors as above, the state for the backward left in `ctx`.
+  [[nodiscard]] status forward(attention_context& ctx, tensor_view<T const, 3> const& q,
+                               tensor_view<T const, 3> const& k, tensor_view<T const, 3> const& v,
+                               tensor_view<T, 3> const& out, tensor_view<float, 2> const& lse = {}) {
     FPDT_TRY(check_shape("q", q.extents(), prob_.local_heads()));
     FPDT_TRY(check_shape("k", k.extents(), prob_.local_kv_heads()));
     FPDT_TRY(check_shape("v", v.extents(), prob_.local_kv_heads()));
@@ -473,29 +547,109 @@ public:
                                     {detail::range_of("q", q), detail::range_of("k", k), detail::range_of("v", v)}));
     detail::layer::step_tensor_source<T, B> src{be_, q, k, v};
     detail::layer::step_tensor_sink<T, B> snk{be_, out, lse};
-    return forward(src, snk);
+    return forward(ctx, src, snk);
   }
 
-  //! Backward of the last forward: dout chunks from `dout`, gradients to `sink`. Errors:
+  //! Backward of the forward saved in the layer (`forward` without a context): dout chunks from
+  //! `dout`, gradients to `sink`; it may run again on the same saved forward. Errors:
   //! `errc::invalid_argument` when no successful forward precedes it; `errc::out_of_memory`
   //! before any step runs (naming the bytes the pass needs); errors of the dout source, kernel or
   //! sink, naming the step.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(Dout const& dout, Sink& sink) {
-    if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
-      return make_error(errc::internal, "rejected at compile time");
-    else
-      return run_backward(dout, sink);
+    return backward_of(saved_, false, dout, sink);
+  }
+
+  //! Backward of the forward held by `ctx`, which it consumes (its memory is freed at the end,
+  //! whatever the outcome). Errors: as above, and `errc::invalid_argument` for a context that holds
+  //! no successful forward, whose backward already ran, or that another layer made.
+  template <class Dout, class Sink>
+  [[nodiscard]] status backward(attention_context& ctx, Dout const& dout, Sink& sink) {
+    return backward_of(ctx, true, dout, sink);
+  }
+
+  //! Backward from a whole dout `[S, H, D]` tensor, gradients to `sink`. Errors: as above, and
+  //! `errc::shape_mismatch` naming dout's shape.
+  template <class Sink>
+    requires gradient_sink<Sink, stream_t>
+  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
+    return backward_tensor(saved_, false, dout, sink);
+  }
+  //! As above, for the forward held by `ctx` (consumed).
+  template <class Sink>
+    requires gradient_sink<Sink, stream_t>
+  [[nodiscard]] status backward(attention_context& ctx, tensor_view<T const, 3> const& dout, Sink& sink) {
+    return backward_tensor(ctx, true, dout, sink);
+  }
+
+  //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten), which
+  //! must not share memory with dout or each other. Errors: as above, and
+  //! `errc::invalid_argument` naming two views that overlap.
+  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
+                                tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
+    return backward_tensors(saved_, false, dout, dq, dk, dv);
+  }
+  //! As above, for the forward held by `ctx` (consumed).
+  [[nodiscard]] status backward(attention_context& ctx, tensor_view<T const, 3> const& dout,
+                                tensor_view<float, 3> const& dq, tensor_view<float, 3> const& dk,
+                                tensor_view<float, 3> const& dv) {
+    return backward_tensors(ctx, true, dout, dq, dk, dv);
   }
 
 private:
-  template <class Dout, class Sink>
-  [[nodiscard]] status run_backward(Dout const& dout, Sink& sink) {
-    if (!saved_)
+  [[nodiscard]] status check_context(attention_context const& ctx) const {
+    using st = attention_context::state;
+    if (ctx.state_ == st::used)
+      return make_error(errc::invalid_argument, "fpdt_attention backward: this context's backward already ran "
+                                                "(a context is used once; run forward again)");
+    if (ctx.state_ != st::ready)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
+    if (ctx.owner_ != id_.get())
+      return make_error(errc::invalid_argument,
+                        "fpdt_attention backward: the context was filled by another layer's forward");
+    return {};
+  }
+  template <class Dout, class Sink>
+  [[nodiscard]] status backward_of(attention_context& ctx, bool consume, Dout const& dout, Sink& sink) {
+    if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
+      return make_error(errc::internal, "rejected at compile time");
+    else {
+      FPDT_TRY(check_context(ctx));
+      status const st = run_backward(ctx, dout, sink);
+      if (consume) {
+        ctx = attention_context{};
+        ctx.state_ = attention_context::state::used;
+      }
+      return st;
+    }
+  }
+  template <class Sink>
+  [[nodiscard]] status backward_tensor(attention_context& ctx, bool consume, tensor_view<T const, 3> const& dout,
+                                       Sink& sink) {
+    FPDT_TRY(check_context(ctx));
+    FPDT_TRY(check_shape("dout", dout.extents(), prob_.local_heads()));
+    detail::layer::step_tensor_dout_source<T, B> src{be_, dout};
+    return backward_of(ctx, consume, src, sink);
+  }
+  [[nodiscard]] status backward_tensors(attention_context& ctx, bool consume, tensor_view<T const, 3> const& dout,
+                                        tensor_view<float, 3> const& dq, tensor_view<float, 3> const& dk,
+                                        tensor_view<float, 3> const& dv) {
+    FPDT_TRY(check_shape("dq", dq.extents(), prob_.local_heads()));
+    FPDT_TRY(check_shape("dk", dk.extents(), prob_.local_kv_heads()));
+    FPDT_TRY(check_shape("dv", dv.extents(), prob_.local_kv_heads()));
+    FPDT_TRY(detail::check_no_alias("fpdt_attention backward",
+                                    {detail::range_of("dq", dq), detail::range_of("dk", dk), detail::range_of("dv", dv)},
+                                    {detail::range_of("dout", dout)}));
+    detail::layer::step_tensor_gradient_sink<B> snk{be_, dq, dk, dv};
+    return backward_tensor(ctx, consume, dout, snk);
+  }
+  template <class Dout, class Sink>
+  [[nodiscard]] status run_backward(attention_context& ctx, Dout const& dout, Sink& sink) {
     FPDT_TRY(make_executor());
+    cx_ = &ctx;
     if (status st = prepare_backward(); !st.ok()) {
+      cx_ = nullptr;
       bwd_rings_ = {};
       bwd_fixed_ = {};
       release_workspace();
@@ -507,7 +661,8 @@ private:
       return backward_step(st, s, dout, sink);
     };
     status st = ex_->run(bwd_, work, &trace_);
-    store_.settle(chunk_place::in_flight, chunk_place::host);
+    ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
+    cx_ = nullptr;
     bwd_rings_ = {};
     bwd_fixed_ = {};
     release_workspace();
@@ -515,34 +670,6 @@ private:
   }
 
 public:
-  //! Backward from a whole dout `[S, H, D]` tensor, gradients to `sink`. Errors: as above, and
-  //! `errc::shape_mismatch` naming dout's shape.
-  template <class Sink>
-    requires gradient_sink<Sink, stream_t>
-  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, Sink& sink) {
-    if (!saved_)
-      return make_error(errc::invalid_argument,
-                        "fpdt_attention backward: no successful forward to differentiate");
-    FPDT_TRY(check_shape("dout", dout.extents(), prob_.local_heads()));
-    detail::layer::step_tensor_dout_source<T, B> src{be_, dout};
-    return backward(src, sink);
-  }
-
-  //! Backward into fp32 tensors dq `[S, H, D]`, dk and dv `[S, H_kv, D]` (overwritten), which
-  //! must not share memory with dout or each other. Errors: as above, and
-  //! `errc::invalid_argument` naming two views that overlap.
-  [[nodiscard]] status backward(tensor_view<T const, 3> const& dout, tensor_view<float, 3> const& dq,
-                                tensor_view<float, 3> const& dk, tensor_view<float, 3> const& dv) {
-    FPDT_TRY(check_shape("dq", dq.extents(), prob_.local_heads()));
-    FPDT_TRY(check_shape("dk", dk.extents(), prob_.local_kv_heads()));
-    FPDT_TRY(check_shape("dv", dv.extents(), prob_.local_kv_heads()));
-    FPDT_TRY(detail::check_no_alias("fpdt_attention backward",
-                                    {detail::range_of("dq", dq), detail::range_of("dk", dk), detail::range_of("dv", dv)},
-                                    {detail::range_of("dout", dout)}));
-    detail::layer::step_tensor_gradient_sink<B> snk{be_, dq, dk, dv};
-    return backward(dout, snk);
-  }
-
   //! The forward schedule.
   [[nodiscard]] schedule const& forward_plan() const noexcept { return fwd_; }
   //! The backward schedule.
@@ -582,7 +709,7 @@ public:
     return ex_ ? ex_->timing_start() : nullptr;
   }
   //! Pinned host bytes the layer holds (its chunk store).
-  [[nodiscard]] std::size_t host_bytes() const noexcept { return store_.host_bytes(); }
+  [[nodiscard]] std::size_t host_bytes() const noexcept { return saved_.host_bytes(); }
   //! Tokens per chunk, C.
   [[nodiscard]] index_t chunk() const noexcept { return prob_.chunk(); }
   //! The options the layer was created with (`chunk` as given: 0 means C = S, see `chunk()`).
@@ -598,7 +725,7 @@ public:
 private:
   fpdt_attention(B& be, attention_problem const& problem, fpdt_attention_options const& o, Kernel k)
       : be_(&be), prob_(problem), opt_(o), kernel_(std::move(k)),
-        store_(be.pinned_memory(), problem.chunks(), host_tensor_bytes(problem), host_tensor_names()) {}
+        id_(std::make_unique<std::byte>()) {}
 
   // The chunk store's tensors: the problem's `host_tensors`, in its order (= enum host_tensor).
   [[nodiscard]] static std::vector<std::size_t> host_tensor_bytes(attention_problem const& p) {
@@ -694,14 +821,11 @@ private:
   }
 
   // ---- forward ------------------------------------------------------------------------------
-  struct fwd_rings {
-    staging_ring q, kv, out;
-  };
+  using fwd_rings = detail::layer::forward_rings;
 
   [[nodiscard]] status prepare_forward() {
     device_arena& arena = be_->device_memory();
     release_workspace();
-    fwd_rings_ = {};
     fwd_fixed_ = {};
     bwd_rings_ = {};
     bwd_fixed_ = {};
@@ -717,10 +841,9 @@ private:
     if (!acc) return acc.error();
     FPDT_TRY(acquire_workspace(arena, false));
     if (opt_.offload) {
-      store_.clear();
-      FPDT_TRY(store_.acquire_all());
+      FPDT_TRY(cx_->store_->acquire_all());
     }
-    fwd_rings_ = {std::move(*q), std::move(*kv), std::move(*out)};
+    cx_->rings_ = {std::move(*q), std::move(*kv), std::move(*out)};
     fwd_fixed_ = std::move(*acc);
     return {};
   }
@@ -765,8 +888,8 @@ private:
     auto slot = [&](ring r) { return st.slot_of(r); };
     switch (st.kind) {
     case step_kind::produce: {
-      auto qv = q_view(fwd_rings_.q.slot(slot(ring::q)));
-      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+      auto qv = q_view(cx_->rings_.q.slot(slot(ring::q)));
+      std::byte* kvs = cx_->rings_.kv.slot(slot(ring::kv));
       auto kv = kv_view(kvs, 0), vv = kv_view(kvs, 1);
       index_t const c = st.i;
       if constexpr (detail::layer::stream_form_source<Source, T, stream_t>)
@@ -778,40 +901,40 @@ private:
     }
     case step_kind::offload: {
       if (st.what == payload::q) {
-        auto h = store_.host_copy(host_q, st.i);
+        auto h = cx_->store_->host_copy(host_q, st.i);
         if (!h) return h.error();
-        store_.set_place(host_q, st.i, chunk_place::in_flight);
-        return copy(*h, fwd_rings_.q.slot(slot(ring::q)), qb, s);
+        cx_->store_->set_place(host_q, st.i, chunk_place::in_flight);
+        return copy(*h, cx_->rings_.q.slot(slot(ring::q)), qb, s);
       }
       if (st.what == payload::kv) {
-        std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
-        auto hk = store_.host_copy(host_k, st.j);
-        auto hv = store_.host_copy(host_v, st.j);
+        std::byte* kvs = cx_->rings_.kv.slot(slot(ring::kv));
+        auto hk = cx_->store_->host_copy(host_k, st.j);
+        auto hv = cx_->store_->host_copy(host_v, st.j);
         if (!hk) return hk.error();
         if (!hv) return hv.error();
-        store_.set_place(host_k, st.j, chunk_place::in_flight);
-        store_.set_place(host_v, st.j, chunk_place::in_flight);
+        cx_->store_->set_place(host_k, st.j, chunk_place::in_flight);
+        cx_->store_->set_place(host_v, st.j, chunk_place::in_flight);
         FPDT_TRY(copy(*hk, kvs, kvb, s));
         return copy(*hv, kvs + v_at, kvb, s);
       }
-      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
-      auto ho = store_.host_copy(host_out, st.i);
-      auto hl = store_.host_copy(host_lse, st.i);
+      std::byte* os = cx_->rings_.out.slot(slot(ring::out));
+      auto ho = cx_->store_->host_copy(host_out, st.i);
+      auto hl = cx_->store_->host_copy(host_lse, st.i);
       if (!ho) return ho.error();
       if (!hl) return hl.error();
-      store_.set_place(host_out, st.i, chunk_place::in_flight);
+      cx_->store_->set_place(host_out, st.i, chunk_place::in_flight);
       FPDT_TRY(copy(*ho, os, qb, s));
       return copy(*hl, os + lse_at, lb, s);
     }
     case step_kind::fetch: {
       if (st.what == payload::q) {
-        auto h = store_.host_copy(host_q, st.i);
+        auto h = cx_->store_->host_copy(host_q, st.i);
         if (!h) return h.error();
-        return copy(fwd_rings_.q.slot(slot(ring::q)), *h, qb, s);
+        return copy(cx_->rings_.q.slot(slot(ring::q)), *h, qb, s);
       }
-      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
-      auto hk = store_.host_copy(host_k, st.j);
-      auto hv = store_.host_copy(host_v, st.j);
+      std::byte* kvs = cx_->rings_.kv.slot(slot(ring::kv));
+      auto hk = cx_->store_->host_copy(host_k, st.j);
+      auto hv = cx_->store_->host_copy(host_v, st.j);
       if (!hk) return hk.error();
       if (!hv) return hv.error();
       FPDT_TRY(copy(kvs, *hk, kvb, s));
@@ -819,8 +942,8 @@ private:
     }
     case step_kind::compute: {
       chunk_forward_args<T> a{};
-      a.q = q_view(fwd_rings_.q.slot(slot(ring::q)));
-      std::byte* kvs = fwd_rings_.kv.slot(slot(ring::kv));
+      a.q = q_view(cx_->rings_.q.slot(slot(ring::q)));
+      std::byte* kvs = cx_->rings_.kv.slot(slot(ring::kv));
       a.k = kv_view(kvs, 0);
       a.v = kv_view(kvs, 1);
       a.out = acc_view(1);
@@ -837,13 +960,13 @@ private:
     }
     case step_kind::finalize: {
       partial_view acc = acc_view(0);
-      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
+      std::byte* os = cx_->rings_.out.slot(slot(ring::out));
       auto ov = q_view(os);
       auto lv = lse_view(os + lse_at);
       return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
-      std::byte* os = fwd_rings_.out.slot(slot(ring::out));
+      std::byte* os = cx_->rings_.out.slot(slot(ring::out));
       tensor_view<T const, 3> ov = q_view(os);
       tensor_view<float const, 2> lv = lse_view(os + lse_at);
       index_t const c = st.i;
@@ -912,8 +1035,8 @@ private:
       p.delta = lse_view(in(T3::delta));
       p.dq = view3f(in(T3::dq));
     } else {
-      p.q = q_view(fwd_rings_.q.slot(slot));
-      std::byte* o = fwd_rings_.out.slot(slot);
+      p.q = q_view(cx_->rings_.q.slot(slot));
+      std::byte* o = cx_->rings_.out.slot(slot);
       p.out = q_view(o + at(slot_kind::forward_out, T3::out));
       p.lse = lse_view(o + at(slot_kind::forward_out, T3::lse));
       std::byte* g = bwd_rings_.q.slot(slot);
@@ -924,7 +1047,7 @@ private:
     return p;
   }
   [[nodiscard]] std::byte* kv_slot_bwd(index_t slot) const {
-    return opt_.offload ? bwd_rings_.kv.slot(slot) : fwd_rings_.kv.slot(slot);
+    return opt_.offload ? bwd_rings_.kv.slot(slot) : cx_->rings_.kv.slot(slot);
   }
   [[nodiscard]] tensor_view<float, 3> dkv_view(int which) const {
     std::size_t const off = at(slot_kind::backward_dkv, which == 0 ? chunk_tensor::dk : chunk_tensor::dv);
@@ -941,8 +1064,8 @@ private:
     case step_kind::fetch: {
       if (st.what == payload::kv) {
         std::byte* kvs = bwd_rings_.kv.slot(st.slot_of(ring::kv));
-        auto hk = store_.host_copy(host_k, st.j);
-        auto hv = store_.host_copy(host_v, st.j);
+        auto hk = cx_->store_->host_copy(host_k, st.j);
+        auto hv = cx_->store_->host_copy(host_v, st.j);
         if (!hk) return hk.error();
         if (!hv) return hv.error();
         FPDT_TRY(copy(kvs, *hk, kvb, s));
@@ -950,9 +1073,9 @@ private:
       }
       bwd_parts const p = parts(st.slot_of(ring::q));
       if (opt_.offload) {
-        auto hq = store_.host_copy(host_q, st.i);
-        auto ho = store_.host_copy(host_out, st.i);
-        auto hl = store_.host_copy(host_lse, st.i);
+        auto hq = cx_->store_->host_copy(host_q, st.i);
+        auto ho = cx_->store_->host_copy(host_out, st.i);
+        auto hl = cx_->store_->host_copy(host_lse, st.i);
         if (!hq) return hq.error();
         if (!ho) return ho.error();
         if (!hl) return hl.error();
@@ -960,8 +1083,8 @@ private:
         FPDT_TRY(copy(p.out.data(), *ho, qb, s));
         FPDT_TRY(copy(p.lse.data(), *hl, lb, s));
         if (st.what == payload::q_side_dq) { // dq_i and dout_i were written back at i's first use
-          auto hd = store_.host_copy(host_dq, st.i);
-          auto hdo = store_.host_copy(host_dout, st.i);
+          auto hd = cx_->store_->host_copy(host_dq, st.i);
+          auto hdo = cx_->store_->host_copy(host_dout, st.i);
           if (!hd) return hd.error();
           if (!hdo) return hdo.error();
           FPDT_TRY(copy(p.dq.data(), *hd, bytes(chunk_tensor::dq), s));
@@ -1009,11 +1132,11 @@ private:
     }
     case step_kind::write_back: {
       bwd_parts const p = parts(st.slot_of(ring::q));
-      auto hd = store_.host_copy(host_dq, st.i);
+      auto hd = cx_->store_->host_copy(host_dq, st.i);
       if (!hd) return hd.error();
       FPDT_TRY(copy(*hd, p.dq.data(), bytes(chunk_tensor::dq), s));
       if (st.what != payload::dq_dout) return {};
-      auto hdo = store_.host_copy(host_dout, st.i);
+      auto hdo = cx_->store_->host_copy(host_dout, st.i);
       if (!hdo) return hdo.error();
       return copy(*hdo, p.dout.data(), bytes(chunk_tensor::dout), s);
     }
@@ -1046,16 +1169,16 @@ private:
   attention_problem prob_;
   fpdt_attention_options opt_;
   Kernel kernel_;
-  chunk_store store_;
   schedule fwd_{}, bwd_{};
-  fwd_rings fwd_rings_{};
   staging_ring fwd_fixed_{};
   fwd_rings bwd_rings_{};
   staging_ring bwd_fixed_{};
   staging_ring workspace_{}; // the chunk kernel's workspace during a pass (kernel_with_workspace)
   pipeline_trace trace_{};
   std::optional<executor<B>> ex_{};
-  bool saved_ = false;
+  attention_context saved_{};      // the forward kept by the forms without a context
+  attention_context* cx_ = nullptr; // the context of the pass running now
+  std::unique_ptr<std::byte> id_;  // the layer's identity, which its contexts carry (kept by moves)
 };
 
 FPDT_NAMESPACE_END

@@ -229,8 +229,35 @@ public:
       return run_pass(&sequence_parallel_attention::allocate_forward, [&] {
       source_adapter<Source> src{this, &source};
       sink_adapter<Sink> snk{this, &sink};
-      return inner_.forward(src, snk);
+      return ctx_ ? inner_.forward(*ctx_, src, snk) : inner_.forward(src, snk);
     });
+  }
+
+  //! The forms of `forward` and `backward` with a first `attention_context&` parameter keep what
+  //! the backward needs in the caller's context instead of the per-rank layer, as
+  //! `fpdt_attention`'s do: several forwards may be in flight, and each backward consumes its
+  //! context (a used, empty or foreign context is `errc::invalid_argument` and, like any error of
+  //! a pass, aborts the communicator).
+  template <class Source, class Sink>
+  [[nodiscard]] status forward(attention_context& ctx, Source const& source, Sink& sink) {
+    return in_context(ctx, [&] { return forward(source, sink); });
+  }
+  //! Forward from local tensors (see the tensor form below), the state left in `ctx`.
+  [[nodiscard]] status forward(attention_context& ctx, tensor_view<T const, 3> const& q,
+                               tensor_view<T const, 3> const& k, tensor_view<T const, 3> const& v,
+                               tensor_view<T, 3> const& out) {
+    return in_context(ctx, [&] { return forward(q, k, v, out); });
+  }
+  //! Backward of the forward held by `ctx` (consumed), from a dout source into a gradient sink.
+  template <class Dout, class Sink>
+  [[nodiscard]] status backward(attention_context& ctx, Dout const& dout, Sink& sink) {
+    return in_context(ctx, [&] { return backward(dout, sink); });
+  }
+  //! Backward of the forward held by `ctx` (consumed), from and into local tensors.
+  [[nodiscard]] status backward(attention_context& ctx, tensor_view<T const, 3> const& dout,
+                                tensor_view<float, 3> const& dq, tensor_view<float, 3> const& dk,
+                                tensor_view<float, 3> const& dv) {
+    return in_context(ctx, [&] { return backward(dout, dq, dk, dv); });
   }
 
   //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`,
@@ -267,7 +294,7 @@ public:
       return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
       dout_adapter<Dout> src{this, &dout};
       grad_adapter<Sink> snk{this, &sink};
-      return inner_.backward(src, snk);
+      return ctx_ ? inner_.backward(*ctx_, src, snk) : inner_.backward(src, snk);
     });
   }
 
@@ -571,6 +598,14 @@ private:
 
   // One pass: its buffers (`allocate`), the per-rank pass `run` with this layer's adapters, then
   // `finish`.
+  // Runs `f` (a public pass) with the per-rank layer reading and writing `ctx`.
+  template <class F> [[nodiscard]] status in_context(attention_context& ctx, F&& f) {
+    ctx_ = &ctx;
+    status const st = f();
+    ctx_ = nullptr;
+    return st;
+  }
+
   template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
     if (!agreed_) {
       // Not aborted on a mismatch: every rank gathered the same numbers and fails alike (an
@@ -1133,6 +1168,7 @@ private:
   attention_shape shape_;
   std::uint64_t salt_;
   fpdt_attention<T, B, Kernel> inner_;
+  attention_context* ctx_ = nullptr; // the caller's context during a pass with one (else the per-rank layer's)
   std::unique_ptr<comm_lane> lane_;
   std::vector<index_t> dout_order_; // device path: see take_dout
   bool agreed_ = false;              // check_ranks_agree has passed
