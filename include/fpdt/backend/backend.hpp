@@ -55,6 +55,10 @@ struct backend_tag {};
 //! - `synchronize(stream)`: the calling thread waits for the stream; returns the first error of
 //!   the work it waited for;
 //! - `device_memory()`, `pinned_memory()`: the budgeted device arena and the pinned host pool.
+//!
+//! Optional: `static constexpr bool runs_host_tasks = true;` for a backend whose
+//! `launch(stream, callable)` runs host callables in stream order (`host_backend`); see
+//! `runs_host_tasks_in_order` (pipeline/executor.hpp).
 template <class B>
 concept backend =
     std::same_as<typename B::backend_tag, fpdt::backend_tag> &&

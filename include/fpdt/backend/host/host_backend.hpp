@@ -51,6 +51,9 @@ public:
   using backend_tag = fpdt::backend_tag; //!< opts in to the `backend` concept
   using stream_type = host::stream;      //!< worker-thread stream
   using event_type = host::event;        //!< completion marker
+  //! Opts in to `runs_host_tasks_in_order` (pipeline/executor.hpp): `launch(s, f)` runs `f` on
+  //! stream `s`'s worker thread, in stream order.
+  static constexpr bool runs_host_tasks = true;
 
   //! A backend with the given arena budget and pool limit.
   explicit host_backend(host_backend_options const& options = {})
