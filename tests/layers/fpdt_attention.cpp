@@ -8,6 +8,7 @@
 #include "a12_case.hpp"
 
 #include <fpdt/layers/fpdt_attention.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include <doctest/doctest.h>
 

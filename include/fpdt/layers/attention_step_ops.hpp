@@ -32,7 +32,6 @@
 
 #include "../attention/chunk_kernel.hpp"
 #include "../attention/online_softmax.hpp"
-#include "../backend/host/host_backend.hpp"
 #include "../comm/ulysses.hpp"
 #include "../config.hpp"
 #include "../core/status.hpp"

@@ -13,6 +13,7 @@
 #include "../../memory/pinned_pool.hpp"
 #include "../backend.hpp"
 #include "event.hpp"
+#include "fwd.hpp"
 #include "host_memory.hpp"
 #include "stream.hpp"
 
