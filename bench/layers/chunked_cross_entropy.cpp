@@ -7,6 +7,7 @@
 // and dW += dlogits^T x, 2 Hd V each: 6 N Hd V (the softmax's exp and log, about 2 N V of them in
 // double, are not counted); "workspace_MiB": the logits buffer the call holds, V min(C, N) floats.
 #include <fpdt/layers/chunked_cross_entropy.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include <benchmark/benchmark.h>
 

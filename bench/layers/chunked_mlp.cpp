@@ -14,6 +14,7 @@
 // the same shapes, for the layer's overhead over its products. Counter "workspace_MiB": the arena
 // bytes the pass holds at its peak (independent of N once C < N).
 #include <fpdt/layers/chunked_mlp.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -3,6 +3,7 @@
 // chunked compute with offload off (every chunk resident), side by side. Target (issue 4): offload
 // on <= 1.10x offload off. Counter: attention GFLOP/s (forward 4 S^2 H D / 2 causal, backward 2.5x).
 #include <fpdt/layers/fpdt_attention.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include <benchmark/benchmark.h>
 

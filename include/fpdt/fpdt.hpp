@@ -20,6 +20,7 @@
 #include "layers/fpdt_attention.hpp"
 #include "layers/chunked_mlp.hpp"
 #include "layers/chunked_cross_entropy.hpp"
+#include "layers/host_defaults.hpp"
 #include "comm/communicator.hpp"
 #include "comm/ulysses.hpp"
 #include "layers/sequence_parallel_attention.hpp"

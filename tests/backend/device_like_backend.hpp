@@ -1,4 +1,4 @@
-// A backend that fpdt treats as a device backend: its stream type is not host::stream, so the
+// A backend that fpdt treats as a device backend: it does not declare `runs_host_tasks`, so the
 // executor cannot time steps with host tasks (it times them with events, as on CUDA) and
 // fpdt_attention cannot run plain-form callbacks on it (only stream-form ones, as on CUDA); its
 // attention_step_ops specialization is the user's customization point. Underneath, host_backend

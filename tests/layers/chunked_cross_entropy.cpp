@@ -4,6 +4,7 @@
 // untouched); label smoothing, sum, chunk sizes 1, 3, N and uneven; workspace and errors.
 #include <fpdt/comm/communicator.hpp>
 #include <fpdt/layers/chunked_cross_entropy.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include "dense_helpers.hpp"
 

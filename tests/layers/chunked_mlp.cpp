@@ -5,6 +5,7 @@
 // workspace_bytes() and does not grow with N; out-of-memory and argument errors.
 #include <fpdt/layers/chunked_cross_entropy.hpp>
 #include <fpdt/layers/chunked_mlp.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include "dense_helpers.hpp"
 

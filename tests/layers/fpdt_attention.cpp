@@ -8,6 +8,7 @@
 #include "a12_case.hpp"
 
 #include <fpdt/layers/fpdt_attention.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 
 #include <doctest/doctest.h>
 
@@ -335,6 +336,7 @@ struct slow_copy_backend {
   using backend_tag = fpdt::backend_tag;
   using stream_type = fpdt::host::stream;
   using event_type = fpdt::host::event;
+  static constexpr bool runs_host_tasks = true; // launch runs host tasks in order, as inner's
   fpdt::host_backend inner;
   std::chrono::microseconds delay{300};
   fpdt::result<stream_type> create_stream(fpdt::lane l) { return inner.create_stream(l); }
@@ -352,6 +354,7 @@ struct slow_copy_backend {
   fpdt::pinned_pool& pinned_memory() { return inner.pinned_memory(); }
 };
 static_assert(fpdt::backend<slow_copy_backend>);
+static_assert(fpdt::runs_host_tasks_in_order<slow_copy_backend>);
 } // namespace
 
 TEST_CASE("fpdt_attention: A18 copies racing compute give bit-identical results") {

@@ -6,6 +6,7 @@
 #include "../backend/device_like_backend.hpp"
 
 #include <fpdt/comm/communicator.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 #include <fpdt/layers/sequence_parallel_attention.hpp>
 #include <fpdt/schedule/token_layout.hpp>
 

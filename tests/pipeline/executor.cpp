@@ -21,6 +21,15 @@ using namespace std::chrono_literals;
 
 namespace {
 bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
+
+// runs_host_tasks_in_order is opt-in: the host backend declares it; absent or false, it is false.
+struct declares_false {
+  static constexpr bool runs_host_tasks = false;
+};
+struct declares_nothing {};
+static_assert(fpdt::runs_host_tasks_in_order<fpdt::host_backend>);
+static_assert(!fpdt::runs_host_tasks_in_order<declares_false>);
+static_assert(!fpdt::runs_host_tasks_in_order<declares_nothing>);
 } // namespace
 
 TEST_CASE("executor: a fetch waits for the release of its slot and compute for its fetch") {

@@ -2,6 +2,7 @@
 // prediction and the host backend's measured arena peak (the issue asks for 5%; it is exact);
 // parameter counts of the presets; memory grows with S; errors name the values.
 #include <fpdt/layers/fpdt_attention.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 #include <fpdt/plan/memory_model.hpp>
 #include <fpdt/plan/presets.hpp>
 

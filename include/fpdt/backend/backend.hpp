@@ -9,6 +9,7 @@
 #pragma once
 
 #include "../config.hpp"
+#include "../core/lane.hpp"
 #include "../core/status.hpp"
 #include "../memory/device_arena.hpp"
 #include "../memory/pinned_pool.hpp"
@@ -37,36 +38,6 @@ namespace detail {
 }
 } // namespace detail
 
-//! The role a stream plays in the pipeline (docs/design.md 1, "lane").
-enum class lane : std::uint8_t {
-  compute, //!< attention, merges, casts
-  h2d,     //!< fetches: host-to-device copies of offloaded chunks
-  d2h,     //!< offloads: device-to-host copies into pinned memory
-  comm,    //!< all-to-all and other collectives
-};
-
-//! Name of a lane: "compute", "h2d", "d2h", "comm".
-[[nodiscard]] constexpr std::string_view to_string(lane l) noexcept {
-  switch (l) {
-  case lane::compute: return "compute";
-  case lane::h2d: return "h2d";
-  case lane::d2h: return "d2h";
-  case lane::comm: return "comm";
-  }
-  return "unknown";
-}
-
-//! Scheduling priority of a stream; FPDT gives compute high priority and copies normal.
-enum class stream_priority : std::uint8_t {
-  normal, //!< default priority
-  high,   //!< preferred by the device scheduler where the backend supports priorities
-};
-
-//! The priority FPDT uses for a lane: high for compute, normal for copies and communication.
-[[nodiscard]] constexpr stream_priority default_priority(lane l) noexcept {
-  return l == lane::compute ? stream_priority::high : stream_priority::normal;
-}
-
 //! Opt-in tag: a backend declares `using backend_tag = fpdt::backend_tag;` so that look-alike
 //! types are not accepted by accident.
 struct backend_tag {};
@@ -84,6 +55,10 @@ struct backend_tag {};
 //! - `synchronize(stream)`: the calling thread waits for the stream; returns the first error of
 //!   the work it waited for;
 //! - `device_memory()`, `pinned_memory()`: the budgeted device arena and the pinned host pool.
+//!
+//! Optional: `static constexpr bool runs_host_tasks = true;` for a backend whose
+//! `launch(stream, callable)` runs host callables in stream order (`host_backend`); see
+//! `runs_host_tasks_in_order` (pipeline/executor.hpp).
 template <class B>
 concept backend =
     std::same_as<typename B::backend_tag, fpdt::backend_tag> &&

@@ -32,7 +32,6 @@
 
 #include "../attention/chunk_kernel.hpp"
 #include "../attention/online_softmax.hpp"
-#include "../backend/host/host_backend.hpp"
 #include "../comm/ulysses.hpp"
 #include "../config.hpp"
 #include "../core/status.hpp"
@@ -85,8 +84,8 @@ template <class F>
 } // namespace detail::layer
 
 //! The steps as host tasks on the lane's worker thread: for every backend whose streams run host
-//! tasks in order (`runs_host_tasks_in_order<B>`: `host_backend` and backends built on its
-//! streams).
+//! tasks in order (`runs_host_tasks_in_order<B>`: `host_backend` and backends that declare
+//! `runs_host_tasks` as it does).
 template <class B> struct host_attention_step_ops {
   using stream_type = typename B::stream_type; //!< the lane's stream
 

@@ -17,7 +17,7 @@
 #pragma once
 
 #include "../backend/backend.hpp"
-#include "../backend/host/host_backend.hpp"
+#include "../backend/host/fwd.hpp" // the default B; host_defaults.hpp defines it
 #include "../comm/communicator.hpp"
 #include "../config.hpp"
 #include "../core/gemm.hpp"

@@ -24,11 +24,11 @@
 #pragma once
 
 #include "../attention/chunk_kernel.hpp"
-#include "../attention/host/chunk_attention.hpp"
+#include "../attention/host/fwd.hpp" // the default Kernel; host_defaults.hpp defines it
 #include "../attention/mask.hpp"
 #include "../attention/online_softmax.hpp"
 #include "../backend/backend.hpp"
-#include "../backend/host/host_backend.hpp"
+#include "../backend/host/fwd.hpp" // the default B, Stream; host_defaults.hpp defines them
 #include "../config.hpp"
 #include "attention_step_ops.hpp"
 #include "../core/bfloat16.hpp"

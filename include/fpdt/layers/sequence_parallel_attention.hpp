@@ -51,6 +51,8 @@
 //! the peers of a failed rank wait forever, as in any NCCL program.
 #pragma once
 
+#include "../attention/host/fwd.hpp" // the default Kernel; host_defaults.hpp defines it
+#include "../backend/host/fwd.hpp" // the default B; host_defaults.hpp defines it
 #include "../comm/communicator.hpp"
 #include "../comm/ulysses.hpp"
 #include "../config.hpp"

@@ -12,7 +12,6 @@
 #pragma once
 
 #include "../backend/backend.hpp"
-#include "../backend/host/stream.hpp"
 #include "../config.hpp"
 #include "../core/status.hpp"
 #include "../schedule/schedule.hpp"
@@ -30,10 +29,13 @@
 
 FPDT_NAMESPACE_BEGIN
 
-//! True for backends whose streams run host callables in stream order (the host backend): the
-//! executor then times each step on the lane itself. Elsewhere the trace keeps the steps untimed.
+//! True for backends whose streams run host callables in stream order: those that opt in with a
+//! member `static constexpr bool runs_host_tasks = true;` (`host_backend` does) and so have
+//! `launch(stream, callable)`. The executor then times each step on the lane itself; the layers
+//! run plain-form callbacks and their elementwise steps as host tasks. False when the member is
+//! absent or false (device backends: the trace keeps the steps untimed, or times them with events).
 template <class B>
-inline constexpr bool runs_host_tasks_in_order = std::is_same_v<typename B::stream_type, host::stream>;
+inline constexpr bool runs_host_tasks_in_order = requires { requires B::runs_host_tasks; };
 
 //! True for device backends that time work with events: their streams do not run host tasks, and
 //! `create_event(true)` gives an event that `elapsed_seconds(start, end)` can measure between (CUDA).

@@ -8,8 +8,8 @@
 //! with what.
 #pragma once
 
-#include "../backend/backend.hpp"
 #include "../config.hpp"
+#include "../core/lane.hpp"
 #include "../core/status.hpp"
 #include "../schedule/schedule.hpp"
 

@@ -20,8 +20,8 @@
 //! 3x the forward for forward plus backward. Recomputation is real work but not model FLOPs.
 #pragma once
 
-#include "../backend/backend.hpp"
 #include "../config.hpp"
+#include "../core/lane.hpp"
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
 #include "../schedule/schedule.hpp"

@@ -22,8 +22,8 @@
 //! no lane that stand for their dependencies.
 #pragma once
 
-#include "../backend/backend.hpp"
 #include "../config.hpp"
+#include "../core/lane.hpp"
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
 

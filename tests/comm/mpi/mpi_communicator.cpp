@@ -5,6 +5,7 @@
 #include "../../attention/reference.hpp"
 
 #include <fpdt/comm/mpi/mpi_communicator.hpp>
+#include <fpdt/layers/host_defaults.hpp>
 #include <fpdt/layers/sequence_parallel_attention.hpp>
 #include <fpdt/schedule/token_layout.hpp>
 

@@ -32,6 +32,7 @@
 #include "../../core/status.hpp"
 #include "../../core/tensor_view.hpp"
 #include "../chunk_kernel.hpp"
+#include "fwd.hpp"
 #include "../mask.hpp"
 
 #include <algorithm>

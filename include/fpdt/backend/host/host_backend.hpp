@@ -13,6 +13,7 @@
 #include "../../memory/pinned_pool.hpp"
 #include "../backend.hpp"
 #include "event.hpp"
+#include "fwd.hpp"
 #include "host_memory.hpp"
 #include "stream.hpp"
 
@@ -51,6 +52,9 @@ public:
   using backend_tag = fpdt::backend_tag; //!< opts in to the `backend` concept
   using stream_type = host::stream;      //!< worker-thread stream
   using event_type = host::event;        //!< completion marker
+  //! Opts in to `runs_host_tasks_in_order` (pipeline/executor.hpp): `launch(s, f)` runs `f` on
+  //! stream `s`'s worker thread, in stream order.
+  static constexpr bool runs_host_tasks = true;
 
   //! A backend with the given arena budget and pool limit.
   explicit host_backend(host_backend_options const& options = {})

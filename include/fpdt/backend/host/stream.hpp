@@ -13,6 +13,7 @@
 #include "../../config.hpp"
 #include "../../core/status.hpp"
 #include "event.hpp"
+#include "fwd.hpp"
 
 #include <cassert>
 #include <condition_variable>
