@@ -16,6 +16,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <system_error>
 #include <map>
 #include <memory>
 #include <span>
@@ -889,5 +891,69 @@ TEST_CASE_TEMPLATE("fpdt_attention: forwards in flight each keep their own conte
     auto moved = std::move(layer);
     CHECK(again(ca, moved).ok());
     CHECK(dq == alone_a.dq);
+  }
+}
+
+namespace {
+// Threads of this process (Linux: /proc/self/task), or -1 where that cannot be read.
+long process_threads() {
+  std::error_code ec;
+  long n = 0;
+  for (auto it = std::filesystem::directory_iterator("/proc/self/task", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+    ++n;
+  return ec || n == 0 ? -1 : n;
+}
+} // namespace
+
+TEST_CASE("fpdt_attention: layers sharing the caller's lanes add no threads and give the same results") {
+  // A 4-layer model on the host backend: with lanes of their own every layer starts 4 worker
+  // threads (one per lane); on one shared executor the model has 4, whatever its layer count.
+  attn_shape const s{32, 32, 4, 2, 8};
+  auto const p = random_problem<float>(s, 31);
+  fpdt::fpdt_attention_options o;
+  o.chunk = 8;
+  auto run_model = [&](bool shared, long& threads_added) {
+    fpdt::host_backend be;
+    long const before = process_threads();
+    auto lanes = fpdt::executor<fpdt::host_backend>::create(be).value();
+    std::vector<fpdt::fpdt_attention<float>> layers;
+    for (int l = 0; l < 4; ++l) {
+      layers.push_back(fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value());
+      if (shared) layers.back().run_on(lanes);
+    }
+    std::vector<run_result> rs;
+    for (auto& layer : layers) {
+      run_result r;
+      std::vector<float> out(s.q_size());
+      r.dq.assign(s.q_size(), fnan);
+      r.dk.assign(s.kv_size(), fnan);
+      r.dv.assign(s.kv_size(), fnan);
+      fpdt::attention_context ctx;
+      REQUIRE(layer.forward(ctx, cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()), view(out, s.q_ext())).ok());
+      REQUIRE(layer.backward(ctx, cview(p.dout, s.q_ext()), view(r.dq, s.q_ext()), view(r.dk, s.kv_ext()), view(r.dv, s.kv_ext())).ok());
+      r.out = out;
+      rs.push_back(std::move(r));
+    }
+    long const after = process_threads();
+    threads_added = before < 0 || after < 0 ? -1 : after - before;
+    return rs;
+  };
+  long own_threads = 0, shared_threads = 0;
+  (void)run_model(false, own_threads); // warm-up: any thread pool of the kernels exists from here on
+  auto const own = run_model(false, own_threads);
+  auto const shared = run_model(true, shared_threads);
+  for (std::size_t l = 0; l < own.size(); ++l) {
+    CHECK(shared[l].out == own[l].out);
+    CHECK(shared[l].dq == own[l].dq);
+    CHECK(shared[l].dk == own[l].dk);
+    CHECK(shared[l].dv == own[l].dv);
+  }
+  if (own_threads < 0) {
+    MESSAGE("/proc/self/task is not readable here: thread counts not checked");
+  } else {
+    MESSAGE("threads of a 4-layer model: own lanes +", own_threads, ", shared lanes +", shared_threads);
+    CHECK(shared_threads == 4);          // the shared executor's lanes
+    CHECK(own_threads == 4 + 4 * 4);     // the (unused) executor and 4 per layer
   }
 }

@@ -991,3 +991,86 @@ TEST_CASE("sequence parallel attention: on the device path without a communicato
   CHECK(rank1_seconds.load() < 5.0);
   CHECK_FALSE(st[0].ok());
 }
+
+TEST_CASE("sequence parallel attention: two forwards in flight with contexts each differentiate their own inputs") {
+  attn_shape const s{32, 32, 4, 2, 8};
+  index_t const ranks = 2, chunk = 8, local = s.sq / ranks;
+  auto const a = random_problem<float>(s, 21), b = random_problem<float>(s, 22);
+  auto tl = fpdt::token_layout::make(s.sq, ranks, chunk).value();
+  std::vector<rank_io> ia, ib;
+  for (index_t r = 0; r < ranks; ++r) {
+    ia.push_back(scatter_io(tl, a, r));
+    ib.push_back(scatter_io(tl, b, r));
+  }
+  fpdt::local_world world(static_cast<int>(ranks), 20s);
+  std::vector<fpdt::status> st(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> ts;
+  for (index_t r = 0; r < ranks; ++r)
+    ts.emplace_back([&, r] {
+      st[static_cast<std::size_t>(r)] = [&]() -> fpdt::status {
+        auto comm = world.communicator(static_cast<int>(r)).value();
+        fpdt::host_backend be;
+        auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+            be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = chunk});
+        if (!layer) return layer.error();
+        std::array<index_t, 3> const qe{local, s.h, s.d}, ke{local, s.hkv, s.d};
+        auto fwd = [&](fpdt::attention_context& c, rank_io& x) {
+          return layer->forward(c, fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                                fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                                fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
+                                fpdt::contiguous_view(x.out.data(), qe).value());
+        };
+        auto bwd = [&](fpdt::attention_context& c, rank_io& x) {
+          return layer->backward(c, fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                                 fpdt::contiguous_view(x.dq.data(), qe).value(),
+                                 fpdt::contiguous_view(x.dk.data(), ke).value(),
+                                 fpdt::contiguous_view(x.dv.data(), ke).value());
+        };
+        fpdt::attention_context ca, cb;
+        rank_io& xa = ia[static_cast<std::size_t>(r)];
+        rank_io& xb = ib[static_cast<std::size_t>(r)];
+        FPDT_TRY(fwd(ca, xa));
+        FPDT_TRY(fwd(cb, xb));
+        FPDT_TRY(bwd(ca, xa)); // a's backward after b's forward
+        FPDT_TRY(bwd(cb, xb));
+        if (ca.ready() || cb.ready()) return fpdt::make_error(fpdt::errc::internal, "a context was not consumed");
+        return {};
+      }();
+    });
+  for (auto& t : ts)
+    t.join();
+  for (auto const& x : st)
+    REQUIRE_MESSAGE(x.ok(), x.to_string());
+  check_global(gather_io(tl, s, ia), a, true, 1e-4);
+  check_global(gather_io(tl, s, ib), b, true, 1e-4);
+}
+
+TEST_CASE("sequence parallel attention: layers on one shared executor per rank run their exchanges on its comm lane") {
+  // Four layers per rank on the caller's lanes (run_on): the same results as on lanes of their
+  // own, layer after layer, with the exchanges on the shared comm lane.
+  attn_shape const s{32, 32, 4, 2, 8};
+  auto const p = random_problem<float>(s, 41);
+  for (bool shared : {false, true}) {
+    CAPTURE(shared);
+    run_result const r = run_ranks(p, 2, 8, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t,
+                                                rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+      auto lanes = fpdt::executor<fpdt::host_backend>::create(be);
+      if (!lanes) return lanes.error();
+      using layer_t = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>;
+      std::vector<layer_t> layers;
+      for (std::uint64_t l = 0; l < 4; ++l) {
+        auto layer = layer_t::create(be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = 8}, l);
+        if (!layer) return layer.error();
+        layers.push_back(std::move(*layer));
+        if (shared) layers.back().run_on(*lanes);
+      }
+      rank_io const in = x;
+      for (auto& layer : layers) { // every layer on the same inputs: each must give the same outputs
+        x = in;
+        FPDT_TRY(run_one(layer, x, s, tl.local_tokens()));
+      }
+      return {};
+    });
+    check_global(r, p, true, 1e-4);
+  }
+}

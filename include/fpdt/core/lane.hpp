@@ -1,7 +1,7 @@
 //! \file
 //! \brief `lane`: the four roles a stream plays in the FPDT pipeline, and their priorities.
 //!
-//! A lane is one stream of work in the stream-overlap pipeline (DESIGN.md sections 1 and 3):
+//! A lane is one stream of work in the stream-overlap pipeline (docs/design.md sections 1 and 4.5):
 //! steps on the same lane run in issue order (a FIFO stream), steps on different lanes are
 //! ordered by events only, so copies and communication overlap compute. There are four:
 //! - `compute`: the chunk kernel, merges, casts (high priority);
@@ -20,7 +20,7 @@
 
 FPDT_NAMESPACE_BEGIN
 
-//! The role a stream plays in the pipeline (DESIGN.md section 1, "lane").
+//! The role a stream plays in the pipeline (docs/design.md section 1, "lane").
 enum class lane : std::uint8_t {
   compute, //!< attention, merges, casts
   h2d,     //!< fetches: host-to-device copies of offloaded chunks
@@ -39,15 +39,17 @@ enum class lane : std::uint8_t {
   return "unknown";
 }
 
-//! Scheduling priority of a stream; FPDT gives compute high priority and copies normal.
+//! Scheduling priority of a stream; FPDT gives compute and the exchanges high priority, copies normal.
 enum class stream_priority : std::uint8_t {
   normal, //!< default priority
   high,   //!< preferred by the device scheduler where the backend supports priorities
 };
 
-//! The priority FPDT uses for a lane: high for compute, normal for copies and communication.
+//! The priority FPDT uses for a lane: high for compute and comm, normal for copies. The exchanges
+//! are on the critical path (chunk c + 1's compute waits for its q, k, v): at normal priority the
+//! chunk kernel's queued blocks would hold NCCL's and the pack kernels' blocks back until its tail.
 [[nodiscard]] constexpr stream_priority default_priority(lane l) noexcept {
-  return l == lane::compute ? stream_priority::high : stream_priority::normal;
+  return l == lane::compute || l == lane::comm ? stream_priority::high : stream_priority::normal;
 }
 
 FPDT_NAMESPACE_END

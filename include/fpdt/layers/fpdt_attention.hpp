@@ -503,7 +503,7 @@ private:
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return forward_step(st, s, source, sink);
     };
-    status st = ex_->run(fwd_, work, &trace_);
+    status st = lanes().run(fwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     // The accumulators are done; with offload the rings are too (the host copies are the state).
     fwd_fixed_ = {};
@@ -597,6 +597,8 @@ public:
   }
 
 private:
+  [[nodiscard]] executor<B>& lanes() noexcept { return lanes_ ? *lanes_ : *ex_; }
+
   [[nodiscard]] status check_context(attention_context const& ctx) const {
     using st = attention_context::state;
     if (ctx.state_ == st::used)
@@ -660,7 +662,7 @@ private:
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return backward_step(st, s, dout, sink);
     };
-    status st = ex_->run(bwd_, work, &trace_);
+    status st = lanes().run(bwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     cx_ = nullptr;
     bwd_rings_ = {};
@@ -670,6 +672,14 @@ private:
   }
 
 public:
+  //! Runs this layer's passes on `lanes`, the caller's set of streams (one per lane; `executor<B>`
+  //! on the same backend), instead of streams of its own: any number of layers may share one set,
+  //! so a model's streams (host: worker threads) do not grow with its layer count. The caller keeps
+  //! `lanes` alive while the layer uses it. Call it before the first pass (the layer makes its own
+  //! streams on its first pass otherwise, and keeps them); a pass still waits for the lanes before
+  //! it returns, so layers sharing lanes run one pass at a time.
+  void run_on(executor<B>& lanes) noexcept { lanes_ = &lanes; }
+
   //! The forward schedule.
   [[nodiscard]] schedule const& forward_plan() const noexcept { return fwd_; }
   //! The backward schedule.
@@ -706,7 +716,7 @@ public:
   //! that runs work of its own on another stream during a pass can wait for it and time that
   //! work from it, on the trace's clock (`sequence_parallel_attention`'s comm lane does).
   [[nodiscard]] typename B::event_type const* trace_start_event() const noexcept {
-    return ex_ ? ex_->timing_start() : nullptr;
+    return lanes_ ? lanes_->timing_start() : ex_ ? ex_->timing_start() : nullptr;
   }
   //! Pinned host bytes the layer holds (its chunk store).
   [[nodiscard]] std::size_t host_bytes() const noexcept { return saved_.host_bytes(); }
@@ -775,9 +785,10 @@ private:
     workspace_ = {};
   }
 
-  // The lanes' streams, made on the first pass and kept for the next ones.
+  // The lanes' streams: the caller's (run_on), or the layer's own, made on the first pass and
+  // kept for the next ones.
   [[nodiscard]] status make_executor() {
-    if (ex_) return {};
+    if (lanes_ || ex_) return {};
     auto ex = executor<B>::create(*be_);
     if (!ex) return ex.error();
     ex_.emplace(std::move(*ex));
@@ -1175,7 +1186,8 @@ private:
   staging_ring bwd_fixed_{};
   staging_ring workspace_{}; // the chunk kernel's workspace during a pass (kernel_with_workspace)
   pipeline_trace trace_{};
-  std::optional<executor<B>> ex_{};
+  std::optional<executor<B>> ex_{}; // the layer's own lanes, unless run_on gave the caller's
+  executor<B>* lanes_ = nullptr;    // the caller's lanes (run_on)
   attention_context saved_{};      // the forward kept by the forms without a context
   attention_context* cx_ = nullptr; // the context of the pass running now
   std::unique_ptr<std::byte> id_;  // the layer's identity, which its contexts carry (kept by moves)

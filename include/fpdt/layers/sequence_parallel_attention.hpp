@@ -190,18 +190,7 @@ public:
     attention_shape per_rank{local.sequence(), local.local_heads(), local.local_kv_heads(), local.head_dim()};
     auto inner = fpdt_attention<T, B, Kernel>::create(be, per_rank, options, std::move(kernel));
     if (!inner) return inner.error();
-    // The exchanges are on the critical path (chunk c + 1's compute waits for its q, k, v), so
-    // their stream gets the compute lane's high priority where the backend has priorities: at
-    // normal priority the chunk kernel's queued blocks would keep NCCL's and the pack kernels'
-    // blocks waiting until its tail, and the all-to-all would not hide behind compute.
-    auto lane_stream = [&] {
-      if constexpr (requires { be.create_stream(lane::comm, stream_priority::high); })
-        return be.create_stream(lane::comm, stream_priority::high);
-      else
-        return be.create_stream(lane::comm);
-    }();
-    if (!lane_stream) return lane_stream.error();
-    auto cl = std::make_unique<comm_lane>(be, std::move(*lane_stream));
+    auto cl = std::make_unique<comm_lane>(be);
     if constexpr (!host_path) {
       for (auto* e : {&cl->ev_src, &cl->ev_pq, &cl->ev_dout_copied, &cl->ev_dout_ready, &cl->ev_in[0],
                       &cl->ev_in[1], &cl->ev_free[0], &cl->ev_free[1]}) {
@@ -324,6 +313,15 @@ public:
     }
   }
 
+  //! Runs this layer's passes on `lanes`, the caller's streams (see `fpdt_attention::run_on`): the
+  //! per-rank layer's steps on its compute, h2d and d2h lanes and this layer's exchanges on its comm
+  //! lane, so layers sharing one `executor<B>` add no streams (host: worker threads) of their own.
+  //! Call it before the first pass; the caller keeps `lanes` alive while the layer uses it.
+  void run_on(executor<B>& lanes) noexcept {
+    inner_.run_on(lanes);
+    lane_->shared = &lanes.stream(lane::comm);
+  }
+
   //! The per-rank one-rank layer (its schedules, trace, predicted bytes).
   [[nodiscard]] fpdt_attention<T, B, Kernel> const& local_layer() const noexcept { return inner_; }
   //! The last pass: the per-rank layer's steps plus this layer's comm-lane steps (`produce`:
@@ -358,10 +356,21 @@ private:
   // The comm lane: a stream of the backend and what is queued on it. Host path: only the lanes'
   // workers queue and wait for jobs while a pass runs; the caller's thread drains them after.
   struct comm_lane {
-    comm_lane(B& backend, typename B::stream_type&& st) : be(&backend), stream(std::move(st)) {}
+    explicit comm_lane(B& backend) : be(&backend) {}
     B* be;
-    // Host path: runs the jobs. Device path: the stream the exchanges are enqueued on.
-    typename B::stream_type stream;
+    // Host path: runs the jobs. Device path: the stream the exchanges are enqueued on. The
+    // caller's comm lane (run_on), or one of the layer's own made at the first pass, at the comm
+    // lane's high priority (`default_priority`: the exchanges are on the critical path).
+    std::optional<typename B::stream_type> own;
+    typename B::stream_type* shared = nullptr;
+    [[nodiscard]] typename B::stream_type& st() noexcept { return shared ? *shared : *own; }
+    [[nodiscard]] status ensure_stream() {
+      if (shared || own) return {};
+      auto s = be->create_stream(lane::comm);
+      if (!s) return s.error();
+      own.emplace(std::move(*s));
+      return {};
+    }
     // Device path only (see the file comment), all used on the caller's thread at enqueue time.
     // Events ordering the hand-overs: ev_src after the copies out of pq, pk, pv (on the lane that
     // copies); ev_pq after the exchanges into them (comm stream); ev_dout_ready after the exchange
@@ -422,7 +431,7 @@ private:
             return st;
           });
       j.done = task->get_future();
-      status st = be->launch(stream, [task] { (*task)(); });
+      status st = be->launch(this->st(), [task] { (*task)(); });
       if (!st.ok()) j.done = {}; // never runs: nobody may wait for it
       return st;
     }
@@ -458,7 +467,7 @@ private:
       for (auto& j : outputs) take(j);
       outputs.clear();
       if constexpr (!host_path) { // the pass's exchanges, before their buffers go
-        status const st = be->synchronize(stream);
+        status const st = be->synchronize(this->st());
         if (first.ok() && !st.ok()) first = st;
         if constexpr (times_steps_with_events<B>)
           if (st.ok())
@@ -609,6 +618,7 @@ private:
   }
 
   template <class Run> [[nodiscard]] status run_pass(status (sequence_parallel_attention::*allocate)(), Run&& run) {
+    if (status st = lane_->ensure_stream(); !st.ok()) return abort_on_error(st);
     if (!agreed_) {
       // Not aborted on a mismatch: every rank gathered the same numbers and fails alike (an
       // abort could reach a peer still inside the gather and replace its error).
@@ -687,13 +697,13 @@ private:
         return abort_on_error(st.with_context(what));
       if (status st = recv.reset(ln.be->device_memory(), count, "rank agreement check"); !st.ok())
         return abort_on_error(st.with_context(what));
-      status st = ln.be->copy_async(send.data(), h_send, bytes, ln.stream);
+      status st = ln.be->copy_async(send.data(), h_send, bytes, ln.st());
       if (st.ok())
         st = comm_->all_to_all(static_cast<void const*>(send.data()), static_cast<void*>(recv.data()),
-                               2 * n, dtype::f32, ln.stream.native_handle());
-      if (st.ok()) st = ln.be->copy_async(h_recv, recv.data(), bytes, ln.stream);
+                               2 * n, dtype::f32, ln.st().native_handle());
+      if (st.ok()) st = ln.be->copy_async(h_recv, recv.data(), bytes, ln.st());
       // The wait keeps the pinned block and the two buffers alive until the stream has run.
-      status const waited = ln.be->synchronize(ln.stream);
+      status const waited = ln.be->synchronize(ln.st());
       if (st.ok()) st = waited;
       if constexpr (requires { { comm_->async_error() } -> std::same_as<status>; })
         if (st.ok()) st = comm_->async_error(); // an aborted NCCL comm completes without an error
@@ -763,10 +773,10 @@ private:
                           " bytes exceeds the pass's send buffer of ", ln.send.size(), " bytes");
       U* send = reinterpret_cast<U*>(ln.send.data());
       U* recv = reinterpret_cast<U*>(ln.recv.data());
-      FPDT_TRY(ops::ulysses_pack(*ln.be, ln.stream, src, send, from));
+      FPDT_TRY(ops::ulysses_pack(*ln.be, ln.st(), src, send, from));
       FPDT_TRY(comm_->all_to_all(static_cast<void const*>(send), static_cast<void*>(recv), block,
-                                 dtype_of<U>, ln.stream.native_handle()));
-      return ops::ulysses_unpack(*ln.be, ln.stream, static_cast<U const*>(recv), dst, to);
+                                 dtype_of<U>, ln.st().native_handle()));
+      return ops::ulysses_unpack(*ln.be, ln.st(), static_cast<U const*>(recv), dst, to);
     }
   }
 
@@ -776,7 +786,7 @@ private:
     if constexpr (host_path)
       return detail::layer::guarded([&] { return f(); }, what, c);
     else
-      return detail::layer::guarded([&] { return f(lane_->stream); }, what, c);
+      return detail::layer::guarded([&] { return f(lane_->st()); }, what, c);
   }
 
   // Chunk c's q, k, v: the caller's local chunk (in tmp) exchanged into pq, pk, pv.
@@ -897,7 +907,7 @@ private:
     auto& ln = *lane_;
     if (!ln.failure.ok()) return ln.failure;
     status st = [&]() -> status {
-      if (after) FPDT_TRY(ln.be->wait(ln.stream, *after));
+      if (after) FPDT_TRY(ln.be->wait(ln.st(), *after));
       std::size_t b = 0;
       if constexpr (times_steps_with_events<B>) {
         // The first timed step of a pass puts the comm stream behind the per-rank pass's start
@@ -905,7 +915,7 @@ private:
         // steps are only enqueued from the per-rank pass's steps, so that event is this pass's.
         if (ln.t_used == 0) {
           ln.origin = inner_.trace_start_event();
-          if (ln.origin) FPDT_TRY(ln.be->wait(ln.stream, *ln.origin));
+          if (ln.origin) FPDT_TRY(ln.be->wait(ln.st(), *ln.origin));
         }
         while (ln.t_events.size() < ln.t_used + 2) {
           auto e = ln.be->create_event(true);
@@ -914,11 +924,11 @@ private:
         }
         b = ln.t_used;
         ln.t_used += 2;
-        FPDT_TRY(ln.be->record(ln.t_events[b], ln.stream));
+        FPDT_TRY(ln.be->record(ln.t_events[b], ln.st()));
       }
       FPDT_TRY(fn());
       if constexpr (times_steps_with_events<B>) {
-        FPDT_TRY(ln.be->record(ln.t_events[b + 1], ln.stream));
+        FPDT_TRY(ln.be->record(ln.t_events[b + 1], ln.st()));
         ln.timed.emplace_back(trace_event{kind, lane::comm, static_cast<std::int32_t>(i),
                                           static_cast<std::int32_t>(j), bytes, -1, -1},
                               b);
@@ -948,7 +958,7 @@ private:
     } else {
       return device_step(step_kind::produce, c, c, bytes, ln.src_recorded ? &*ln.ev_src : nullptr, [&]() -> status {
         FPDT_TRY(exchange_qkv(user, c));
-        FPDT_TRY(ln.be->record(*ln.ev_pq, ln.stream));
+        FPDT_TRY(ln.be->record(*ln.ev_pq, ln.st()));
         ln.prefetched = c;
         return {};
       });
@@ -1017,7 +1027,7 @@ private:
       ln.slot_used[slot] = true;
       return device_step(kind, i, j, bytes, &*ln.ev_in[slot], [&]() -> status {
         FPDT_TRY(body(slot));
-        return ln.be->record(*ln.ev_free[slot], ln.stream);
+        return ln.be->record(*ln.ev_free[slot], ln.st());
       });
     }
   }
@@ -1040,7 +1050,7 @@ private:
                        ln.dout_copied_recorded ? &*ln.ev_dout_copied : nullptr, [&]() -> status {
       index_t const hq = layout_.heads_per_rank(head_kind::query);
       FPDT_TRY(exchange_dout(user, c, detail::sp::view3(ln.pdout, layout_.chunk, hq, layout_.head_dim)));
-      FPDT_TRY(ln.be->record(*ln.ev_dout_ready, ln.stream));
+      FPDT_TRY(ln.be->record(*ln.ev_dout_ready, ln.st()));
       ln.dout_prefetched = c;
       return {};
     });

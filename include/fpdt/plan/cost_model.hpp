@@ -267,8 +267,9 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
         return {0, 0, std::nullopt};
       case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab, 0};
       case step_kind::delta: return {2 * qe * db / hbm, 0};
-      case step_kind::sink: // gradients leave in the model dtype through the all-to-all
-        return {0, st.what == payload::dq ? a2a_out : collective_seconds(cl * 2 * kv_dim * db, t.gpus, hw)};
+      case step_kind::sink: // the layer exchanges its gradients in fp32 (dq, dk, dv accumulators)
+        return {0, st.what == payload::dq ? collective_seconds(cl * h * 4, t.gpus, hw)
+                                          : collective_seconds(cl * 2 * kv_dim * 4, t.gpus, hw)};
       default: return {static_cast<double>(st.bytes) / hbm, 0};
       }
     };

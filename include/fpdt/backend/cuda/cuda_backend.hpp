@@ -104,7 +104,7 @@ public:
     return s;
   }
 
-  //! A new stream for lane `l` at the lane's `default_priority` (high for compute).
+  //! A new stream for lane `l` at the lane's `default_priority` (high for compute and comm).
   //! Errors: as the two-argument overload.
   [[nodiscard]] result<stream_type> create_stream(lane l) {
     return create_stream(l, default_priority(l));
