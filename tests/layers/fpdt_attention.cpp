@@ -862,6 +862,7 @@ TEST_CASE_TEMPLATE("fpdt_attention: forwards in flight each keep their own conte
     CHECK(ga.dk == alone_a.dk);
     CHECK(ga.dv == alone_a.dv);
     CHECK(gb.dq == alone_b.dq);
+    CHECK(gb.dk == alone_b.dk);
     CHECK(gb.dv == alone_b.dv);
     CHECK(ga.dq != gb.dq);
     // A context is consumed: its memory is back and a second backward is refused by name.
@@ -886,6 +887,19 @@ TEST_CASE_TEMPLATE("fpdt_attention: forwards in flight each keep their own conte
     CHECK(st.message().find("another layer") != std::string::npos);
     CHECK(co.ready()); // refused without touching it
     CHECK(again(co, other).ok());
+    // A layer destroyed and another made in its place (very likely at the same addresses) is
+    // another layer: the dead layer's context is refused, not read with the new one's buffers.
+    fpdt::attention_context orphan;
+    {
+      auto gone = fpdt::fpdt_attention<T>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value();
+      REQUIRE(gone.forward(orphan, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
+    }
+    auto successor = fpdt::fpdt_attention<T>::create(be, {s.sq, s.h, s.hkv, s.d}, o).value();
+    CHECK_FALSE(successor.owns(orphan));
+    st = again(orphan, successor);
+    CHECK(st.message().find("another layer") != std::string::npos);
+    orphan.clear();
+    CHECK(orphan.host_bytes() == 0);
     // A layer moved keeps its identity: its contexts stay valid.
     REQUIRE(layer.forward(ca, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
     auto moved = std::move(layer);

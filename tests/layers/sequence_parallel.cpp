@@ -17,6 +17,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -1052,6 +1053,7 @@ TEST_CASE("sequence parallel attention: layers on one shared executor per rank r
   auto const p = random_problem<float>(s, 41);
   for (bool shared : {false, true}) {
     CAPTURE(shared);
+    std::vector<fpdt::status> sts;
     run_result const r = run_ranks(p, 2, 8, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t,
                                                 rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
       auto lanes = fpdt::executor<fpdt::host_backend>::create(be);
@@ -1065,12 +1067,18 @@ TEST_CASE("sequence parallel attention: layers on one shared executor per rank r
         if (shared) layers.back().run_on(*lanes);
       }
       rank_io const in = x;
-      for (auto& layer : layers) { // every layer on the same inputs: each must give the same outputs
+      std::optional<rank_io> first;
+      for (auto& layer : layers) { // every layer on the same inputs: each must give the first's outputs
         x = in;
         FPDT_TRY(run_one(layer, x, s, tl.local_tokens()));
+        if (!first) first = x;
+        if (x.out != first->out || x.dq != first->dq || x.dk != first->dk || x.dv != first->dv)
+          return fpdt::make_error(fpdt::errc::internal, "a layer on the shared lanes gave other results");
       }
       return {};
-    });
+    }, &sts);
+    for (auto const& x : sts)
+      REQUIRE_MESSAGE(x.ok(), x.to_string());
     check_global(r, p, true, 1e-4);
   }
 }

@@ -231,7 +231,6 @@ TEST_CASE("memory_model: over 64 problems the planner's device and pinned bytes 
     x = x * 1664525u + 1013904223u;
     return (x >> 8) % n;
   };
-  int checked = 0;
   for (int n = 0; n < 64; ++n) {
     index_t const p = ranks[pick(3)];
     auto const hh = heads[pick(5)];
@@ -241,7 +240,6 @@ TEST_CASE("memory_model: over 64 problems the planner's device and pinned bytes 
                                    .type = pick(2) ? fpdt::dtype::bf16 : fpdt::dtype::f32,
                                    .mask = pick(2) ? fpdt::causal_mask : fpdt::full_mask,
                                    .offload = pick(4) != 0, .ring_slots = static_cast<index_t>(2 + pick(2))};
-    if (a.heads % p != 0) a.heads = 4 * p;
     auto problem = fpdt::attention_problem::create(a);
     REQUIRE_MESSAGE(problem.ok(), problem.error().to_string());
     INFO("S ", a.sequence, " P ", p, " C ", c, " H ", a.heads, " H_kv ", a.kv_heads, " D ", a.head_dim, " dtype ",
@@ -250,7 +248,5 @@ TEST_CASE("memory_model: over 64 problems the planner's device and pinned bytes 
       check_problem_against_layer<fpdt::bfloat16>(*problem);
     else
       check_problem_against_layer<float>(*problem);
-    ++checked;
   }
-  CHECK(checked == 64);
 }

@@ -350,6 +350,14 @@ template <class B> struct step_tensor_gradient_sink {
 } // namespace detail::layer
 
 namespace detail::layer {
+// Sets a pass-scoped pointer back to null when the pass returns or throws.
+template <class P> struct reset_on_exit {
+  P*& p;
+  reset_on_exit(P*& ptr) noexcept : p(ptr) {}
+  reset_on_exit(reset_on_exit const&) = delete;
+  reset_on_exit& operator=(reset_on_exit const&) = delete;
+  ~reset_on_exit() { p = nullptr; }
+};
 // The forward's device rings (q, kv, out), kept in the context without offload.
 struct forward_rings {
   staging_ring q, kv, out;
@@ -368,7 +376,9 @@ class fpdt_attention;
 //! `backward(ctx, ...)` consumes it, so several forwards may be in flight at once (micro-batches,
 //! pipeline-parallel schedules), each with its own context and its own memory. A context whose
 //! backward already ran, one that holds no successful forward, and one made by another layer are
-//! refused by `backward` with `errc::invalid_argument`. Destroying a context frees its memory.
+//! refused by `backward` with `errc::invalid_argument` (a layer destroyed and another made in its
+//! place is another layer). Destroying a context frees its memory into the backend's arena and
+//! pinned pool: destroy (or `clear`) every context before its backend.
 class attention_context {
 public:
   attention_context() noexcept = default;                           //!< empty: holds no forward
@@ -377,6 +387,8 @@ public:
   attention_context(attention_context const&) = delete;
   attention_context& operator=(attention_context const&) = delete;
 
+  //! Frees what it holds; it becomes empty (as default-constructed).
+  void clear() noexcept { *this = attention_context{}; }
   //! Whether it holds a successful forward whose backward has not run yet.
   [[nodiscard]] bool ready() const noexcept { return state_ == state::ready; }
   //! Pinned host bytes it holds (offload on; 0 off or empty).
@@ -393,7 +405,9 @@ private:
   friend class fpdt_attention;
   enum class state : std::uint8_t { empty, ready, used };
   state state_ = state::empty;
-  void const* owner_ = nullptr; // the identity of the layer whose forward filled it
+  // The identity of the layer whose forward filled it: a weak reference to that layer's token, so a
+  // layer made later at the same address (or with a token at the same address) never matches.
+  std::weak_ptr<std::byte const> owner_{};
   std::optional<chunk_store> store_{};
   detail::layer::forward_rings rings_{};
 };
@@ -408,15 +422,15 @@ private:
 //!                sets to the compute lane's stream (`cuda_flash_chunk_kernel`,
 //!                `cuda_reference_chunk_kernel`, `external_chunk_kernel<Impl>`)
 //!
-//! The layer keeps, between `forward` and `backward`, the pinned host copies of q, k, v, out and
-//! lse (offload on; the backward adds dq and dout, reserved by the forward) or the device rings
-//! holding them (offload off). Not thread-safe: one pass at a
-//! time per layer object. Every pass allocates its buffers before its first step, so an
+//! Between `forward` and `backward` the pinned host copies of q, k, v, out and lse (offload on; the
+//! backward adds dq and dout, reserved by the forward) or the device rings holding them (offload
+//! off) live in an `attention_context`: the caller's (the context forms) or the layer's own saved
+//! one. Not thread-safe: one pass at a time per layer object, and per set of shared lanes. Every pass allocates its buffers before its first step, so an
 //! out-of-memory error leaves the caller's tensors untouched. On a device backend the tensor
 //! overloads take views of memory the device can address (device, pinned or managed; pageable
 //! host memory is `errc::invalid_argument` on CUDA). The lanes are the layer's own non-blocking
-//! streams: work that writes the inputs (on any stream) must be complete before a pass starts;
-//! each pass returns after its lanes have finished.
+//! streams, or the caller's (`run_on`): work that writes the inputs (on any stream) must be
+//! complete before a pass starts; each pass returns after its lanes have finished.
 template <class T, class B = host_backend, class Kernel = host_chunk_kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention {
@@ -435,10 +449,20 @@ public:
 
   //! Tensors the layer keeps on the host per chunk, indexing its `chunk_store`.
   enum host_tensor : std::size_t { host_q, host_k, host_v, host_out, host_lse, host_dq, host_dout, host_tensors };
+  static_assert(attention_problem::host_tensors.size() == host_tensors &&
+                    attention_problem::host_tensors[host_q] == chunk_tensor::q &&
+                    attention_problem::host_tensors[host_k] == chunk_tensor::k &&
+                    attention_problem::host_tensors[host_v] == chunk_tensor::v &&
+                    attention_problem::host_tensors[host_out] == chunk_tensor::out &&
+                    attention_problem::host_tensors[host_lse] == chunk_tensor::lse &&
+                    attention_problem::host_tensors[host_dq] == chunk_tensor::dq &&
+                    attention_problem::host_tensors[host_dout] == chunk_tensor::dout,
+                "host_tensor indexes the chunk store, which is built from attention_problem::host_tensors");
 
   //! Checks the shape and options and builds (and checks) both schedules; allocates nothing.
   //! Errors: `errc::invalid_argument` / `errc::shape_mismatch` naming the numbers and the rule
-  //! (S, H, H_kv, D >= 1; H % H_kv == 0; S % C == 0; ring_slots in [2, 64]).
+  //! (`attention_problem::create` with P = 1: S, H, H_kv, D >= 1; H % H_kv == 0; S % C == 0;
+  //! ring_slots in [2, 64]; u = S / C <= 2^20; the softmax scale finite).
   [[nodiscard]] static result<fpdt_attention> create(B& be, attention_shape shape,
                                                      fpdt_attention_options const& options = {},
                                                      Kernel kernel = {}) {
@@ -463,7 +487,8 @@ public:
   //! "chunk kernel forward at q_offset 32, k_offset 16: ..."); an exception any of them throws
   //! as `errc::backend_error`, named the same way.
   //! This form keeps what the backward needs inside the layer (one saved forward: the next
-  //! forward replaces it, and `backward` without a context differentiates the latest one); the
+  //! forward without a context replaces it, and `backward` without a context differentiates the
+  //! latest such forward); the
   //! context form below hands it to the caller instead.
   template <class Source, class Sink>
   [[nodiscard]] status forward(Source const& source, Sink& sink) {
@@ -487,6 +512,7 @@ private:
     FPDT_TRY(make_executor()); // before any buffer, so a failure here leaves nothing allocated
     ctx.store_.emplace(be_->pinned_memory(), prob_.chunks(), host_tensor_bytes(prob_), host_tensor_names());
     cx_ = &ctx;
+    detail::layer::reset_on_exit pass_scope{cx_};
     if (status st = prepare_forward(); !st.ok()) {
       ctx = attention_context{};
       fwd_fixed_ = {};
@@ -509,13 +535,12 @@ private:
     fwd_fixed_ = {};
     release_workspace();
     if (opt_.offload) ctx.rings_ = {};
-    cx_ = nullptr;
     if (!st.ok()) {
       ctx = attention_context{};
       return st;
     }
     ctx.state_ = attention_context::state::ready;
-    ctx.owner_ = id_.get();
+    ctx.owner_ = id_;
     return {};
   }
 
@@ -599,6 +624,15 @@ public:
 private:
   [[nodiscard]] executor<B>& lanes() noexcept { return lanes_ ? *lanes_ : *ex_; }
 
+public:
+  //! Whether `ctx` holds a forward of this layer whose backward has not run (what `backward(ctx,
+  //! ...)` accepts).
+  [[nodiscard]] bool owns(attention_context const& ctx) const noexcept {
+    return ctx.ready() && ctx.owner_.lock() == id_;
+  }
+
+private:
+
   [[nodiscard]] status check_context(attention_context const& ctx) const {
     using st = attention_context::state;
     if (ctx.state_ == st::used)
@@ -607,7 +641,7 @@ private:
     if (ctx.state_ != st::ready)
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: no successful forward to differentiate");
-    if (ctx.owner_ != id_.get())
+    if (!owns(ctx))
       return make_error(errc::invalid_argument,
                         "fpdt_attention backward: the context was filled by another layer's forward");
     return {};
@@ -650,8 +684,8 @@ private:
   [[nodiscard]] status run_backward(attention_context& ctx, Dout const& dout, Sink& sink) {
     FPDT_TRY(make_executor());
     cx_ = &ctx;
+    detail::layer::reset_on_exit pass_scope{cx_};
     if (status st = prepare_backward(); !st.ok()) {
-      cx_ = nullptr;
       bwd_rings_ = {};
       bwd_fixed_ = {};
       release_workspace();
@@ -664,7 +698,6 @@ private:
     };
     status st = lanes().run(bwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
-    cx_ = nullptr;
     bwd_rings_ = {};
     bwd_fixed_ = {};
     release_workspace();
@@ -677,7 +710,8 @@ public:
   //! so a model's streams (host: worker threads) do not grow with its layer count. The caller keeps
   //! `lanes` alive while the layer uses it. Call it before the first pass (the layer makes its own
   //! streams on its first pass otherwise, and keeps them); a pass still waits for the lanes before
-  //! it returns, so layers sharing lanes run one pass at a time.
+  //! it returns. Layers sharing lanes must not run passes concurrently (from several threads): the
+  //! executor is not thread-safe.
   void run_on(executor<B>& lanes) noexcept { lanes_ = &lanes; }
 
   //! The forward schedule.
@@ -718,7 +752,8 @@ public:
   [[nodiscard]] typename B::event_type const* trace_start_event() const noexcept {
     return lanes_ ? lanes_->timing_start() : ex_ ? ex_->timing_start() : nullptr;
   }
-  //! Pinned host bytes the layer holds (its chunk store).
+  //! Pinned host bytes of the forward the layer keeps itself (the forms without a context; a
+  //! caller's context reports its own, `attention_context::host_bytes`).
   [[nodiscard]] std::size_t host_bytes() const noexcept { return saved_.host_bytes(); }
   //! Tokens per chunk, C.
   [[nodiscard]] index_t chunk() const noexcept { return prob_.chunk(); }
@@ -735,7 +770,7 @@ public:
 private:
   fpdt_attention(B& be, attention_problem const& problem, fpdt_attention_options const& o, Kernel k)
       : be_(&be), prob_(problem), opt_(o), kernel_(std::move(k)),
-        id_(std::make_unique<std::byte>()) {}
+        id_(std::make_shared<std::byte const>()) {}
 
   // The chunk store's tensors: the problem's `host_tensors`, in its order (= enum host_tensor).
   [[nodiscard]] static std::vector<std::size_t> host_tensor_bytes(attention_problem const& p) {
@@ -895,7 +930,8 @@ private:
   [[nodiscard]] status forward_step(schedule_step const& st, typename B::stream_type& s,
                                     Source const& source, Sink& sink) {
     std::size_t const qb = bytes(chunk_tensor::q), kvb = bytes(chunk_tensor::k), lb = bytes(chunk_tensor::lse);
-    std::size_t const v_at = at(slot_kind::forward_kv, chunk_tensor::v), lse_at = at(slot_kind::forward_out, chunk_tensor::lse);
+    std::size_t const v_at = at(slot_kind::forward_kv, chunk_tensor::v), lse_at = at(slot_kind::forward_out, chunk_tensor::lse),
+                      out_at = at(slot_kind::forward_out, chunk_tensor::out);
     auto slot = [&](ring r) { return st.slot_of(r); };
     switch (st.kind) {
     case step_kind::produce: {
@@ -934,7 +970,7 @@ private:
       if (!ho) return ho.error();
       if (!hl) return hl.error();
       cx_->store_->set_place(host_out, st.i, chunk_place::in_flight);
-      FPDT_TRY(copy(*ho, os, qb, s));
+      FPDT_TRY(copy(*ho, os + out_at, bytes(chunk_tensor::out), s));
       return copy(*hl, os + lse_at, lb, s);
     }
     case step_kind::fetch: {
@@ -972,13 +1008,13 @@ private:
     case step_kind::finalize: {
       partial_view acc = acc_view(0);
       std::byte* os = cx_->rings_.out.slot(slot(ring::out));
-      auto ov = q_view(os);
+      auto ov = q_view(os + out_at);
       auto lv = lse_view(os + lse_at);
       return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
       std::byte* os = cx_->rings_.out.slot(slot(ring::out));
-      tensor_view<T const, 3> ov = q_view(os);
+      tensor_view<T const, 3> ov = q_view(os + out_at);
       tensor_view<float const, 2> lv = lse_view(os + lse_at);
       index_t const c = st.i;
       if constexpr (detail::layer::stream_form_sink<Sink, T, stream_t>)
@@ -1091,7 +1127,7 @@ private:
         if (!ho) return ho.error();
         if (!hl) return hl.error();
         FPDT_TRY(copy(p.q.data(), *hq, qb, s));
-        FPDT_TRY(copy(p.out.data(), *ho, qb, s));
+        FPDT_TRY(copy(p.out.data(), *ho, bytes(chunk_tensor::out), s));
         FPDT_TRY(copy(p.lse.data(), *hl, lb, s));
         if (st.what == payload::q_side_dq) { // dq_i and dout_i were written back at i's first use
           auto hd = cx_->store_->host_copy(host_dq, st.i);
@@ -1115,7 +1151,7 @@ private:
     case step_kind::zero: {
       if (st.what == payload::dkv) return ops::zero(*be_, s, bwd_fixed_.slot(0), bwd_fixed_.slot_bytes());
       tensor_view<float, 3> dq = parts(st.slot_of(ring::q)).dq;
-      return ops::zero(*be_, s, dq.data(), static_cast<std::size_t>(dq.size()) * 4);
+      return ops::zero(*be_, s, dq.data(), bytes(chunk_tensor::dq));
     }
     case step_kind::delta: {
       bwd_parts const p = parts(st.slot_of(ring::q));
@@ -1190,7 +1226,7 @@ private:
   executor<B>* lanes_ = nullptr;    // the caller's lanes (run_on)
   attention_context saved_{};      // the forward kept by the forms without a context
   attention_context* cx_ = nullptr; // the context of the pass running now
-  std::unique_ptr<std::byte> id_;  // the layer's identity, which its contexts carry (kept by moves)
+  std::shared_ptr<std::byte const> id_; // the layer's identity, which its contexts carry (kept by moves)
 };
 
 FPDT_NAMESPACE_END

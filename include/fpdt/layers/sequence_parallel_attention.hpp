@@ -231,24 +231,29 @@ public:
   //! a pass, aborts the communicator).
   template <class Source, class Sink>
   [[nodiscard]] status forward(attention_context& ctx, Source const& source, Sink& sink) {
+    ctx.clear(); // a failure before the per-rank pass leaves it empty too
     return in_context(ctx, [&] { return forward(source, sink); });
   }
   //! Forward from local tensors (see the tensor form below), the state left in `ctx`.
   [[nodiscard]] status forward(attention_context& ctx, tensor_view<T const, 3> const& q,
                                tensor_view<T const, 3> const& k, tensor_view<T const, 3> const& v,
                                tensor_view<T, 3> const& out) {
+    ctx.clear();
     return in_context(ctx, [&] { return forward(q, k, v, out); });
   }
-  //! Backward of the forward held by `ctx` (consumed), from a dout source into a gradient sink.
+  //! Backward of the forward held by `ctx` (consumed, whatever the outcome, unless refused as
+  //! empty, used or another layer's), from a dout source into a gradient sink.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(attention_context& ctx, Dout const& dout, Sink& sink) {
-    return in_context(ctx, [&] { return backward(dout, sink); });
+    bool const mine = inner_.owns(ctx);
+    return consumed(ctx, mine, in_context(ctx, [&] { return backward(dout, sink); }));
   }
   //! Backward of the forward held by `ctx` (consumed), from and into local tensors.
   [[nodiscard]] status backward(attention_context& ctx, tensor_view<T const, 3> const& dout,
                                 tensor_view<float, 3> const& dq, tensor_view<float, 3> const& dk,
                                 tensor_view<float, 3> const& dv) {
-    return in_context(ctx, [&] { return backward(dout, dq, dk, dv); });
+    bool const mine = inner_.owns(ctx);
+    return consumed(ctx, mine, in_context(ctx, [&] { return backward(dout, dq, dk, dv); }));
   }
 
   //! Forward from local tensors q `[S/P, H, D]`, k, v `[S/P, H_kv, D]` into out `[S/P, H, D]`,
@@ -609,11 +614,16 @@ private:
 
   // One pass: its buffers (`allocate`), the per-rank pass `run` with this layer's adapters, then
   // `finish`.
-  // Runs `f` (a public pass) with the per-rank layer reading and writing `ctx`.
+  // Runs `f` (a public pass) with the per-rank layer reading and writing `ctx` (ctx_ is reset
+  // when f returns or throws).
   template <class F> [[nodiscard]] status in_context(attention_context& ctx, F&& f) {
     ctx_ = &ctx;
-    status const st = f();
-    ctx_ = nullptr;
+    detail::layer::reset_on_exit scope{ctx_};
+    return f();
+  }
+  // A backward that failed before the per-rank layer consumed its context frees it all the same.
+  [[nodiscard]] static status consumed(attention_context& ctx, bool mine, status st) {
+    if (mine && ctx.ready()) ctx.clear();
     return st;
   }
 

@@ -1,8 +1,8 @@
 //! \file
 //! \brief `executor`: runs a schedule's steps on a backend's lanes, ordered by events only.
 //!
-//! docs/design.md 4.5 (the stream-overlap pipeline). One stream per lane (compute at high priority,
-//! h2d, d2h, comm); every step is enqueued on its lane's stream after waits on the events of the
+//! docs/design.md 4.5 (the stream-overlap pipeline). One stream per lane (compute and comm at high
+//! priority, h2d, d2h); every step is enqueued on its lane's stream after waits on the events of the
 //! steps it depends on that ran on other lanes (same-lane order is the stream's FIFO order, and a
 //! `release` marker stands for its own dependencies), then an event is recorded after it. The
 //! host thread only enqueues: there is no device-wide or stream synchronisation inside the loop,

@@ -2,10 +2,11 @@
 //! \brief The planner's memory model: per-rank device and pinned-host bytes of one training step
 //! of a decoder transformer under FPDT, Ulysses or Megatron sequence parallelism.
 //!
-//! docs/design.md 4.4 (the schedule's three consumers): the FPDT attention working set is not derived
-//! here but read from the schedules the layer runs (`forward_schedule`, `backward_schedule`,
-//! `schedule::ring_bytes`), with the same slot sizes `fpdt_attention` allocates, so the model and
-//! the layer's arena peak agree by construction (tests/plan/memory_model.cpp measures it).
+//! docs/design.md 4.3-4.4: the FPDT attention working set is not derived here but read from the
+//! attention problem the layer itself is built from (`fpdt_attention_problem`, then
+//! `attention_problem::forward_device_bytes`, `backward_device_bytes`, `host_bytes_reserved`), so
+//! the model and one rank's arena and pinned peaks agree byte for byte (tests/plan/memory_model.cpp
+//! measures 64 problems). The Ulysses exchange buffers are still counted here by their own formula.
 //!
 //! Everything else is counted tensor by tensor, per rank, in bytes:
 //! - parameters, gradients (model dtype) and Adam's fp32 master copy and two moments (mixed

@@ -1,7 +1,7 @@
 //! \file
 //! \brief `cuda_backend`: the `backend` concept on one CUDA device.
 //!
-//! docs/design.md 4.7: streams are non-blocking `cudaStream_t`s (compute at the device's greatest
+//! docs/design.md 4.7: streams are non-blocking `cudaStream_t`s (compute and comm at the device's greatest
 //! priority), events are `cudaEvent_t`s, copies are `cudaMemcpyAsync`, device memory is a budgeted
 //! `device_arena` over the device's stream-ordered memory pool, and pinned host memory is a
 //! `pinned_pool` over `cudaHostAlloc`. Mirrors `fpdt::host_backend`, so one pipeline and one test
