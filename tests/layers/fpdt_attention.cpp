@@ -386,6 +386,50 @@ TEST_CASE("fpdt_attention: A18 copies racing compute give bit-identical results"
   }
 }
 
+namespace {
+// The host backend with a delay before every copy on the d2h lane only (CASES.md A27): offloads
+// and write-backs finish late while fetches and compute run at once.
+struct slow_offload_backend : slow_copy_backend {
+  fpdt::status copy_async(void* d, void const* src, std::size_t n, stream_type& s) {
+    if (s.name() == fpdt::to_string(fpdt::lane::d2h)) return slow_copy_backend::copy_async(d, src, n, s);
+    return inner.copy_async(d, src, n, s);
+  }
+};
+} // namespace
+
+TEST_CASE("fpdt_attention: A27 every reload waits for its own offload") {
+  // 8 chunks whose offloads (d2h) each sleep 2 ms before copying, reloaded as soon as the schedule
+  // allows: with a full mask every q_i and k_j, v_j is fetched back right after its offload was
+  // queued (ring 2, nothing prefetched ahead), and with ring 4 fetches run ahead of compute; the
+  // backward re-reads dq_i and dout_i written back just before. Every result must equal offload
+  // off bit for bit, from the first iteration (the case's 200 are scaled to CI's 2 cores).
+  attn_shape const s{8 * 8, 8 * 8, 2, 1, 8};
+  auto p = random_problem<float>(s, 27);
+  for (fpdt::attention_mask m : {fpdt::full_mask, fpdt::causal_mask})
+    for (index_t ring : {2, 4}) {
+      CAPTURE(fpdt::to_string(m.kind));
+      CAPTURE(ring);
+      fpdt::host_backend plain;
+      run_result const want = run_layer<float>(plain, p, {.chunk = 8, .offload = false, .mask = m});
+      slow_offload_backend be;
+      be.delay = std::chrono::milliseconds(2);
+      auto layer = fpdt::fpdt_attention<float, slow_offload_backend>::create(
+                       be, {s.sq, s.h, s.hkv, s.d}, {.chunk = 8, .offload = true, .ring_slots = ring, .mask = m})
+                       .value();
+      for (int it = 0; it < 3; ++it) {
+        std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+        REQUIRE(layer.forward(cview(p.q, s.q_ext()), cview(p.k, s.kv_ext()), cview(p.v, s.kv_ext()),
+                              view(out, s.q_ext())).ok());
+        REQUIRE(layer.backward(cview(p.dout, s.q_ext()), view(dq, s.q_ext()), view(dk, s.kv_ext()),
+                               view(dv, s.kv_ext())).ok());
+        CHECK(out == want.out);
+        CHECK(dq == want.dq);
+        CHECK(dk == want.dk);
+        CHECK(dv == want.dv);
+      }
+    }
+}
+
 TEST_CASE("fpdt_attention: A19 pinned memory does not grow from call to call") {
   fpdt::host_backend be;
   attn_shape const s{64, 64, 2, 1, 16};
@@ -900,6 +944,32 @@ TEST_CASE_TEMPLATE("fpdt_attention: forwards in flight each keep their own conte
     CHECK(st.message().find("another layer") != std::string::npos);
     orphan.clear();
     CHECK(orphan.host_bytes() == 0);
+    // A moved-from context is empty; an out-of-memory error before the backward's first step
+    // leaves the context ready, so the backward can be retried once memory is back.
+    REQUIRE(layer.forward(cb, cview(b.q, s.q_ext()), cview(b.k, s.kv_ext()), cview(b.v, s.kv_ext()), view(out_b, s.q_ext())).ok());
+    fpdt::attention_context moved_to = std::move(cb);
+    CHECK_FALSE(cb.ready());
+    CHECK(cb.host_bytes() == 0);
+    CHECK(moved_to.ready());
+    CHECK(again(moved_to, layer).ok());
+    CHECK_FALSE(moved_to.ready());
+    {
+      fpdt::host_backend tight({.device_budget_bytes = std::size_t{1} << 20});
+      auto small = fpdt::fpdt_attention<T>::create(tight, {s.sq, s.h, s.hkv, s.d}, o).value();
+      fpdt::attention_context cr;
+      REQUIRE(small.forward(cr, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
+      {
+        auto const ms = tight.device_memory().stats();
+        auto hog = tight.device_memory().allocate(ms.budget_bytes - ms.current_bytes - 256, "hog");
+        REQUIRE(hog.ok());
+        st = again(cr, small);
+        CHECK(st.code() == fpdt::errc::out_of_memory);
+        CHECK(cr.ready());
+      }
+      CHECK(again(cr, small).ok());
+      CHECK(dq == alone_a.dq);
+      CHECK_FALSE(cr.ready());
+    }
     // A layer moved keeps its identity: its contexts stay valid.
     REQUIRE(layer.forward(ca, cview(a.q, s.q_ext()), cview(a.k, s.kv_ext()), cview(a.v, s.kv_ext()), view(out_a, s.q_ext())).ok());
     auto moved = std::move(layer);

@@ -8,6 +8,7 @@
 #include <fpdt/comm/communicator.hpp>
 #include <fpdt/layers/host_defaults.hpp>
 #include <fpdt/layers/sequence_parallel_attention.hpp>
+#include <fpdt/plan/memory_model.hpp>
 #include <fpdt/schedule/token_layout.hpp>
 
 #include <doctest/doctest.h>
@@ -1081,4 +1082,73 @@ TEST_CASE("sequence parallel attention: layers on one shared executor per rank r
       REQUIRE_MESSAGE(x.ok(), x.to_string());
     check_global(r, p, true, 1e-4);
   }
+}
+
+TEST_CASE("sequence parallel attention: the planner's bytes equal every rank's measured peaks") {
+  // fpdt_attention_memory(problem) (the per-rank layer) plus attention_problem::exchange_bytes
+  // (this layer's exchange buffers; host path here) against the arena's peak on every rank, pass
+  // by pass, in f32 and bf16 (the planner once priced the exchanges in the model dtype and
+  // under-counted bf16 backwards by a fifth).
+  struct c {
+    index_t ranks, s, chunk, h, hkv, d;
+    bool offload;
+  };
+  for (c const x : {c{2, 32, 8, 4, 2, 8, true}, c{4, 64, 16, 8, 2, 8, true}, c{4, 32, 8, 4, 4, 12, false},
+                    c{2, 48, 16, 8, 8, 5, true}})
+    for (fpdt::dtype type : {fpdt::dtype::f32, fpdt::dtype::bf16}) {
+      CAPTURE(x.ranks);
+      CAPTURE(x.hkv);
+      CAPTURE(x.offload);
+      CAPTURE(fpdt::to_string(type));
+      auto problem = fpdt::attention_problem::create({.sequence = x.s, .ranks = x.ranks, .chunk = x.chunk, .heads = x.h,
+                                                      .kv_heads = x.hkv, .head_dim = x.d, .type = type,
+                                                      .offload = x.offload})
+                         .value();
+      fpdt::attention_working_set const w = fpdt::fpdt_attention_memory(problem);
+      std::size_t const want_fwd = w.forward + problem.exchange_bytes(fpdt::pass::forward, false);
+      std::size_t const want_bwd = w.backward + problem.exchange_bytes(fpdt::pass::backward, false);
+      std::vector<std::size_t> fwd(static_cast<std::size_t>(x.ranks)), bwd(fwd.size()), pinned(fwd.size());
+      fpdt::local_world world(static_cast<int>(x.ranks), 20s);
+      std::vector<fpdt::status> st(fwd.size());
+      std::vector<std::thread> ts;
+      for (index_t r = 0; r < x.ranks; ++r)
+        ts.emplace_back([&, r] {
+          auto const k = static_cast<std::size_t>(r);
+          st[k] = [&]() -> fpdt::status {
+            auto comm = world.communicator(static_cast<int>(r)).value();
+            fpdt::host_backend be;
+            index_t const local = x.s / x.ranks;
+            auto run = [&]<class T>(fpdt::type_tag<T>) -> fpdt::status {
+              auto layer = fpdt::sequence_parallel_attention<T, fpdt::local_communicator>::create(
+                  be, comm, {x.s, x.h, x.hkv, x.d}, {.chunk = x.chunk, .offload = x.offload});
+              if (!layer) return layer.error();
+              std::vector<T> q(static_cast<std::size_t>(local * x.h * x.d), T(0.5f)),
+                  kv(static_cast<std::size_t>(local * x.hkv * x.d), T(0.25f)), out(q.size());
+              std::vector<float> dq(q.size()), dk(kv.size()), dv(kv.size());
+              std::array<index_t, 3> const qe{local, x.h, x.d}, ke{local, x.hkv, x.d};
+              auto in = [](std::vector<T> const& b, std::array<index_t, 3> e) {
+                return fpdt::contiguous_view<T const>(b.data(), e).value();
+              };
+              FPDT_TRY(layer->forward(in(q, qe), in(kv, ke), in(kv, ke), fpdt::contiguous_view(out.data(), qe).value()));
+              fwd[k] = be.device_memory().stats().peak_bytes;
+              pinned[k] = be.pinned_memory().stats().peak_reserved_bytes;
+              be.device_memory().reset_peak();
+              FPDT_TRY(layer->backward(in(q, qe), fpdt::contiguous_view(dq.data(), qe).value(),
+                                       fpdt::contiguous_view(dk.data(), ke).value(),
+                                       fpdt::contiguous_view(dv.data(), ke).value()));
+              bwd[k] = be.device_memory().stats().peak_bytes;
+              return {};
+            };
+            return type == fpdt::dtype::bf16 ? run(fpdt::type_tag<fpdt::bfloat16>{}) : run(fpdt::type_tag<float>{});
+          }();
+        });
+      for (auto& t : ts)
+        t.join();
+      for (std::size_t k = 0; k < fwd.size(); ++k) {
+        REQUIRE_MESSAGE(st[k].ok(), st[k].to_string());
+        CHECK(fwd[k] == want_fwd);
+        CHECK(bwd[k] == want_bwd);
+        CHECK(pinned[k] == w.host); // the host path's check takes no pinned page
+      }
+    }
 }

@@ -368,7 +368,7 @@ template <class T, class B, class Kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention;
 
-//! What a forward leaves for its backward (docs/design.md 4.4): with offload, the pinned host
+//! What a forward leaves for its backward (docs/design.md 4.3a): with offload, the pinned host
 //! copies of every chunk's q, k, v, out and lse (and room for the backward's dq and dout); without,
 //! the forward's device rings holding them. Move-only; empty when default-constructed.
 //!
@@ -382,8 +382,24 @@ class fpdt_attention;
 class attention_context {
 public:
   attention_context() noexcept = default;                           //!< empty: holds no forward
-  attention_context(attention_context&&) noexcept = default;            //!< takes over the state
-  attention_context& operator=(attention_context&&) noexcept = default; //!< frees, takes over
+  //! Takes over the state; `other` becomes empty.
+  attention_context(attention_context&& other) noexcept
+      : state_(std::exchange(other.state_, state::empty)), owner_(std::move(other.owner_)),
+        store_(std::move(other.store_)), rings_(std::move(other.rings_)) {
+    other.store_.reset();
+  }
+  //! Frees what it held and takes over `other`'s state; `other` becomes empty.
+  attention_context& operator=(attention_context&& other) noexcept {
+    if (this != &other) {
+      rings_ = std::move(other.rings_);
+      store_ = std::move(other.store_);
+      other.store_.reset();
+      owner_ = std::move(other.owner_);
+      other.owner_.reset();
+      state_ = std::exchange(other.state_, state::empty);
+    }
+    return *this;
+  }
   attention_context(attention_context const&) = delete;
   attention_context& operator=(attention_context const&) = delete;
 
@@ -585,9 +601,12 @@ public:
     return backward_of(saved_, false, dout, sink);
   }
 
-  //! Backward of the forward held by `ctx`, which it consumes (its memory is freed at the end,
-  //! whatever the outcome). Errors: as above, and `errc::invalid_argument` for a context that holds
-  //! no successful forward, whose backward already ran, or that another layer made.
+  //! Backward of the forward held by `ctx`, which it consumes once the pass has started (its
+  //! memory is freed at the end, whatever the outcome). Argument errors and an out-of-memory
+  //! error before the first step leave `ctx` untouched, so the backward can be retried (with a
+  //! larger budget, say). Errors: as above, and `errc::invalid_argument` for a context that holds
+  //! no successful forward (`fpdt::attention_context{}`: pass the one the forward filled), whose
+  //! backward already ran, or that another (or a destroyed) layer's forward filled.
   template <class Dout, class Sink>
   [[nodiscard]] status backward(attention_context& ctx, Dout const& dout, Sink& sink) {
     return backward_of(ctx, true, dout, sink);
@@ -640,10 +659,12 @@ private:
                                                 "(a context is used once; run forward again)");
     if (ctx.state_ != st::ready)
       return make_error(errc::invalid_argument,
-                        "fpdt_attention backward: no successful forward to differentiate");
+                        "fpdt_attention backward: no successful forward to differentiate (the context "
+                        "holds none: pass the one its forward filled)");
     if (!owns(ctx))
       return make_error(errc::invalid_argument,
-                        "fpdt_attention backward: the context was filled by another layer's forward");
+                        "fpdt_attention backward: the context was filled by another layer's forward "
+                        "(or by a layer since destroyed)");
     return {};
   }
   template <class Dout, class Sink>
@@ -652,8 +673,9 @@ private:
       return make_error(errc::internal, "rejected at compile time");
     else {
       FPDT_TRY(check_context(ctx));
-      status const st = run_backward(ctx, dout, sink);
-      if (consume) {
+      bool started = false;
+      status const st = run_backward(ctx, dout, sink, started);
+      if (consume && started) {
         ctx = attention_context{};
         ctx.state_ = attention_context::state::used;
       }
@@ -681,7 +703,7 @@ private:
     return backward_tensor(ctx, consume, dout, snk);
   }
   template <class Dout, class Sink>
-  [[nodiscard]] status run_backward(attention_context& ctx, Dout const& dout, Sink& sink) {
+  [[nodiscard]] status run_backward(attention_context& ctx, Dout const& dout, Sink& sink, bool& started) {
     FPDT_TRY(make_executor());
     cx_ = &ctx;
     detail::layer::reset_on_exit pass_scope{cx_};
@@ -696,6 +718,7 @@ private:
     auto work = [&](schedule_step const& st, std::size_t, typename B::stream_type& s) {
       return backward_step(st, s, dout, sink);
     };
+    started = true;
     status st = lanes().run(bwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     bwd_rings_ = {};
@@ -708,11 +731,14 @@ public:
   //! Runs this layer's passes on `lanes`, the caller's set of streams (one per lane; `executor<B>`
   //! on the same backend), instead of streams of its own: any number of layers may share one set,
   //! so a model's streams (host: worker threads) do not grow with its layer count. The caller keeps
-  //! `lanes` alive while the layer uses it. Call it before the first pass (the layer makes its own
-  //! streams on its first pass otherwise, and keeps them); a pass still waits for the lanes before
-  //! it returns. Layers sharing lanes must not run passes concurrently (from several threads): the
+  //! `lanes` alive (and in place) while the layer uses it. Call it between passes, best before the
+  //! first (which otherwise makes streams of the layer's own: `run_on` releases them); a pass still
+  //! waits for the lanes before it returns. Layers sharing lanes must not run passes concurrently (from several threads): the
   //! executor is not thread-safe.
-  void run_on(executor<B>& lanes) noexcept { lanes_ = &lanes; }
+  void run_on(executor<B>& lanes) noexcept {
+    lanes_ = &lanes;
+    ex_.reset(); // streams the layer made for earlier passes are released
+  }
 
   //! The forward schedule.
   [[nodiscard]] schedule const& forward_plan() const noexcept { return fwd_; }
@@ -726,7 +752,8 @@ public:
   }
   //! Device bytes the backward's buffers take (plus, without offload, the forward's rings that
   //! stay resident, and the kernel's workspace as for the forward): the arena's peak during a
-  //! backward.
+  //! backward with one forward in flight. Without offload every other context in flight holds
+  //! its own forward's rings besides (`attention_context::device_bytes`).
   [[nodiscard]] std::size_t predicted_backward_bytes() const noexcept {
     return prob_.backward_device_bytes(workspace_bytes(true));
   }

@@ -200,7 +200,7 @@ public:
       }
     }
     return result<sequence_parallel_attention>(
-        sequence_parallel_attention(comm, problem->heads_layout(), global, salt, std::move(*inner), std::move(cl)));
+        sequence_parallel_attention(comm, *problem, global, salt, std::move(*inner), std::move(cl)));
   }
 
   //! Any error of a pass on this rank (shapes, source, sink, kernel, memory) aborts the
@@ -321,10 +321,12 @@ public:
   //! Runs this layer's passes on `lanes`, the caller's streams (see `fpdt_attention::run_on`): the
   //! per-rank layer's steps on its compute, h2d and d2h lanes and this layer's exchanges on its comm
   //! lane, so layers sharing one `executor<B>` add no streams (host: worker threads) of their own.
-  //! Call it before the first pass; the caller keeps `lanes` alive while the layer uses it.
+  //! Call it between passes, best before the first; the caller keeps `lanes` alive (and in place)
+  //! while the layer uses it.
   void run_on(executor<B>& lanes) noexcept {
     inner_.run_on(lanes);
     lane_->shared = &lanes.stream(lane::comm);
+    lane_->own.reset(); // a stream made for earlier passes is released
   }
 
   //! The per-rank one-rank layer (its schedules, trace, predicted bytes).
@@ -355,7 +357,7 @@ public:
   //! The head sharding.
   [[nodiscard]] ulysses_layout const& layout() const noexcept { return layout_; }
   //! Output or gradient exchanges that may be in flight on the comm lane at once (exchange slots).
-  static constexpr std::size_t max_in_flight = 2;
+  static constexpr std::size_t max_in_flight = attention_problem::exchanges_in_flight;
 
 private:
   // The comm lane: a stream of the backend and what is queued on it. Host path: only the lanes'
@@ -587,26 +589,23 @@ public:
   //! lse chunks in flight, and one local chunk for the running exchange; on a device backend
   //! also the packed send and receive blocks of one all-to-all. Allocated for the pass.
   [[nodiscard]] std::size_t forward_exchange_bytes() const noexcept {
-    auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
-    return r(q_chunk(), sizeof(T)) + 2 * r(kv_chunk(), sizeof(T)) +
-           max_in_flight * (r(q_chunk(), sizeof(T)) + r(lse_chunk(), 4)) + r(fwd_tmp(), sizeof(T)) +
-           r(static_cast<std::size_t>(piece() * layout_.heads), 4) + 2 * r(fwd_scratch(), 1);
+    return problem_.exchange_bytes(pass::forward, !host_path);
   }
   //! Device bytes the backward's exchange buffers take beside the per-rank layer's: two
   //! gradient chunks in flight, one local gradient chunk and one local dout chunk (and on a
   //! device backend the send and receive blocks and the next fetch's exchanged dout chunk).
   [[nodiscard]] std::size_t backward_exchange_bytes() const noexcept {
-    auto r = [](std::size_t n, std::size_t b) { return device_arena::rounded_size(n * b); };
-    return max_in_flight * r(grad_slot(), 4) + r(bwd_tmp(), 4) + r(local(layout_.heads), sizeof(T)) +
-           2 * r(bwd_scratch(), 1) + (host_path ? 0 : r(q_chunk(), sizeof(T)));
+    return problem_.exchange_bytes(pass::backward, !host_path);
   }
+  //! The layer's attention problem (P ranks): shapes, per-rank tensors, bytes.
+  [[nodiscard]] attention_problem const& problem() const noexcept { return problem_; }
 
 private:
-  sequence_parallel_attention(Comm& comm, ulysses_layout l, attention_shape global,
+  sequence_parallel_attention(Comm& comm, attention_problem const& problem, attention_shape global,
                               std::uint64_t salt, fpdt_attention<T, B, Kernel>&& inner,
                               std::unique_ptr<comm_lane> cl)
-      : comm_(&comm), layout_(l), shape_(global), salt_(salt), inner_(std::move(inner)),
-        lane_(std::move(cl)) {
+      : comm_(&comm), problem_(problem), layout_(problem.heads_layout()), shape_(global), salt_(salt),
+        inner_(std::move(inner)), lane_(std::move(cl)) {
     if constexpr (!host_path) // the chunks of the backward's dout fetches, in schedule order
       for (schedule_step const& st : inner_.backward_plan().steps)
         if (st.kind == step_kind::fetch && st.what == payload::q_side) dout_order_.push_back(st.i);
@@ -1186,6 +1185,7 @@ private:
   };
 
   Comm* comm_;
+  attention_problem problem_;
   ulysses_layout layout_;
   attention_shape shape_;
   std::uint64_t salt_;

@@ -6,7 +6,7 @@
 //! attention problem the layer itself is built from (`fpdt_attention_problem`, then
 //! `attention_problem::forward_device_bytes`, `backward_device_bytes`, `host_bytes_reserved`), so
 //! the model and one rank's arena and pinned peaks agree byte for byte (tests/plan/memory_model.cpp
-//! measures 64 problems). The Ulysses exchange buffers are still counted here by their own formula.
+//! measures 64 problems); the Ulysses exchange buffers likewise (`attention_problem::exchange_bytes`).
 //!
 //! Everything else is counted tensor by tensor, per rank, in bytes:
 //! - parameters, gradients (model dtype) and Adam's fp32 master copy and two moments (mixed
@@ -246,7 +246,8 @@ namespace detail::plan {
 }
 
 //! `fpdt_attention_memory` of a one-rank problem: q `[S, H, D]`, k, v `[S, H_kv, D]` (per rank:
-//! the heads after the all-to-all), chunks of `chunk` tokens, elements of `dtype_bytes` (2 or 4).
+//! the heads after the all-to-all), chunks of `chunk` tokens (0: C = S), elements of `dtype_bytes`
+//! (2 or 4).
 //! Errors: `attention_problem::create`'s, naming the values (S % C != 0, ring_slots out of
 //! [2, 64], ...).
 [[nodiscard]] inline result<attention_working_set>
@@ -254,8 +255,6 @@ fpdt_attention_memory(index_t sequence, index_t heads, index_t kv_heads, index_t
                       index_t chunk, bool offload, index_t ring_slots, index_t dtype_bytes) {
   auto type = detail::plan::attention_dtype(dtype_bytes);
   if (!type) return type.error();
-  if (chunk < 1)
-    return make_error(errc::invalid_argument, "fpdt_attention_memory: chunk ", chunk, " must be >= 1");
   auto problem = attention_problem::create({sequence, 1, chunk, heads, kv_heads, head_dim, *type,
                                             causal_mask, offload, ring_slots},
                                            "fpdt_attention_memory");
@@ -342,10 +341,10 @@ inline constexpr std::uint64_t layer_gradient_bytes_per_token(model_config const
     if (!problem) return problem.error();
     attention_working_set const a = fpdt_attention_memory(*problem);
     std::uint64_t const c_local = u64(problem->chunk()) / p;
-    std::uint64_t const d = u64(m.hidden / m.heads);
-    // All-to-all send and receive buffers of one chunk's q, k, v (model dtype).
-    std::uint64_t const a2a = 2 * c_local * (h + 2 * u64(kv_local) * p * d) * db;
-    r.attention_working = std::max(a.forward, a.backward) + a2a;
+    // The per-rank layer's buffers and sequence_parallel_attention's exchange buffers (a GPU
+    // runs the device path: packed send and receive blocks too), pass by pass.
+    r.attention_working = std::max(a.forward + problem->exchange_bytes(pass::forward, true),
+                                   a.backward + problem->exchange_bytes(pass::backward, true));
     // With checkpointing one layer's chunks are on the host at a time (the recomputed one);
     // without it every layer keeps its chunks there until its backward.
     r.host_attention = a.host * (t.checkpointing ? 1 : u64(m.layers));

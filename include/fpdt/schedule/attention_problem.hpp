@@ -21,6 +21,7 @@
 #include "token_layout.hpp"
 #include "ulysses_layout.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -280,6 +281,43 @@ public:
     return ring_bytes(pass::forward) +
            static_cast<std::size_t>(chunks()) * slot(slot_kind::backward_grad).bytes + fixed;
   }
+  //! Output or gradient exchanges of `sequence_parallel_attention` that may be in flight at once
+  //! (each with its own buffers).
+  static constexpr std::size_t exchanges_in_flight = 2;
+
+  //! Device bytes of `sequence_parallel_attention`'s exchange buffers for pass `which`, beside the
+  //! per-rank layer's, at the arena's granularity (for P = 1 too: that layer keeps them even then;
+  //! `fpdt_attention` alone has none). Forward: the next chunk's
+  //! exchanged q, k, v; `exchanges_in_flight` out and lse chunks; one local q/k/v (or out) chunk
+  //! and one local lse chunk. Backward: `exchanges_in_flight` fp32 gradient chunks (dq, or dk and
+  //! dv); one local fp32 gradient chunk and one local dout chunk. On a device path
+  //! (`device_path`: streams that do not run host tasks) also the packed send and receive blocks
+  //! of the largest all-to-all and, in the backward, the next fetch's exchanged dout chunk. The
+  //! layer allocates these per pass; its `forward_exchange_bytes()` / `backward_exchange_bytes()`
+  //! and the planner read this.
+  [[nodiscard]] std::size_t exchange_bytes(pass which, bool device_path) const noexcept {
+    using T = chunk_tensor;
+    std::size_t const tb = element_bytes(), in_flight = exchanges_in_flight;
+    // One local (sequence-sharded) piece of `heads` heads, C/P tokens, in elements.
+    auto local = [&](index_t heads) {
+      return static_cast<std::size_t>(tokens_.piece()) * static_cast<std::size_t>(heads) *
+             static_cast<std::size_t>(head_dim());
+    };
+    std::size_t const q_elems = bytes(T::dq) / 4, kv_elems = bytes(T::dk) / 4, lse_elems = bytes(T::lse) / 4;
+    auto r = [](std::size_t elems, std::size_t b) { return rounded(elems * b); };
+    if (which == pass::forward) {
+      std::size_t const tmp = std::max(local(a_.heads + 2 * a_.kv_heads), local(a_.heads));
+      std::size_t const scratch = device_path ? std::max(q_elems * tb, lse_elems * 4) : 0;
+      return r(q_elems, tb) + 2 * r(kv_elems, tb) + in_flight * (r(q_elems, tb) + r(lse_elems, 4)) +
+             r(tmp, tb) + r(local(a_.heads) / static_cast<std::size_t>(head_dim()), 4) + 2 * rounded(scratch);
+    }
+    std::size_t const grad = std::max(q_elems, 2 * kv_elems);
+    std::size_t const tmp = std::max(local(a_.heads), 2 * local(a_.kv_heads));
+    std::size_t const scratch = device_path ? q_elems * std::max(tb, std::size_t{4}) : 0;
+    return in_flight * r(grad, 4) + r(tmp, 4) + r(local(a_.heads), tb) + 2 * rounded(scratch) +
+           (device_path ? r(q_elems, tb) : 0);
+  }
+
   //! Pinned host bytes of every chunk's `host_tensors` (offload on; 0 off), before the pool's
   //! rounding.
   [[nodiscard]] std::size_t host_bytes_needed() const noexcept {
