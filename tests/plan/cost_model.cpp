@@ -29,15 +29,13 @@ TEST_CASE("cost_model: the simulation of a one-chunk schedule is the sum of its 
   auto s = fpdt::forward_schedule(p).value();
   double const inf = std::numeric_limits<double>::infinity();
   auto t = fpdt::simulate_schedule(s, {inf, inf, inf}, [](fpdt::schedule_step const&) {
-    return fpdt::step_price{1.0, 0.5};
+    return fpdt::step_price{1.0};
   });
-  // Every compute-lane step costs 1 s and is followed by 0.5 s on the comm lane that the next
-  // dependent step waits for; steps on one lane are FIFO.
+  // Every compute-lane step costs 1 s and they run one after another (one lane, FIFO).
   std::size_t const n = s.steps.size() - s.count(fpdt::step_kind::release);
   CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::compute)] == doctest::Approx(static_cast<double>(n)));
-  CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(0.5 * static_cast<double>(n)));
-  CHECK(t.makespan >= static_cast<double>(n));
-  CHECK(t.makespan <= 1.5 * static_cast<double>(n));
+  CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == 0);
+  CHECK(t.makespan == doctest::Approx(static_cast<double>(n)));
 }
 
 TEST_CASE("cost_model: copies overlap compute and both directions share PCIe") {
@@ -48,7 +46,7 @@ TEST_CASE("cost_model: copies overlap compute and both directions share PCIe") {
   p.out_bytes = 1000;
   auto s = fpdt::forward_schedule(p).value();
   auto price = [](fpdt::schedule_step const& st) {
-    return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0, 0.0};
+    return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0};
   };
   double const inf = std::numeric_limits<double>::infinity();
   auto ideal = fpdt::simulate_schedule(s, {inf, inf, inf}, price);
@@ -99,13 +97,14 @@ TEST_CASE("cost_model: step estimates are positive, MFU below 1, and offload cos
   CHECK(bad.error().message().find("hbm_gbps") != std::string::npos);
 }
 
-TEST_CASE("cost_model: a copy step's exchange runs on the comm lane (the backward's dout, once per chunk)") {
-  // With offload the backward fetches each query chunk's bundle once per pair, but dout_i comes
-  // from the caller (through the all-to-all on P ranks) only at its first fetch: u exchanges.
+TEST_CASE("cost_model: exchange steps run on the comm lane beside compute (the backward's dout once per chunk)") {
+  // On P ranks the backward takes dout_i from the caller through its exchange only at query chunk
+  // i's first use: u dout exchanges, and one dq and one dk/dv exchange per chunk.
   for (bool causal : {true, false}) {
     CAPTURE(causal);
     fpdt::schedule_params p;
     p.chunks = 4;
+    p.ranks = 2;
     p.causal = causal;
     p.q_side_bytes = 1000;
     p.dout_bytes = 250;
@@ -113,10 +112,20 @@ TEST_CASE("cost_model: a copy step's exchange runs on the comm lane (the backwar
     p.kv_bytes = 1000;
     auto s = fpdt::backward_schedule(p).value();
     auto t = fpdt::simulate_schedule(s, {1e6, 1e6, 2e6}, [](fpdt::schedule_step const& st) {
-      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0,
-                              st.kind == fpdt::step_kind::fetch && st.what == fpdt::payload::q_side ? 0.25 : 0.0};
+      if (st.kind == fpdt::step_kind::exchange) return fpdt::step_price{st.what == fpdt::payload::dout ? 0.25 : 0.5};
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0};
     });
-    CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(4 * 0.25));
+    double const comm = 4 * 0.25 + 8 * 0.5;
+    CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(comm));
+    // Free exchanges leave the pairs' compute alone; priced ones delay it by at most their sum
+    // (dk_j, dv_j are one accumulator pair: the next zero waits for their exchange).
+    auto free = fpdt::simulate_schedule(s, {1e6, 1e6, 2e6}, [](fpdt::schedule_step const& st) {
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0};
+    });
+    double const pairs = causal ? 10 : 16;
+    CHECK(free.makespan == doctest::Approx(pairs).epsilon(1e-3));
+    CHECK(t.makespan > pairs + 0.25);
+    CHECK(t.makespan <= pairs + comm + 1e-3);
   }
 }
 
@@ -131,7 +140,7 @@ TEST_CASE("cost_model: only bytes that cross PCIe cost copy time (no exposed cop
   REQUIRE(s.count(fpdt::step_kind::fetch) == 2);
   auto run = [&](std::optional<std::uint64_t> pcie) {
     return fpdt::simulate_schedule(s, {100, 100, 200}, [&](fpdt::schedule_step const& st) {
-      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0, 0.0,
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? 1.0 : 0.0,
                               st.kind == fpdt::step_kind::fetch ? pcie : std::nullopt};
     });
   };

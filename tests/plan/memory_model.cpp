@@ -196,7 +196,7 @@ TEST_CASE("memory_model: invalid layouts are errors that name the values") {
   auto r = fpdt::estimate_memory(llama8b(), t);
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().code() == fpdt::errc::invalid_argument);
-  CHECK(r.error().message().find("heads 32") != std::string::npos);
+  CHECK(r.error().message().find("H = 32 query heads are not a multiple of P = 3") != std::string::npos);
   t.gpus = 4;
   t.sequence = 4096 * 3;
   t.chunk = 8192;

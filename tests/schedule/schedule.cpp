@@ -11,15 +11,22 @@
 namespace {
 bool contains(std::string const& s, std::string const& part) { return s.find(part) != std::string::npos; }
 
-fpdt::schedule_params params(fpdt::index_t u, bool causal, bool offload, fpdt::index_t ring) {
+fpdt::schedule_params params(fpdt::index_t u, bool causal, bool offload, fpdt::index_t ring,
+                             fpdt::index_t ranks = 1) {
   fpdt::schedule_params p;
   p.chunks = u;
+  p.ranks = ranks;
   p.causal = causal;
   p.offload = offload;
   p.ring_slots = ring;
   p.bytes = {1000, 2000, 1100};
   p.q_bytes = 1000;
   p.kv_bytes = 2000;
+  p.out_bytes = 1100;
+  p.q_side_bytes = 3200;
+  p.dout_bytes = 1000;
+  p.dq_bytes = 2000;
+  p.dkv_bytes = 4000;
   return p;
 }
 
@@ -31,16 +38,18 @@ template <class P> std::ptrdiff_t find_step(fpdt::schedule const& s, P pred) {
 }
 } // namespace
 
-TEST_CASE("schedule: every chunk pair computed once and every check holds for u in 1..16") {
+TEST_CASE("schedule: every chunk pair computed once and every check holds for u in 1..16, P = 1 and 3") {
+  for (fpdt::index_t ranks : {1, 3})
   for (fpdt::index_t u = 1; u <= 16; ++u)
     for (bool causal : {true, false})
       for (bool offload : {true, false})
         for (fpdt::index_t ring : {2, 3}) {
+          CAPTURE(ranks);
           CAPTURE(u);
           CAPTURE(causal);
           CAPTURE(offload);
           CAPTURE(ring);
-          auto const p = params(u, causal, offload, ring);
+          auto const p = params(u, causal, offload, ring, ranks);
           for (auto const& made : {fpdt::forward_schedule(p), fpdt::backward_schedule(p)}) {
             REQUIRE(made.ok());
             fpdt::schedule const& s = *made;
@@ -56,9 +65,18 @@ TEST_CASE("schedule: every chunk pair computed once and every check holds for u 
             if (s.which == fpdt::pass::backward) { // the caller's dout once per chunk
               std::size_t from_caller = 0;
               for (auto const& step : s.steps)
-                from_caller += step.kind == fpdt::step_kind::fetch && step.what == fpdt::payload::q_side;
+                from_caller += ranks == 1 ? step.kind == fpdt::step_kind::fetch && step.what == fpdt::payload::q_side
+                                          : step.kind == fpdt::step_kind::exchange && step.what == fpdt::payload::dout;
               CHECK(from_caller == static_cast<std::size_t>(u));
             }
+            // Exchanges: none on one rank; on P ranks q/k/v in and out/lse out per chunk
+            // (forward), dout in and dq, dk/dv out per chunk (backward), all on the comm lane,
+            // each chunk handed to the caller after its exchange.
+            std::size_t const ex = s.count(fpdt::step_kind::exchange);
+            CHECK(ex == (ranks == 1 ? 0 : static_cast<std::size_t>((s.which == fpdt::pass::forward ? 2 : 3) * u)));
+            for (auto const& step : s.steps)
+              if (step.kind == fpdt::step_kind::exchange || (ranks > 1 && step.kind == fpdt::step_kind::sink))
+                CHECK(step.on == fpdt::lane::comm);
             if (offload) {
               CHECK(fpdt::peak_slots(s, fpdt::ring::kv) <= s.ring_size[1]);
               CHECK(fpdt::peak_slots(s, fpdt::ring::q) <= s.ring_size[0]);
@@ -173,4 +191,125 @@ TEST_CASE("schedule: parameter errors name the numbers") {
   CHECK(contains(st.message(), "ring_slots = 1"));
   p.offload = false; // no ring without offload
   CHECK(fpdt::backward_schedule(p).ok());
+}
+
+TEST_CASE("schedule: exchange steps on P ranks fill and read slots, and the checker enforces their order") {
+  auto first = [](fpdt::schedule const& s, auto pred) {
+    std::ptrdiff_t const k = find_step(s, pred);
+    REQUIRE(k >= 0);
+    return static_cast<std::size_t>(k);
+  };
+  auto drop_dep = [](fpdt::schedule& s, std::size_t k, std::uint32_t dep) {
+    // Rebuilds step k's dependency list without `dep` (appended at the end of `deps`).
+    std::vector<std::uint32_t> keep;
+    for (std::uint32_t d : s.deps_of(k))
+      if (d != dep) keep.push_back(d);
+    REQUIRE(keep.size() < s.steps[k].deps_count);
+    s.steps[k].deps_begin = static_cast<std::uint32_t>(s.deps.size());
+    s.steps[k].deps_count = static_cast<std::uint32_t>(keep.size());
+    s.deps.insert(s.deps.end(), keep.begin(), keep.end());
+  };
+  SUBCASE("a compute that does not wait for its q/k/v exchange reads a slot not loaded before it") {
+    auto s = fpdt::forward_schedule(params(3, true, true, 2, 4)).value();
+    REQUIRE(fpdt::check_schedule(s).ok());
+    std::size_t const ex = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::exchange && st.what == fpdt::payload::qkv && st.i == 1;
+    });
+    std::size_t const diag = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::compute && st.i == 1 && st.j == 1;
+    });
+    CHECK(s.steps[ex].slot_of(fpdt::ring::q) == s.steps[diag].slot_of(fpdt::ring::q));
+    drop_dep(s, diag, static_cast<std::uint32_t>(ex));
+    fpdt::status const st = fpdt::check_schedule(s);
+    CHECK(st.code() == fpdt::errc::internal);
+    CHECK(contains(st.message(), "which does not hold chunk 1 loaded before it"));
+  }
+  SUBCASE("a step reading the bundle before dout's exchange lands in it") {
+    auto s = fpdt::backward_schedule(params(3, true, true, 2, 2)).value();
+    REQUIRE(fpdt::check_schedule(s).ok());
+    std::size_t const ex = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::exchange && st.what == fpdt::payload::dout && st.i == 2;
+    });
+    std::size_t const zero = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::zero && st.what == fpdt::payload::dq && st.i == 2;
+    });
+    // The zero of dq_2 waits for the fetch of q_2, out_2, lse_2 but not for dout_2's exchange.
+    REQUIRE(s.steps[zero].deps_count == 1);
+    REQUIRE(s.deps[s.steps[zero].deps_begin] == ex);
+    REQUIRE(s.deps_of(ex).size() == 1);
+    s.deps[s.steps[zero].deps_begin] = s.deps_of(ex)[0];
+    fpdt::status const st = fpdt::check_schedule(s);
+    CHECK(st.code() == fpdt::errc::internal);
+    CHECK(contains(st.message(), "(exchange i=2 j=-1) lands in it"));
+  }
+  SUBCASE("an out slot reused while its exchange still reads it") {
+    // Full attention: nothing else orders chunk 0's output exchange before chunk 1's finalize.
+    auto s = fpdt::forward_schedule(params(3, false, true, 2, 2)).value();
+    REQUIRE(fpdt::check_schedule(s).ok());
+    std::size_t const ex = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::exchange && st.what == fpdt::payload::out_lse && st.i == 0;
+    });
+    std::size_t const rel = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::release && st.slot_of(fpdt::ring::out) >= 0 && st.i == 0;
+    });
+    drop_dep(s, rel, static_cast<std::uint32_t>(ex));
+    fpdt::status const st = fpdt::check_schedule(s);
+    CHECK(st.code() == fpdt::errc::internal);
+    CHECK(contains(st.message(), "before its reader"));
+    CHECK(contains(st.message(), "(exchange i=0 j=-1)"));
+  }
+  SUBCASE("a sink with no exchange of its chunk before it, an exchange on one rank, a wrong lane") {
+    auto s = fpdt::backward_schedule(params(3, true, true, 2, 2)).value();
+    std::size_t const ex = first(s, [](fpdt::schedule_step const& st) {
+      return st.kind == fpdt::step_kind::exchange && st.what == fpdt::payload::dkv && st.j == 0;
+    });
+    {
+      auto broken = s;
+      broken.steps[ex].j = 1; // exchanges dk_1, dv_1 where the sink hands over dk_0, dv_0
+      fpdt::status const st = fpdt::check_schedule(broken);
+      CHECK(contains(st.message(), "hands the caller a chunk before its exchange on P = 2 ranks"));
+    }
+    {
+      auto broken = s;
+      broken.params.ranks = 1;
+      CHECK(contains(fpdt::check_schedule(broken).message(), "exchanges on P = 1 rank"));
+    }
+    {
+      auto broken = s;
+      broken.steps[ex].on = fpdt::lane::compute;
+      CHECK(contains(fpdt::check_schedule(broken).message(), "expected comm"));
+    }
+    {
+      auto broken = s;
+      broken.steps[ex].j = 7;
+      CHECK(contains(fpdt::check_schedule(broken).message(), "names no chunk in [0, 3)"));
+    }
+  }
+}
+
+TEST_CASE("schedule: exchanges move each chunk's bytes and leave the pairs and copies of one rank alone") {
+  for (bool causal : {true, false})
+    for (bool offload : {true, false}) {
+      CAPTURE(causal);
+      CAPTURE(offload);
+      auto const one = params(4, causal, offload, 2, 1), four = params(4, causal, offload, 2, 4);
+      auto f1 = fpdt::forward_schedule(one).value(), f4 = fpdt::forward_schedule(four).value();
+      auto b1 = fpdt::backward_schedule(one).value(), b4 = fpdt::backward_schedule(four).value();
+      for (auto k : {fpdt::step_kind::compute, fpdt::step_kind::merge, fpdt::step_kind::offload,
+                     fpdt::step_kind::produce, fpdt::step_kind::sink, fpdt::step_kind::write_back})
+        CHECK(f1.count(k) == f4.count(k));
+      CHECK(b1.count(fpdt::step_kind::compute) == b4.count(fpdt::step_kind::compute));
+      CHECK(b1.count(fpdt::step_kind::write_back) == b4.count(fpdt::step_kind::write_back));
+      std::uint64_t moved = 0;
+      for (auto const* s : {&f4, &b4})
+        for (auto const& st : s->steps)
+          if (st.kind == fpdt::step_kind::exchange) moved += st.bytes;
+      // Per chunk: q, k, v and out, lse in the forward; dout, dq, dk and dv in the backward.
+      CHECK(moved == 4 * (1000 + 2000 + 1100 + 1000 + 2000 + 4000));
+      // With offload the backward's first fetch of a query chunk moves q, out, lse only: dout
+      // arrives by its exchange.
+      for (auto const& st : b4.steps)
+        if (st.kind == fpdt::step_kind::fetch && st.what != fpdt::payload::kv)
+          CHECK(st.bytes == (st.what == fpdt::payload::q_out_lse ? 3200 - 1000 : 3200 + 2000));
+    }
 }

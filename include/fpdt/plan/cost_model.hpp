@@ -9,8 +9,8 @@
 //! like the executor's streams). Compute steps cost FLOPs / throughput, merges and finalizes cost
 //! HBM bytes / bandwidth, fetches and offloads cost the bytes that cross PCIe / PCIe bandwidth
 //! (one way, or half the both-ways figure while the other direction is busy; dout from the
-//! caller, and anything with offload off, does not cross), and a produce or sink step is followed
-//! on the comm lane by the Ulysses all-to-all of its chunk. The rest of a layer (projections, MLP)
+//! caller, and anything with offload off, does not cross), and the exchange steps (P > 1) cost the
+//! all-to-all time of the bytes they move on the comm lane. The rest of a layer (projections, MLP)
 //! runs on the compute lane after the attention; checkpoint copies and ZeRO-3 gathers run on their
 //! lanes beside it, and a layer lasts as long as its busiest lane.
 //!
@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <array>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -100,22 +101,22 @@ struct pass_timing {
   std::array<double, 4> busy{}; //!< seconds each lane (indexed by `lane`) is busy
 };
 
-//! Cost of one step: seconds on its own lane (ignored for copy steps, which cost bytes / rate),
-//! then seconds of an all-to-all on the comm lane that must finish before its result counts as
-//! done (0: none; for a copy step, an exchange of what it moves, such as the backward's dout).
+//! Cost of one step: seconds on its own lane (ignored for copy steps, which cost bytes / rate).
+//! Exchanges are steps of their own on the comm lane, priced like any other.
 struct step_price {
-  double seconds = 0;      //!< on the step's lane
-  double comm_after = 0;   //!< on the comm lane, after it
+  double seconds = 0; //!< on the step's lane
   //! For a copy step: the bytes of it that cross PCIe, when not all of `schedule_step::bytes`
-  //! do (the backward's first fetch of a query chunk takes dout_i from the caller, not from
-  //! host memory; with offload off it moves nothing over PCIe). Ignored for other steps.
+  //! do (on one rank the backward's first fetch of a query chunk takes dout_i from the caller,
+  //! not from host memory; with offload off it moves nothing over PCIe). Ignored for other steps.
   std::optional<std::uint64_t> pcie_bytes;
 
   constexpr step_price() = default;
-  //! `{seconds, comm_after}` or `{seconds, comm_after, pcie_bytes}` (a constructor rather than an
-  //! aggregate, so the two-value form stays free of missing-initializer warnings).
-  constexpr step_price(double on_lane, double comm = 0, std::optional<std::uint64_t> pcie = std::nullopt)
-      : seconds(on_lane), comm_after(comm), pcie_bytes(pcie) {}
+  //! `{seconds}` or `{seconds, pcie_bytes}` (a constructor rather than an aggregate, so the
+  //! one-value form stays free of missing-initializer warnings).
+  constexpr explicit(false) step_price(double on_lane, std::optional<std::uint64_t> pcie = std::nullopt)
+      : seconds(on_lane), pcie_bytes(pcie) {}
+  //! Not a price: the second value is bytes (the comm lane is priced by exchange steps).
+  template <std::floating_point F> step_price(double, F) = delete;
 };
 
 //! PCIe rates of a simulation, bytes per second (infinite: copies are free).
@@ -126,7 +127,8 @@ struct copy_rates {
 };
 
 //! Simulates schedule `s` (see the file comment): copy steps cost `bytes / rate` at `rates` (the
-//! price's `pcie_bytes` when given, else the step's `bytes`) plus their price's `comm_after`, every other step what `price(step)` returns (a `step_price`);
+//! price's `pcie_bytes` when given, else the step's `bytes`), every other step (exchanges
+//! included) what `price(step)` returns (a `step_price`);
 //! `release` steps cost nothing.
 //! Pure; linear in the number of steps and dependencies.
 template <class Price>
@@ -144,7 +146,7 @@ template <class Price>
     }
     auto const ln = static_cast<std::size_t>(st.on);
     double const start = std::max(ready, free_at[ln]);
-    double secs = 0, comm = 0;
+    double secs = 0;
     if (st.on == lane::h2d || st.on == lane::d2h) {
       auto const other = static_cast<std::size_t>(st.on == lane::h2d ? lane::d2h : lane::h2d);
       double rate = st.on == lane::h2d ? rates.h2d : rates.d2h;
@@ -152,22 +154,12 @@ template <class Price>
       step_price const p = price(st);
       std::uint64_t const bytes = p.pcie_bytes.value_or(st.bytes);
       secs = bytes == 0 ? 0.0 : static_cast<double>(bytes) / rate;
-      comm = p.comm_after; // a copy step's own exchange (the backward's dout)
     } else {
-      step_price const p = price(st);
-      secs = p.seconds;
-      comm = p.comm_after;
+      secs = price(st).seconds;
     }
-    double end = start + secs;
+    double const end = start + secs;
     free_at[ln] = end;
     t.busy[ln] += secs;
-    if (comm > 0) {
-      auto const c = static_cast<std::size_t>(lane::comm);
-      double const cs = std::max(end, free_at[c]);
-      end = cs + comm;
-      free_at[c] = end;
-      t.busy[c] += comm;
-    }
     done[k] = end;
     t.makespan = std::max(t.makespan, end);
   }
@@ -225,57 +217,58 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   if (t.method == parallel_method::fpdt) {
     auto problem = fpdt_attention_problem(m, t);
     if (!problem) return problem.error();
-    attention_problem const rank = problem->per_rank();
+    attention_problem const& rank = *problem; // sizes are one rank's (local heads)
     index_t const c = rank.chunk(), hl = rank.local_heads();
     if (rank.chunks() > max_simulated_chunks)
       return make_error(errc::invalid_argument, "estimate_step: sequence ", t.sequence, " / chunk ", c,
                         " = ", rank.chunks(), " chunks; the simulation takes at most ",
                         max_simulated_chunks, " (u^2 / 2 steps): use a larger chunk");
-    // The schedules the layer runs, with the bytes its steps move.
+    // The schedules of one rank, exchange steps included, with the bytes their steps move.
     schedule_params const sp = rank.schedule_params_of(pass::backward);
     auto fs = rank.forward_schedule();
     if (!fs) return fs.error();
     auto bs = rank.backward_schedule();
     if (!bs) return bs.error();
     double const qe = static_cast<double>(rank.bytes(chunk_tensor::dq)) / 4; // elements of q_i
-    double const cl = static_cast<double>(c) / p; // local tokens of a chunk
     double const cg = static_cast<double>(c);
     double const pair_fwd = 4 * cg * cg * static_cast<double>(hl) * d;
-    double const a2a_qkv = collective_seconds(cl * (h + 2 * kv_dim) * db, t.gpus, hw);
-    double const a2a_out = collective_seconds(cl * h * db, t.gpus, hw);
+    // An exchange step moves its `bytes` from and to every rank (the gradients in fp32).
+    auto exchange = [&](schedule_step const& st) {
+      return collective_seconds(static_cast<double>(st.bytes), t.gpus, hw);
+    };
     double const acc = static_cast<double>(rank.bytes(chunk_tensor::acc_out) + rank.bytes(chunk_tensor::acc_lse));
     copy_rates const rates = free_copies ? copy_rates{inf, inf, inf}
                                          : copy_rates{hw.pcie_h2d_gbps * 1e9, hw.pcie_d2h_gbps * 1e9,
                                                       hw.pcie_both_gbps * 1e9};
     auto fwd_price = [&](schedule_step const& st) -> step_price {
       switch (st.kind) {
-      case step_kind::produce: return {cl * qkv_flops_tok / mm, a2a_qkv};
-      case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * pair_fwd / af, 0};
-      case step_kind::merge: return {3 * acc / hbm, 0};
-      case step_kind::finalize: return {(acc + static_cast<double>(st.bytes)) / hbm, 0};
-      case step_kind::sink: return {0, a2a_out};
-      default: return {static_cast<double>(st.bytes) / hbm, 0};
+      case step_kind::produce: return 0.0; // the projections: in the compute tail (rest_fwd)
+      case step_kind::exchange: return exchange(st);
+      case step_kind::compute: return (st.i == st.j ? 0.5 : 1.0) * pair_fwd / af;
+      case step_kind::merge: return 3 * acc / hbm;
+      case step_kind::finalize: return (acc + static_cast<double>(st.bytes)) / hbm;
+      case step_kind::sink: return 0.0;
+      default: return static_cast<double>(st.bytes) / hbm;
       }
     };
     auto bwd_price = [&](schedule_step const& st) -> step_price {
       switch (st.kind) {
       case step_kind::fetch:
-        // At query chunk i's first use (payload q_side) dout_i comes from the caller through the
-        // all-to-all, not over PCIe; q_i, out_i, lse_i come from host memory only with offload.
+        // On one rank the first fetch of query chunk i (payload q_side) takes dout_i from the
+        // caller, not over PCIe; q_i, out_i, lse_i come from host memory only with offload.
         if (st.what == payload::q_side)
-          return {0, a2a_out, t.offload ? st.bytes - sp.dout_bytes : std::uint64_t{0}};
-        return {0, 0, std::nullopt};
-      case step_kind::compute: return {(st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab, 0};
-      case step_kind::delta: return {2 * qe * db / hbm, 0};
-      case step_kind::sink: // the layer exchanges its gradients in fp32 (dq, dk, dv accumulators)
-        return {0, st.what == payload::dq ? collective_seconds(cl * h * 4, t.gpus, hw)
-                                          : collective_seconds(cl * 2 * kv_dim * 4, t.gpus, hw)};
-      default: return {static_cast<double>(st.bytes) / hbm, 0};
+          return {0.0, t.offload ? st.bytes - sp.dout_bytes : std::uint64_t{0}};
+        return 0.0;
+      case step_kind::exchange: return exchange(st);
+      case step_kind::compute: return (st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab;
+      case step_kind::delta: return 2 * qe * db / hbm;
+      case step_kind::sink: return 0.0;
+      default: return static_cast<double>(st.bytes) / hbm;
       }
     };
     pass_timing const f = simulate_schedule(*fs, rates, fwd_price);
     pass_timing const b = simulate_schedule(*bs, rates, bwd_price);
-    double const rest_fwd = s_local * rest_flops_tok / mm;
+    double const rest_fwd = s_local * (rest_flops_tok + qkv_flops_tok) / mm;
     auto lane_max = [&](pass_timing const& x, double compute_tail, double copy_extra, double comm_extra) {
       double const h2d = x.busy[static_cast<std::size_t>(lane::h2d)] + copy_extra;
       double const d2h = x.busy[static_cast<std::size_t>(lane::d2h)] + copy_extra;

@@ -199,8 +199,8 @@ namespace detail::plan {
                                    "fpdt");
 }
 
-//! Checks a training layout against a model: S, P positive, S % P == 0; H % P == 0; H_kv % P == 0
-//! or P % H_kv == 0 (replicated kv heads, comm/ulysses.hpp); FPDT: the rules of its
+//! Checks a training layout against a model: S, P positive, S % P == 0; the head rules of
+//! `ulysses_layout::make` (H % P == 0; H_kv % P == 0 or P % H_kv == 0); FPDT: the rules of its
 //! `fpdt_attention_problem` (S % C == 0, C % P == 0, at most 2^20 chunks, ring slots, dtype 2 or
 //! 4 bytes); ZeRO stage 0-3; dtype 1, 2 or 4 bytes. Errors: `errc::invalid_argument` naming the
 //! values.
@@ -212,12 +212,10 @@ namespace detail::plan {
   if (t.sequence % t.gpus != 0)
     return make_error(errc::invalid_argument, "sequence length ", t.sequence,
                       " is not divisible by world size ", t.gpus);
-  if (m.heads % t.gpus != 0)
-    return make_error(errc::invalid_argument, "model ", m.name, ": heads ", m.heads,
-                      " are not divisible by world size ", t.gpus);
-  if (m.kv_heads % t.gpus != 0 && t.gpus % m.kv_heads != 0)
-    return make_error(errc::invalid_argument, "model ", m.name, ": kv_heads ", m.kv_heads,
-                      " and world size ", t.gpus, " do not divide one another");
+  // The head rules of the all-to-all, from the one place that has them (C = P: any chunk rule
+  // is the token layout's, checked below for FPDT).
+  if (auto heads = ulysses_layout::make(t.gpus, m.heads, m.kv_heads, m.hidden / m.heads, t.gpus); !heads)
+    return heads.error().with_context(detail::concat("model ", m.name));
   if (t.zero_stage < 0 || t.zero_stage > 3)
     return make_error(errc::invalid_argument, "ZeRO stage ", t.zero_stage, " must be 0, 1, 2 or 3");
   if (t.dtype_bytes != 1 && t.dtype_bytes != 2 && t.dtype_bytes != 4)

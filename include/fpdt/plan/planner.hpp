@@ -12,6 +12,7 @@
 #include "../core/status.hpp"
 #include "cost_model.hpp"
 #include "memory_model.hpp"
+#include "../schedule/token_layout.hpp"
 
 #include <cstdint>
 #include <optional>
@@ -37,14 +38,16 @@ struct plan_answer {
 };
 
 //! FPDT chunk candidates for S tokens on P ranks: powers of two C from `min_chunk` (or S when
-//! smaller) with C % P == 0, S % C == 0 and S / C <= `max_chunks`, ascending. Non-FPDT: {0}.
+//! smaller) that the token layout accepts (`token_layout::make(S, P, C)`, the one place of the
+//! shape rules: today C % P == 0 and S % C == 0) with S / C <= `max_chunks`, ascending.
+//! Non-FPDT: {0}.
 [[nodiscard]] inline std::vector<index_t> chunk_candidates(training_config const& t, index_t min_chunk = 1024,
                                                            index_t max_chunks = 256) {
   if (t.method != parallel_method::fpdt) return {0};
   std::vector<index_t> v;
   for (index_t c = 1; c <= t.sequence; c *= 2)
-    if (c >= std::min(min_chunk, t.sequence) && c % t.gpus == 0 && t.sequence % c == 0 &&
-        t.sequence / c <= max_chunks)
+    if (c >= std::min(min_chunk, t.sequence) && t.sequence / c <= max_chunks &&
+        token_layout::make(t.sequence, t.gpus, c).ok())
       v.push_back(c);
   return v;
 }
@@ -116,9 +119,11 @@ struct plan_answer {
   auto eval = [&](index_t s) -> result<std::optional<plan_point>> {
     training_config x = t;
     x.sequence = s;
-    bool const fpdt_search = t.method == parallel_method::fpdt && t.chunk == 0;
-    if (s % t.gpus != 0 || (fpdt_search && chunk_candidates(x).empty()) ||
-        (t.method == parallel_method::fpdt && t.chunk != 0 && s % t.chunk != 0))
+    bool const fpdt = t.method == parallel_method::fpdt;
+    bool const fits_layout = fpdt ? (t.chunk == 0 ? !chunk_candidates(x).empty()
+                                                  : token_layout::make(s, t.gpus, t.chunk).ok())
+                                  : s % t.gpus == 0; // Ulysses and Megatron-SP shard S evenly
+    if (!fits_layout)
       return std::optional<plan_point>{};
     auto r = evaluate_plan(m, x, hw, false);
     if (!r) return r.error();

@@ -234,12 +234,15 @@ public:
     return {};
   }
 
-  //! What the schedule builders take for pass `which`: chunks, mask, offload, ring and the bytes
-  //! each step moves, from `bytes` and `slot`.
+  //! What the schedule builders take for pass `which`: chunks, ranks, mask, offload, ring and the
+  //! bytes each step moves (one rank's: `local_heads()` heads), from `bytes` and `slot`. On P > 1
+  //! ranks the schedules have the exchange steps; `per_rank()` gives the one-rank schedule the
+  //! per-rank layer runs today.
   [[nodiscard]] schedule_params schedule_params_of(pass which) const noexcept {
     using T = chunk_tensor;
     schedule_params p;
     p.chunks = chunks();
+    p.ranks = a_.ranks;
     p.causal = a_.mask.kind == mask_kind::causal;
     p.offload = a_.offload;
     p.ring_slots = a_.ring_slots;

@@ -4,11 +4,15 @@
 //!
 //! docs/design.md 2.2, 2.3 and 4.4 (the schedule's three consumers): a schedule is the ordered list of
 //! steps of one pass (produce, offload, fetch, compute(i, j), merge, finalize, delta, zero,
-//! write-back, sink, release) with the lane each runs on and the earlier steps it waits for. The
+//! write-back, sink, exchange, release) with the lane each runs on and the earlier steps it waits
+//! for. On P > 1 ranks the Ulysses all-to-alls are `exchange` steps on the comm lane that write
+//! into and read from ring slots directly (docs/design.md 2.4); P = 1 is the same schedule without
+//! them. The
 //! executor runs it (pipeline/executor.hpp), the layer gives each step its work, the planner
 //! prices it, and `check_schedule` proves that every compute step's operands are resident, that no
 //! staging slot is reloaded before its last reader is done, that nothing is fetched before it was
-//! offloaded, and that no ring is asked for more slots than it has.
+//! offloaded, that no slot is read before the exchange that fills it lands or reused while an
+//! exchange still reads it, and that no ring is asked for more slots than it has.
 //!
 //! Device buffers are three rings of slots:
 //! - `ring::q`: forward, q_i (1 slot); backward, the query-side bundle of chunk i (q_i, out_i,
@@ -55,15 +59,19 @@ enum class step_kind : std::uint8_t {
   zero,       //!< backward, compute lane: zero an fp32 accumulator (dq_i at first use, dk_j and dv_j)
   write_back, //!< backward, d2h lane: the dq_i accumulator to its pinned host copy (at i's first
               //!< use also dout_i: payload `dq_dout`)
-  sink,       //!< compute lane: a final chunk to the caller (out_i; dq_i; dk_j and dv_j)
+  sink,       //!< a final chunk to the caller (out_i; dq_i; dk_j and dv_j): on the compute lane
+              //!< for P = 1, on the comm lane after the chunk's exchange for P > 1
   release,    //!< marker on no lane: the last readers of a slot's content are done
+  exchange,   //!< P > 1, comm lane: a Ulysses all-to-all; `payload` says which (see
+              //!< `exchange_fills_slot`): q/k/v and dout sequence-to-head into their slots, out/lse
+              //!< and dq out of their slots, dk/dv out of the accumulators, head-to-sequence
 };
 
 //! Name of a step kind ("produce", "fetch", ...).
 [[nodiscard]] constexpr std::string_view to_string(step_kind k) noexcept {
-  constexpr std::string_view names[] = {"produce", "offload", "fetch",      "compute",
-                                        "merge",   "finalize", "delta",     "zero",
-                                        "write_back", "sink",   "release"};
+  constexpr std::string_view names[] = {"produce",    "offload", "fetch",   "compute",
+                                        "merge",      "finalize", "delta",  "zero",
+                                        "write_back", "sink",    "release", "exchange"};
   return names[static_cast<int>(k)];
 }
 
@@ -88,7 +96,17 @@ enum class payload : std::uint8_t {
   dq_dout, //!< backward write-back at query chunk i's first use: dq_i and dout_i, so later
            //!< fetches take dout_i from host instead of the caller (and its all-to-all)
   dkv,     //!< dk_j and dv_j
+  qkv,     //!< P > 1, forward exchange: q_i, k_i and v_i (sequence-to-head into their slots)
+  q_out_lse, //!< P > 1, backward fetch at query chunk i's first use: q_i, out_i, lse_i from
+             //!< host (dout_i arrives by its own exchange)
+  dout,    //!< P > 1, backward exchange: dout_i from the caller, sequence-to-head into its slot
 };
+
+//! Whether an exchange step of payload `what` fills a slot (sequence-to-head: `qkv`, `dout`)
+//! rather than reading one or an accumulator (head-to-sequence: `out_lse`, `dq`, `dkv`).
+[[nodiscard]] constexpr bool exchange_fills_slot(payload what) noexcept {
+  return what == payload::qkv || what == payload::dout;
+}
 
 //! One step of a schedule.
 struct schedule_step {
@@ -117,6 +135,7 @@ struct slot_bytes {
 //! What a schedule is built from.
 struct schedule_params {
   index_t chunks = 1;         //!< u = S / C, the number of chunks (>= 1)
+  index_t ranks = 1;          //!< P: more than 1 adds the exchange steps
   bool causal = true;         //!< causal (u(u+1)/2 pairs) or full (u^2 pairs) attention
   bool offload = true;        //!< offload to pinned host memory, or keep every chunk on the device
   index_t ring_slots = 2;     //!< staging slots of the rotating ring (2 = double buffering)
@@ -128,6 +147,8 @@ struct schedule_params {
   std::uint64_t dout_bytes = 0;    //!< backward: bytes of dout_i (in q_side_bytes)
   std::uint64_t dq_bytes = 0;      //!< bytes of the fp32 dq_i accumulator
   std::uint64_t dkv_bytes = 0;     //!< bytes of the fp32 dk_j plus dv_j
+  //! Bytes each rank sends (and receives) in an exchange step are those of what it moves, in the
+  //! layouts above: `q_bytes + kv_bytes` (qkv), `out_bytes`, `dout_bytes`, `dq_bytes`, `dkv_bytes`.
 };
 
 //! A schedule: the steps of one pass, in issue order, and their dependencies.
@@ -231,6 +252,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 }
 
 [[nodiscard]] inline status check_params(schedule_params const& p, char const* who) {
+  if (p.ranks < 1)
+    return make_error(errc::invalid_argument, who, ": ranks P = ", p.ranks, " must be >= 1");
   if (p.chunks < 1 || p.chunks > (index_t{1} << 20))
     return make_error(errc::invalid_argument, who, ": the number of chunks u = ", p.chunks,
                       " must be in [1, 2^20]");
@@ -242,16 +265,19 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 
 } // namespace detail::sched
 
-//! The forward schedule of FPDT attention on one rank (docs/design.md 2.2), for P = 1 (the distributed
-//! issue adds the all-to-all steps).
+//! The forward schedule of FPDT attention on one rank (docs/design.md 2.2).
 //!
 //! Per query chunk i: produce q_i, k_i, v_i (compute lane); with offload, offload them (d2h) as
 //! soon as they exist; compute the diagonal pair (i, i) on the fresh k_i, v_i, then fetch
 //! k_j, v_j (h2d) for j = 0, 1, ... (causal: j < i; full: every j != i) through the kv ring, each
 //! fetch waiting only for the release of the slot it reuses, so fetch j+1 overlaps compute j;
 //! merge each partial into the accumulator; finalize out_i and lse_i into the out slot, offload
-//! them and hand out_i to the sink. Errors: `errc::invalid_argument` naming `chunks` or
-//! `ring_slots` when out of range.
+//! them and hand out_i to the sink. On P > 1 ranks (`ranks`) the caller's source writes the local
+//! piece of chunk i on the comm lane, an `exchange` step (payload `qkv`) scatters it into the q
+//! and kv slots, and after finalize an `exchange` (`out_lse`) reads the out slot back to the
+//! sequence layout before the sink, both on the comm lane, so the output exchange of chunk i and
+//! the caller's sink overlap chunk i + 1's compute. Errors: `errc::invalid_argument` naming
+//! `chunks`, `ranks` or `ring_slots` when out of range.
 [[nodiscard]] inline result<schedule> forward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "forward_schedule"));
   using detail::sched::make;
@@ -264,12 +290,22 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> q_offload(static_cast<std::size_t>(u), -1);
   std::vector<std::int64_t> produced_at(static_cast<std::size_t>(u), -1);
   // produce(c) into fresh q and kv slots, offloading both when offload is on. Returns the slots.
+  bool const spread = p.ranks > 1;
   auto produce = [&](std::int32_t c, bool release_q) {
     auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, c);
     auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, c);
-    auto prod = make(step_kind::produce, lane::compute, payload::none, c, c, p.q_bytes + p.kv_bytes);
-    prod.slot = {qs, ks, -1};
-    std::int64_t const produced = b.add(prod, {q_free, k_free});
+    std::int64_t produced = -1;
+    if (spread) { // the local piece into the exchange's send block, then the exchange into the slots
+      auto prod = make(step_kind::produce, lane::comm, payload::none, c, c, p.q_bytes + p.kv_bytes);
+      std::int64_t const local = b.add(prod, {});
+      auto ex = make(step_kind::exchange, lane::comm, payload::qkv, c, c, p.q_bytes + p.kv_bytes);
+      ex.slot = {qs, ks, -1};
+      produced = b.add(ex, {local, q_free, k_free});
+    } else {
+      auto prod = make(step_kind::produce, lane::compute, payload::none, c, c, p.q_bytes + p.kv_bytes);
+      prod.slot = {qs, ks, -1};
+      produced = b.add(prod, {q_free, k_free});
+    }
     produced_at[static_cast<std::size_t>(c)] = produced;
     if (p.offload) {
       auto off = make(step_kind::offload, lane::d2h, payload::q, c, -1, p.q_bytes);
@@ -337,21 +373,30 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     auto fin = make(step_kind::finalize, lane::compute, payload::out_lse, i, -1, p.out_bytes);
     fin.slot = {-1, -1, os};
     std::int64_t const finalized = b.add(fin, {last_compute, o_free});
-    auto snk = make(step_kind::sink, lane::compute, payload::out_lse, i, -1, p.out_bytes);
-    snk.slot = {-1, -1, os};
-    std::int64_t const sunk = b.add(snk, {finalized});
+    std::int64_t out_read = -1; // the last reader of the out slot besides its offload
+    if (spread) {
+      auto ex = make(step_kind::exchange, lane::comm, payload::out_lse, i, -1, p.out_bytes);
+      ex.slot = {-1, -1, os};
+      out_read = b.add(ex, {finalized});
+      auto snk = make(step_kind::sink, lane::comm, payload::out_lse, i, -1, p.out_bytes);
+      b.add(snk, {out_read});
+    } else {
+      auto snk = make(step_kind::sink, lane::compute, payload::out_lse, i, -1, p.out_bytes);
+      snk.slot = {-1, -1, os};
+      out_read = b.add(snk, {finalized});
+    }
     if (p.offload) {
       auto off = make(step_kind::offload, lane::d2h, payload::out_lse, i, -1, p.out_bytes);
       off.slot = {-1, -1, os};
       std::int64_t const o_off = b.add(off, {finalized});
-      b.release(ring::out, os, i, -1, {sunk, o_off});
+      b.release(ring::out, os, i, -1, {out_read, o_off});
       b.release(ring::q, qs, i, -1, {last_compute, q_offload[static_cast<std::size_t>(i)]});
     }
   }
   return std::move(b.s);
 }
 
-//! The backward schedule of FPDT attention on one rank (docs/design.md 2.3), for P = 1.
+//! The backward schedule of FPDT attention on one rank (docs/design.md 2.3).
 //!
 //! Per key/value chunk j (outer loop): fetch k_j, v_j into the 2-slot kv ring (k_{j+1} is fetched
 //! while j's inner loop runs) and zero the fp32 dk_j, dv_j accumulators; per query chunk i >= j
@@ -361,7 +406,10 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! back (d2h; at the first use dout_i with it), or hand it to the sink at its last use (causal:
 //! j == i; full: j == u - 1). After the inner loop dk_j and dv_j go to the sink. So the caller's
 //! dout source (and, on P ranks, dout's all-to-all) runs once per chunk, with offload or without.
-//! Errors: as `forward_schedule`.
+//! On P > 1 ranks dout_i's first use is an `exchange` (payload `dout`) into the bundle's slot on
+//! the comm lane, after the fetch of q_i, out_i, lse_i (payload `q_out_lse`; none without
+//! offload: they are resident), and the final dq_i, dk_j and dv_j go back by `exchange` steps on
+//! the comm lane, each followed there by its sink. Errors: as `forward_schedule`.
 [[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "backward_schedule"));
   using detail::sched::make;
@@ -370,6 +418,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   b.s.params = p;
   auto const u = static_cast<std::int32_t>(p.chunks);
   b.rings(ring_sizes(pass::backward, p));
+  bool const spread = p.ranks > 1;
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
   for (std::int32_t j = 0; j < u; ++j) {
@@ -388,7 +437,17 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       bool const last = p.causal ? j == i : j == u - 1;
       auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, i);
       std::int64_t q_ready = -1;
-      if (p.offload || first) {
+      if (spread && first) { // q_i, out_i, lse_i from host (with offload), dout_i by its exchange
+        std::int64_t fetched = q_free;
+        if (p.offload) {
+          auto f = make(step_kind::fetch, lane::h2d, payload::q_out_lse, i, -1, p.q_side_bytes - p.dout_bytes);
+          f.slot = {qs, -1, -1};
+          fetched = b.add(f, {q_free});
+        }
+        auto ex = make(step_kind::exchange, lane::comm, payload::dout, i, -1, p.dout_bytes);
+        ex.slot = {qs, -1, -1};
+        q_ready = b.add(ex, {fetched});
+      } else if (p.offload || first) {
         // Offload off: the bundle's slot i is filled once, at first use (dout_i from the caller).
         payload const what = (p.offload && !first) ? payload::q_side_dq : payload::q_side;
         auto f = make(step_kind::fetch, lane::h2d, what, i, -1,
@@ -414,7 +473,12 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       std::int64_t const comp = b.add(c, {dq_ready, kv_ready, zeroed});
       last_compute = comp;
       std::int64_t done = comp;
-      if (last) {
+      if (last && spread) {
+        auto ex = make(step_kind::exchange, lane::comm, payload::dq, i, -1, p.dq_bytes);
+        ex.slot = {qs, -1, -1};
+        done = b.add(ex, {comp});
+        b.add(make(step_kind::sink, lane::comm, payload::dq, i, -1, p.dq_bytes), {done});
+      } else if (last) {
         auto snk = make(step_kind::sink, lane::compute, payload::dq, i, -1, p.dq_bytes);
         snk.slot = {qs, -1, -1};
         done = b.add(snk, {comp});
@@ -427,22 +491,34 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       }
       if (p.offload) b.release(ring::q, qs, i, -1, {comp, done});
     }
-    auto snk = make(step_kind::sink, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
-    prev_dkv_sink = b.add(snk, {last_compute, zeroed});
+    if (spread) { // the next zero of the accumulators waits for the exchange that reads them
+      auto ex = make(step_kind::exchange, lane::comm, payload::dkv, -1, j, p.dkv_bytes);
+      prev_dkv_sink = b.add(ex, {last_compute, zeroed});
+      b.add(make(step_kind::sink, lane::comm, payload::dkv, -1, j, p.dkv_bytes), {prev_dkv_sink});
+    } else {
+      auto snk = make(step_kind::sink, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
+      prev_dkv_sink = b.add(snk, {last_compute, zeroed});
+    }
     if (p.offload) b.release(ring::kv, ks, -1, j, {last_compute});
   }
   return std::move(b.s);
 }
 
 //! Proves a schedule safe; returns the first violation found, naming the step:
-//! - every dependency refers to an earlier step; lanes of copies are h2d/d2h, of the rest compute;
+//! - every dependency refers to an earlier step; lanes of copies are h2d/d2h, of exchanges comm,
+//!   of produce and sink steps comm on P > 1 ranks (compute for P = 1), of the rest compute;
+//!   exchange steps appear only on P > 1 ranks;
 //! - every slot index lies inside its ring (so peak slots <= ring size);
 //! - every compute step's operands are resident: the q slot holds query chunk i and the kv slot
 //!   key chunk j, loaded by a step that happens before it;
 //! - no slot is reloaded (produce or fetch) before every reader of its previous content happens
 //!   before the reload;
 //! - every fetch of a chunk from host happens after the offload (or write-back) that wrote it, when
-//!   that was in the same pass (for a q_side_dq fetch: of dq_i and of dout_i).
+//!   that was in the same pass (for a q_side_dq fetch: of dq_i and of dout_i);
+//! - exchanges into a slot (qkv) load it like a fetch; an exchange of dout_i writes part of a slot
+//!   that must hold chunk i, and every later reader of the slot happens after it; exchanges out of
+//!   a slot (out_lse, dq) are readers, so the slot is not reloaded before they are done;
+//! - on P > 1 ranks every sink happens after the exchange of its payload and chunk.
 //! "Happens before" is the transitive closure of the listed dependencies and lane FIFO order.
 //! Errors: `errc::internal` describing the violation.
 [[nodiscard]] inline status check_schedule(schedule const& s) {
@@ -457,7 +533,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       hb[dst * words + w] |= hb[src * words + w];
     hb[dst * words + src / 64] |= std::uint64_t{1} << (src % 64);
   };
-  std::array<std::int64_t, 4> last_on_lane{-1, -1, -1, -1};
+  std::array<std::int64_t, 4> last_on_lane{-1, -1, -1, -1}; // indexed by lane
   auto describe = [&](std::size_t k) {
     schedule_step const& st = s.steps[k];
     return detail::concat("step ", k, " (", to_string(st.kind), " i=", st.i, " j=", st.j, ")");
@@ -469,11 +545,17 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
         return make_error(errc::internal, "schedule: ", describe(k), " depends on later step ", d);
       merge_into(k, d);
     }
+    if (st.kind == step_kind::exchange && s.params.ranks < 2)
+      return make_error(errc::internal, "schedule: ", describe(k), " exchanges on P = ",
+                        s.params.ranks, " rank");
     if (st.kind != step_kind::release) {
       bool const copy_lane = st.kind == step_kind::fetch || st.kind == step_kind::offload ||
                              st.kind == step_kind::write_back;
+      bool const comm_lane = st.kind == step_kind::exchange ||
+                             (s.params.ranks > 1 && (st.kind == step_kind::produce || st.kind == step_kind::sink));
       lane const want = st.kind == step_kind::fetch ? lane::h2d
                         : copy_lane                 ? lane::d2h
+                        : comm_lane                 ? lane::comm
                                                     : lane::compute;
       if (st.on != want)
         return make_error(errc::internal, "schedule: ", describe(k), " runs on lane ",
@@ -495,6 +577,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     std::int32_t chunk = -1;
     std::int64_t loaded_by = -1;
     std::vector<std::size_t> readers;
+    std::vector<std::size_t> parts; // exchanges that wrote part of it (dout) since the load
   };
   std::array<std::vector<content>, ring_count> slots;
   // Without offload the backward finds every chunk's q and kv where the forward left them.
@@ -512,6 +595,10 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> kv_host(static_cast<std::size_t>(s.params.chunks), -1);
   std::vector<std::int64_t> dq_host(static_cast<std::size_t>(s.params.chunks), -1);
   std::vector<std::int64_t> dout_host(static_cast<std::size_t>(s.params.chunks), -1);
+  // The last exchange step of each payload and chunk.
+  static_assert(static_cast<int>(payload::dout) < 16);
+  std::array<std::vector<std::int64_t>, 16> exchanged;
+  for (auto& e : exchanged) e.assign(static_cast<std::size_t>(s.params.chunks), -1);
   for (std::size_t k = 0; k < n; ++k) {
     schedule_step const& st = s.steps[k];
     if (st.kind == step_kind::release) continue;
@@ -519,6 +606,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       std::int32_t const slot = st.slot[static_cast<std::size_t>(r)];
       if (slot < 0) continue;
       bool const loads = st.kind == step_kind::produce || st.kind == step_kind::fetch ||
+                         (st.kind == step_kind::exchange && st.what == payload::qkv) ||
                          (st.kind == step_kind::finalize && r == static_cast<int>(ring::out));
       content& c = slots[static_cast<std::size_t>(r)][static_cast<std::size_t>(slot)];
       if (loads) {
@@ -529,6 +617,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
         c.chunk = r == static_cast<int>(ring::kv) ? st.j : st.i;
         c.loaded_by = static_cast<std::int64_t>(k);
         c.readers.clear();
+        c.parts.clear();
       } else {
         std::int32_t const want = r == static_cast<int>(ring::kv) ? st.j : st.i;
         bool const loaded = c.loaded_by == preloaded ||
@@ -538,8 +627,26 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
           return make_error(errc::internal, "schedule: ", describe(k), " reads slot ", slot,
                             " of ring ", r, " which does not hold chunk ", want,
                             " loaded before it (it holds chunk ", c.chunk, ")");
+        for (std::size_t part : c.parts)
+          if (!before(part, k))
+            return make_error(errc::internal, "schedule: ", describe(k), " reads slot ", slot,
+                              " of ring ", r, " before ", describe(part), " lands in it");
         c.readers.push_back(k);
+        if (st.kind == step_kind::exchange && st.what == payload::dout) c.parts.push_back(k);
       }
+    }
+    bool const spread_step = st.kind == step_kind::exchange || (st.kind == step_kind::sink && s.params.ranks > 1);
+    std::int32_t const chunk = st.what == payload::dkv ? st.j : st.i;
+    if (spread_step && (chunk < 0 || chunk >= s.params.chunks))
+      return make_error(errc::internal, "schedule: ", describe(k), " names no chunk in [0, ",
+                        s.params.chunks, ")");
+    if (st.kind == step_kind::exchange)
+      exchanged[static_cast<std::size_t>(st.what)][static_cast<std::size_t>(chunk)] = static_cast<std::int64_t>(k);
+    if (spread_step && st.kind == step_kind::sink) {
+      std::int64_t const e = exchanged[static_cast<std::size_t>(st.what)][static_cast<std::size_t>(chunk)];
+      if (e < 0 || !before(static_cast<std::size_t>(e), k))
+        return make_error(errc::internal, "schedule: ", describe(k),
+                          " hands the caller a chunk before its exchange on P = ", s.params.ranks, " ranks");
     }
     if (st.kind == step_kind::offload && st.what == payload::kv)
       kv_host[static_cast<std::size_t>(st.j)] = static_cast<std::int64_t>(k);
