@@ -4,7 +4,8 @@
 # installed here: CUDA code is compiled when nvcc is on PATH or in /usr/local/cuda/bin.
 set -euo pipefail
 
-packages=(cmake g++ make doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin libopenblas-dev doxygen gnuplot-nox)
+packages=(cmake g++ make doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin libopenblas-dev doxygen gnuplot-nox
+          clang libclang-rt-14-dev) # clang and libFuzzer: the fuzz preset
 
 missing=()
 for p in "${packages[@]}"; do

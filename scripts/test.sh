@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: installs missing Debian packages (as root), then configures, builds and
-# tests three presets: default (everything, CUDA compiled when nvcc exists), asan (address and
-# undefined-behaviour sanitizers) and tsan (thread sanitizer), the last two on the host code.
+# tests four presets: default (everything, CUDA compiled when nvcc exists), asan (address and
+# undefined-behaviour sanitizers) and tsan (thread sanitizer), the last two on the host code, and
+# fuzz (clang's libFuzzer targets in fuzz/, FPDT_FUZZ_SECONDS each from the committed corpus).
 # Prints one summary line at the end; exits non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 scripts/deps.sh
 
-presets=(${FPDT_TEST_PRESETS:-default asan tsan})
+presets=(${FPDT_TEST_PRESETS:-default asan tsan fuzz})
 start=$(date +%s)
 passed=0 failed=0 skipped=0 status=0
 mkdir -p build

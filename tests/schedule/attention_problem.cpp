@@ -129,3 +129,83 @@ TEST_CASE("attention_problem: its schedules are checked and hold the rings ring_
       CHECK(p.host_bytes_reserved() >= p.host_bytes_needed());
     }
 }
+
+TEST_CASE("attention_problem: on P ranks every rank's schedules issue the same collectives in one order") {
+  // The k-th collective of every rank must be the same exchange (what, chunk, bytes), or peers
+  // meet the wrong partner: a hang or corrupt blocks. Each rank builds its schedules from the
+  // problem it was given; the comm lane runs them in issue order (FIFO).
+  struct collective {
+    fpdt::payload what;
+    std::int32_t i, j;
+    std::uint64_t bytes;
+    bool operator==(collective const&) const = default;
+  };
+  auto order = [](fpdt::schedule const& s) {
+    std::vector<collective> out;
+    for (auto const& st : s.steps)
+      if (st.kind == fpdt::step_kind::exchange) {
+        CHECK(st.on == fpdt::lane::comm);
+        out.push_back({st.what, st.i, st.j, st.bytes});
+      }
+    return out;
+  };
+  for (index_t ranks : {2, 4, 8})
+    for (index_t kv_heads : {1, 2, 8})
+      for (bool offload : {true, false})
+        for (fpdt::attention_mask m : {fpdt::causal_mask, fpdt::full_mask}) {
+          CAPTURE(ranks);
+          CAPTURE(kv_heads);
+          CAPTURE(offload);
+          fpdt::attention_problem_args const a{.sequence = 128, .ranks = ranks, .chunk = 32, .heads = 8,
+                                               .kv_heads = kv_heads, .head_dim = 16, .type = fpdt::dtype::bf16,
+                                               .mask = m, .offload = offload, .ring_slots = 2};
+          std::vector<collective> fwd0, bwd0;
+          for (index_t rank = 0; rank < ranks; ++rank) {
+            auto p = attention_problem::create(a).value(); // what rank `rank` builds
+            auto f = p.forward_schedule().value();
+            auto b = p.backward_schedule().value();
+            REQUIRE(fpdt::check_schedule(f).ok());
+            REQUIRE(fpdt::check_schedule(b).ok());
+            if (rank == 0) {
+              fwd0 = order(f);
+              bwd0 = order(b);
+              CHECK(fwd0.size() == 2 * 4);
+              CHECK(bwd0.size() == 3 * 4);
+              // Exchange bytes are one rank's share of the global chunk: q, k, v in the model
+              // dtype (kv heads replicated when P exceeds H_kv), the gradients in fp32.
+              index_t const hkv = std::max<index_t>(kv_heads / ranks, 1), h = 8 / ranks;
+              CHECK(fwd0.front().bytes == static_cast<std::uint64_t>(32 * (h + 2 * hkv) * 16 * 2));
+              CHECK(std::count_if(bwd0.begin(), bwd0.end(), [&](collective const& c) {
+                      return c.what == fpdt::payload::dkv && c.bytes == static_cast<std::uint64_t>(32 * 2 * hkv * 16 * 4);
+                    }) == 4);
+            } else {
+              CHECK(order(f) == fwd0);
+              CHECK(order(b) == bwd0);
+            }
+          }
+          // One rank built with another chunk size would issue other collectives: found here.
+          auto other = a;
+          other.chunk = 64;
+          CHECK(order(attention_problem::create(other).value().forward_schedule().value()) != fwd0);
+        }
+}
+
+TEST_CASE("attention_problem: sizes whose byte counts would wrap 64 bits are refused (found by fuzz_attention_problem)") {
+  // Accepted before: every divisibility rule holds, but C x H x D x 4 bytes wrapped around, so
+  // the slots, the pinned store and the planner would have been sized from garbage.
+  fpdt::attention_problem_args a{.sequence = index_t{1} << 51, .ranks = 8, .chunk = index_t{1} << 35,
+                                 .heads = index_t{1} << 51, .kv_heads = 8, .head_dim = 8};
+  std::string const why = refusal(a);
+  CHECK(contains(why, "layer: S = 2251799813685248, H = 2251799813685248, H_kv = 8, D = 8"));
+  CHECK(contains(why, "exceed 2^52 bytes"));
+  // The limit is far from real runs: 16M tokens of a 128-head, 8-kv-head, D = 128 model pass.
+  a = {.sequence = index_t{1} << 24, .ranks = 8, .chunk = index_t{1} << 16, .heads = 128, .kv_heads = 8,
+       .head_dim = 128};
+  CHECK(refusal(a) == "accepted");
+  // Just above and just below the bound S (5 H + 2 H_kv + 1) D x 4 = 2^52.
+  a = {.sequence = index_t{1} << 40, .ranks = 1, .chunk = index_t{1} << 21, .heads = 1, .kv_heads = 1,
+       .head_dim = 256};
+  CHECK(contains(refusal(a), "exceed 2^52 bytes")); // 2^40 x 8 x 256 x 4 = 2^53
+  a.head_dim = 128; // 2^40 x 8 x 128 x 4 = 2^52: at the bound, accepted
+  CHECK(refusal(a) == "accepted");
+}

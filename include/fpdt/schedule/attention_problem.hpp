@@ -7,7 +7,10 @@
 //!
 //! docs/design.md section 4.3. The rules: S, H, H_kv, D >= 1; C = S when 0 is given, else C >= 1;
 //! H % H_kv == 0; S % C == 0 and C % P == 0 (`token_layout::make`); H % P == 0 and H_kv % P == 0
-//! or P % H_kv == 0 (`ulysses_layout::make`); ring slots in [2, 64]; u = S / C <= 2^20.
+//! or P % H_kv == 0 (`ulysses_layout::make`); ring slots in [2, 64]; u = S / C <= 2^20; the
+//! attention's tensors of the whole sequence, S (5 H + 2 H_kv + 1) D x 4 bytes, at most 2^52 bytes
+//! (so every byte figure derived here is exact in 64 bits; a real run is far below: 2M tokens of
+//! Llama-3 8B need about 2^39).
 #pragma once
 
 #include "../attention/mask.hpp"
@@ -113,6 +116,8 @@ public:
                                                            chunk_tensor::dout};
   //! The largest number of chunks u = S / C (the schedules' steps grow as u^2).
   static constexpr index_t max_chunks = index_t{1} << 20;
+  //! The most bytes the attention's tensors of the whole sequence may take (see the file comment).
+  static constexpr std::uint64_t max_total_bytes = std::uint64_t{1} << 52;
 
   //! Validates `a` (rules in the file comment). `who` prefixes every message (the layer's name).
   //! Errors: `errc::invalid_argument` (or `errc::shape_mismatch` for H % H_kv) naming the values
@@ -143,6 +148,21 @@ public:
     if (tl->chunks() > max_chunks)
       return make_error(errc::invalid_argument, who, ": u = S / C = ", tl->chunks(),
                         " chunks; at most 2^20 (", max_chunks, "): use a larger chunk C");
+    // Every tensor of the pass (q, out, dout, dq, the accumulator; k, v; lse) over the whole
+    // sequence, fp32 at most: a bound on every byte figure below, checked without overflowing.
+    std::uint64_t total = 4;
+    for (std::uint64_t f : {static_cast<std::uint64_t>(a.sequence), static_cast<std::uint64_t>(a.head_dim),
+                            5 * static_cast<std::uint64_t>(a.heads) + 2 * static_cast<std::uint64_t>(a.kv_heads) + 1})
+      if (f > max_total_bytes || total > max_total_bytes / f) {
+        total = max_total_bytes + 1;
+        break;
+      } else {
+        total *= f;
+      }
+    if (total > max_total_bytes)
+      return make_error(errc::invalid_argument, who, ": S = ", a.sequence, ", H = ", a.heads, ", H_kv = ",
+                        a.kv_heads, ", D = ", a.head_dim, ": the attention's tensors, S (5 H + 2 H_kv + 1) D x 4 "
+                        "bytes, exceed 2^52 bytes (4 PiB), beyond what 64-bit byte counts of a pass hold exactly");
     return attention_problem(a, *tl, *ul);
   }
 
