@@ -165,3 +165,24 @@ TEST_CASE("cost_model: only bytes that cross PCIe cost copy time (no exposed cop
   t.offload = true;
   CHECK(fpdt::estimate_step(m, t, hw).value().exposed_copy_seconds > 0.1 * slow.step_seconds);
 }
+
+TEST_CASE("cost_model: on P ranks the forward's exchanges hide behind the pairs but for the first and the last") {
+  // Causal, u = 4: 10 pairs of 1 s; each exchange 0.5 s. Chunk i + 1's q/k/v exchange runs during
+  // chunk i, and chunk i's output exchange during chunk i + 1: only chunk 0's q/k/v exchange and
+  // chunk 3's output exchange stay exposed (one after the other: 1 s), not all eight (4 s).
+  fpdt::schedule_params p;
+  p.chunks = 4;
+  p.ranks = 4;
+  p.q_bytes = p.kv_bytes = p.out_bytes = 1000;
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    p.offload = offload;
+    auto s = fpdt::forward_schedule(p).value();
+    auto t = fpdt::simulate_schedule(s, {1e9, 1e9, 2e9}, [](fpdt::schedule_step const& st) {
+      return fpdt::step_price{st.kind == fpdt::step_kind::compute ? (st.i == st.j ? 0.5 : 1.0)
+                              : st.kind == fpdt::step_kind::exchange ? 0.5 : 0.0};
+    });
+    CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(8 * 0.5));
+    CHECK(t.makespan == doctest::Approx(8.0 + 1.0).epsilon(1e-3)); // 4 diagonals at 0.5, 6 pairs at 1
+  }
+}

@@ -127,6 +127,20 @@ TEST_CASE("attention_problem: its schedules are checked and hold the rings ring_
         CHECK(p.backward_device_bytes() == b.ring_bytes() + p.slot(slot_kind::backward_dkv).bytes);
       CHECK((p.host_bytes_needed() == 0) == !offload);
       CHECK(p.host_bytes_reserved() >= p.host_bytes_needed());
+      // The P-rank problem's schedules (exchange steps, one chunk ahead) and their bytes.
+      auto whole = attention_problem::create({.sequence = 48, .ranks = 2, .chunk = 8, .heads = 4, .kv_heads = 2,
+                                              .head_dim = 8, .type = fpdt::dtype::bf16, .mask = m,
+                                              .offload = offload, .ring_slots = 3})
+                       .value();
+      auto wf = whole.forward_schedule().value();
+      auto wb = whole.backward_schedule().value();
+      CHECK(fpdt::check_schedule(wf).ok());
+      CHECK(fpdt::check_schedule(wb).ok());
+      CHECK(whole.forward_device_bytes() == wf.ring_bytes() + acc);
+      if (offload) {
+        CHECK(wf.ring_size == std::array<index_t, 3>{2, 5, 1});
+        CHECK(whole.backward_device_bytes() == wb.ring_bytes() + 2 * p.slot(slot_kind::backward_dkv).bytes);
+      }
     }
 }
 

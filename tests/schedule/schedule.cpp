@@ -80,8 +80,11 @@ TEST_CASE("schedule: every chunk pair computed once and every check holds for u 
             if (offload) {
               CHECK(fpdt::peak_slots(s, fpdt::ring::kv) <= s.ring_size[1]);
               CHECK(fpdt::peak_slots(s, fpdt::ring::q) <= s.ring_size[0]);
-              CHECK(s.ring_size[1] <= ring);
-              CHECK(s.ring_size[0] <= ring);
+              CHECK(s.ring_size == fpdt::ring_sizes(s.which, s.params));
+              // P > 1 forward: a second q slot and two kv slots for the exchange one chunk ahead.
+              bool const ahead = ranks > 1 && s.which == fpdt::pass::forward;
+              CHECK(s.ring_size[1] <= ring + (ahead ? 2 : 0));
+              CHECK(s.ring_size[0] <= (ahead ? 2 : ring));
             } else {
               CHECK(s.count(fpdt::step_kind::fetch) <= static_cast<std::size_t>(u)); // dout only
               CHECK(s.count(fpdt::step_kind::offload) == 0);
@@ -312,4 +315,33 @@ TEST_CASE("schedule: exchanges move each chunk's bytes and leave the pairs and c
         if (st.kind == fpdt::step_kind::fetch && st.what != fpdt::payload::kv)
           CHECK(st.bytes == (st.what == fpdt::payload::q_out_lse ? 3200 - 1000 : 3200 + 2000));
     }
+}
+
+TEST_CASE("schedule: on P ranks chunk i + 1's q/k/v exchange is issued before chunk i's pairs, and dk/dv alternate") {
+  for (bool offload : {true, false}) {
+    CAPTURE(offload);
+    auto const f = fpdt::forward_schedule(params(5, true, offload, 2, 4)).value();
+    for (std::int32_t i = 0; i + 1 < 5; ++i) {
+      std::ptrdiff_t const next = find_step(f, [&](fpdt::schedule_step const& st) {
+        return st.kind == fpdt::step_kind::exchange && st.what == fpdt::payload::qkv && st.i == i + 1;
+      });
+      std::ptrdiff_t const diag = find_step(f, [&](fpdt::schedule_step const& st) {
+        return st.kind == fpdt::step_kind::compute && st.i == i && st.j == i;
+      });
+      CHECK(next >= 0);
+      CHECK(next < diag);
+    }
+    // dk_j, dv_j: the zero of pair j waits for the exchange of j - 2 (same accumulator pair).
+    auto const b = fpdt::backward_schedule(params(5, true, offload, 2, 4)).value();
+    for (std::int32_t j = 2; j < 5; ++j) {
+      std::ptrdiff_t const z = find_step(b, [&](fpdt::schedule_step const& st) {
+        return st.kind == fpdt::step_kind::zero && st.what == fpdt::payload::dkv && st.j == j;
+      });
+      REQUIRE(z >= 0);
+      REQUIRE(b.deps_of(static_cast<std::size_t>(z)).size() == 1);
+      auto const& waited = b.steps[b.deps_of(static_cast<std::size_t>(z))[0]];
+      CHECK(waited.kind == fpdt::step_kind::exchange);
+      CHECK(waited.j == j - 2);
+    }
+  }
 }

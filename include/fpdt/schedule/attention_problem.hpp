@@ -296,10 +296,12 @@ public:
     return ring_bytes(pass::forward) + 2 * slot(slot_kind::forward_acc).bytes + rounded(workspace);
   }
   //! Device bytes one rank's backward holds at its peak: with offload its rings; without, the
-  //! forward's rings (still resident) and one `backward_grad` slot per chunk; plus dk and dv and
-  //! the kernel's workspace.
+  //! forward's rings (still resident) and one `backward_grad` slot per chunk; plus dk and dv (two
+  //! pairs on P > 1 ranks, which alternate while one is exchanged: `backward_schedule`) and the
+  //! kernel's workspace.
   [[nodiscard]] std::size_t backward_device_bytes(std::size_t workspace = 0) const noexcept {
-    std::size_t const fixed = slot(slot_kind::backward_dkv).bytes + rounded(workspace);
+    std::size_t const pairs = a_.ranks > 1 ? 2 : 1;
+    std::size_t const fixed = pairs * slot(slot_kind::backward_dkv).bytes + rounded(workspace);
     if (a_.offload) return ring_bytes(pass::backward) + fixed;
     return ring_bytes(pass::forward) +
            static_cast<std::size_t>(chunks()) * slot(slot_kind::backward_grad).bytes + fixed;

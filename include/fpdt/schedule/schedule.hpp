@@ -183,10 +183,15 @@ struct schedule {
 
 //! Slots of each ring (indexed by `ring`) of the schedule of pass `which` built from `p`: with
 //! offload, forward {1, ring_slots, 1} and backward {ring_slots, 2, 0}; without, u slots for each
-//! ring the pass uses (chunk c stays in slot c). The builders size their rings with this, and the
-//! memory predictions (`attention_problem`) read it, so both hold the same number.
+//! ring the pass uses (chunk c stays in slot c). On P > 1 ranks with offload the forward has
+//! {2, ring_slots + 2, 1}: the q/k/v exchange of chunk i + 1 runs during chunk i, into a second q
+//! slot and one of two kv slots kept for exchanged chunks (the last two), outside the fetches'
+//! rotation. The builders size their rings with this, and the memory predictions
+//! (`attention_problem`) read it, so both hold the same number.
 [[nodiscard]] constexpr std::array<index_t, ring_count> ring_sizes(pass which,
                                                                   schedule_params const& p) noexcept {
+  if (which == pass::forward && p.offload && p.ranks > 1)
+    return {2, p.ring_slots + 2, 1};
   if (which == pass::forward)
     return p.offload ? std::array<index_t, ring_count>{1, p.ring_slots, 1}
                      : std::array<index_t, ring_count>{p.chunks, p.chunks, p.chunks};
@@ -202,6 +207,8 @@ struct builder {
   schedule s;
   std::array<std::vector<std::int64_t>, ring_count> last_release{}; // per slot, -1: never used
   std::array<index_t, ring_count> next{};                            // round-robin cursor
+  std::array<index_t, ring_count> rotation{}; // slots [0, rotation) are handed out round robin
+  index_t fresh = 0;                          // cursor over the kv slots past the rotation
 
   std::uint32_t add(schedule_step st, std::initializer_list<std::int64_t> deps) {
     st.deps_begin = static_cast<std::uint32_t>(s.deps.size());
@@ -213,6 +220,7 @@ struct builder {
   }
   void rings(std::array<index_t, ring_count> sizes) {
     s.ring_size = sizes;
+    rotation = sizes;
     for (int r = 0; r < ring_count; ++r)
       last_release[static_cast<std::size_t>(r)].assign(static_cast<std::size_t>(s.ring_size[static_cast<std::size_t>(r)]), -1);
   }
@@ -220,7 +228,15 @@ struct builder {
   std::pair<std::int32_t, std::int64_t> take(ring r) {
     auto const ri = static_cast<std::size_t>(r);
     auto const slot = static_cast<std::int32_t>(next[ri]);
-    next[ri] = (next[ri] + 1) % s.ring_size[ri];
+    next[ri] = (next[ri] + 1) % rotation[ri];
+    return {slot, last_release[ri][static_cast<std::size_t>(slot)]};
+  }
+  // The next kv slot past the rotation (P > 1: slots kept for exchanged chunks), alternating.
+  std::pair<std::int32_t, std::int64_t> take_fresh() {
+    auto const ri = static_cast<std::size_t>(ring::kv);
+    index_t const extra = s.ring_size[ri] - rotation[ri];
+    auto const slot = static_cast<std::int32_t>(rotation[ri] + fresh);
+    fresh = (fresh + 1) % extra;
     return {slot, last_release[ri][static_cast<std::size_t>(slot)]};
   }
   // take(r) with offload; without it chunk c lives in slot c for the whole pass (nothing to wait).
@@ -276,7 +292,9 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! piece of chunk i on the comm lane, an `exchange` step (payload `qkv`) scatters it into the q
 //! and kv slots, and after finalize an `exchange` (`out_lse`) reads the out slot back to the
 //! sequence layout before the sink, both on the comm lane, so the output exchange of chunk i and
-//! the caller's sink overlap chunk i + 1's compute. Errors: `errc::invalid_argument` naming
+//! the caller's sink overlap chunk i + 1's compute; the source and q/k/v exchange of chunk i + 1
+//! are issued before chunk i's pairs (causal), so they overlap chunk i's compute (see
+//! `ring_sizes` for the slots this takes). Errors: `errc::invalid_argument` naming
 //! `chunks`, `ranks` or `ring_slots` when out of range.
 [[nodiscard]] inline result<schedule> forward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "forward_schedule"));
@@ -291,9 +309,10 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> produced_at(static_cast<std::size_t>(u), -1);
   // produce(c) into fresh q and kv slots, offloading both when offload is on. Returns the slots.
   bool const spread = p.ranks > 1;
+  if (spread && p.offload) b.rotation[static_cast<std::size_t>(ring::kv)] = p.ring_slots;
   auto produce = [&](std::int32_t c, bool release_q) {
     auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, c);
-    auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, c);
+    auto [ks, k_free] = spread && p.offload ? b.take_fresh() : b.take_or_resident(ring::kv, p.offload, c);
     std::int64_t produced = -1;
     if (spread) { // the local piece into the exchange's send block, then the exchange into the slots
       auto prod = make(step_kind::produce, lane::comm, payload::none, c, c, p.q_bytes + p.kv_bytes);
@@ -326,13 +345,17 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       (void)qs;
       if (p.offload) b.release(ring::kv, ks, -1, c, {kv_offload[static_cast<std::size_t>(c)]});
     }
+  // Causal: the slots chunk c was produced into (P > 1 produces one chunk ahead).
+  std::vector<std::pair<std::int32_t, std::int32_t>> produced_slots(static_cast<std::size_t>(u));
+  if (p.causal && spread) produced_slots[0] = produce(0, false);
   for (std::int32_t i = 0; i < u; ++i) {
     std::int32_t qs = i, fresh_kv = -1;
     std::int64_t q_ready = produced_at[static_cast<std::size_t>(i)];
     if (p.causal) {
-      auto [q_slot, k_slot] = produce(i, false);
-      qs = q_slot;
-      fresh_kv = k_slot;
+      if (!spread) produced_slots[static_cast<std::size_t>(i)] = produce(i, false);
+      else if (i + 1 < u) produced_slots[static_cast<std::size_t>(i + 1)] = produce(i + 1, false);
+      qs = produced_slots[static_cast<std::size_t>(i)].first;
+      fresh_kv = produced_slots[static_cast<std::size_t>(i)].second;
       q_ready = produced_at[static_cast<std::size_t>(i)];
     } else if (p.offload) {
       auto [q_slot, q_free] = b.take(ring::q);
@@ -409,7 +432,9 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! On P > 1 ranks dout_i's first use is an `exchange` (payload `dout`) into the bundle's slot on
 //! the comm lane, after the fetch of q_i, out_i, lse_i (payload `q_out_lse`; none without
 //! offload: they are resident), and the final dq_i, dk_j and dv_j go back by `exchange` steps on
-//! the comm lane, each followed there by its sink. Errors: as `forward_schedule`.
+//! the comm lane, each followed there by its sink; dk_j, dv_j then alternate between two
+//! accumulator pairs (j % 2), so zeroing the next pair waits for the exchange of j - 1, not of j.
+//! Errors: as `forward_schedule`.
 [[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "backward_schedule"));
   using detail::sched::make;
@@ -421,6 +446,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   bool const spread = p.ranks > 1;
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
+  std::array<std::int64_t, 2> dkv_exchanged{-1, -1}; // P > 1: the last exchange out of each pair
   for (std::int32_t j = 0; j < u; ++j) {
     auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, j);
     std::int64_t kv_ready = -1;
@@ -430,7 +456,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       kv_ready = b.add(f, {k_free});
     }
     auto z = make(step_kind::zero, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
-    std::int64_t const zeroed = b.add(z, {prev_dkv_sink});
+    std::int64_t const zeroed = b.add(z, {spread ? dkv_exchanged[static_cast<std::size_t>(j % 2)] : prev_dkv_sink});
     std::int64_t last_compute = -1;
     for (std::int32_t i = p.causal ? j : 0; i < u; ++i) {
       bool const first = j == 0;
@@ -493,8 +519,9 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     }
     if (spread) { // the next zero of the accumulators waits for the exchange that reads them
       auto ex = make(step_kind::exchange, lane::comm, payload::dkv, -1, j, p.dkv_bytes);
-      prev_dkv_sink = b.add(ex, {last_compute, zeroed});
-      b.add(make(step_kind::sink, lane::comm, payload::dkv, -1, j, p.dkv_bytes), {prev_dkv_sink});
+      dkv_exchanged[static_cast<std::size_t>(j % 2)] = b.add(ex, {last_compute, zeroed});
+      b.add(make(step_kind::sink, lane::comm, payload::dkv, -1, j, p.dkv_bytes),
+            {dkv_exchanged[static_cast<std::size_t>(j % 2)]});
     } else {
       auto snk = make(step_kind::sink, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
       prev_dkv_sink = b.add(snk, {last_compute, zeroed});
