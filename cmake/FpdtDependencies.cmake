@@ -64,3 +64,13 @@ if(FPDT_ENABLE_BLAS)
     endif()
   endif()
 endif()
+
+# DLPack's header for fpdt::dlpack (core/dlpack.hpp; Debian: libdlpack-dev, whose CMake package
+# defines dlpack::dlpack).
+set(FPDT_HAVE_DLPACK OFF)
+if(FPDT_ENABLE_DLPACK)
+  find_package(dlpack CONFIG QUIET)
+  if(dlpack_FOUND AND TARGET dlpack::dlpack)
+    set(FPDT_HAVE_DLPACK ON)
+  endif()
+endif()

@@ -1,4 +1,4 @@
-# Install and export: find_package(fpdt CONFIG REQUIRED COMPONENTS cuda mpi nccl blas) works from the
+# Install and export: find_package(fpdt CONFIG REQUIRED COMPONENTS cuda mpi nccl blas dlpack) works from the
 # install tree. Each component has its own export set so that the core never requires CUDA or MPI.
 include(CMakePackageConfigHelpers)
 set(FPDT_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/fpdt" CACHE STRING "Where fpdtConfig.cmake goes")
@@ -6,7 +6,7 @@ set(FPDT_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/fpdt" CACHE STRING "Whe
 install(TARGETS fpdt EXPORT fpdtTargets FILE_SET HEADERS DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
 install(EXPORT fpdtTargets NAMESPACE fpdt:: DESTINATION "${FPDT_INSTALL_CMAKEDIR}")
 set(FPDT_INSTALLED_COMPONENTS)
-foreach(comp IN ITEMS cuda mpi nccl blas)
+foreach(comp IN ITEMS cuda mpi nccl blas dlpack)
   if(TARGET fpdt_${comp})
     install(TARGETS fpdt_${comp} EXPORT fpdt_${comp}Targets FILE_SET HEADERS DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
     install(EXPORT fpdt_${comp}Targets NAMESPACE fpdt:: DESTINATION "${FPDT_INSTALL_CMAKEDIR}")

@@ -4,6 +4,7 @@
 #   include/fpdt/**/mpi/*.hpp                                 -> fpdt::mpi
 #   include/fpdt/**/nccl/*.hpp                                -> fpdt::nccl
 #   include/fpdt/**/cblas_*.hpp                               -> fpdt::blas
+#   include/fpdt/**/dlpack*.hpp                               -> fpdt::dlpack
 set(FPDT_INCLUDE_DIR "${CMAKE_CURRENT_LIST_DIR}/../include")
 cmake_path(NORMAL_PATH FPDT_INCLUDE_DIR)
 
@@ -14,9 +15,12 @@ set(FPDT_CUDA_HEADERS)
 set(FPDT_MPI_HEADERS)
 set(FPDT_NCCL_HEADERS)
 set(FPDT_BLAS_HEADERS)
+set(FPDT_DLPACK_HEADERS)
 foreach(h IN LISTS _fpdt_all_headers)
   if(h MATCHES "/cblas_[^/]*\\.hpp$")
     list(APPEND FPDT_BLAS_HEADERS "${h}")
+  elseif(h MATCHES "/dlpack[^/]*\\.hpp$")
+    list(APPEND FPDT_DLPACK_HEADERS "${h}")
   elseif(h MATCHES "/nccl/")
     list(APPEND FPDT_NCCL_HEADERS "${h}")
   elseif(h MATCHES "/mpi/")
@@ -68,4 +72,12 @@ if(FPDT_HAVE_BLAS)
   target_include_directories(fpdt_blas SYSTEM INTERFACE "${FPDT_CBLAS_INCLUDE_DIR}")
   target_compile_definitions(fpdt_blas INTERFACE FPDT_HAVE_CBLAS=1)
   target_sources(fpdt_blas INTERFACE FILE_SET HEADERS BASE_DIRS "${FPDT_INCLUDE_DIR}" FILES ${FPDT_BLAS_HEADERS})
+endif()
+
+if(FPDT_HAVE_DLPACK)
+  add_library(fpdt_dlpack INTERFACE)
+  add_library(fpdt::dlpack ALIAS fpdt_dlpack)
+  set_target_properties(fpdt_dlpack PROPERTIES EXPORT_NAME dlpack)
+  target_link_libraries(fpdt_dlpack INTERFACE fpdt dlpack::dlpack)
+  target_sources(fpdt_dlpack INTERFACE FILE_SET HEADERS BASE_DIRS "${FPDT_INCLUDE_DIR}" FILES ${FPDT_DLPACK_HEADERS})
 endif()

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(cmake g++ make doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin libopenblas-dev doxygen gnuplot-nox
-          clang libclang-rt-14-dev) # clang and libFuzzer: the fuzz preset
+          libdlpack-dev clang libclang-rt-14-dev) # DLPack's header; clang and libFuzzer: the fuzz preset
 
 missing=()
 for p in "${packages[@]}"; do

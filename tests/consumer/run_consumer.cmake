@@ -1,5 +1,6 @@
 # Runs the consumer project (cmake -P). Variables: FPDT_SOURCE_DIR, FPDT_BINARY_DIR (install mode),
-# WORK_DIR, MODE (install | subdirectory), CONFIG, CXX_COMPILER, HAVE_CUDA, HAVE_MPI, HAVE_NCCL.
+# WORK_DIR, MODE (install | subdirectory), CONFIG, CXX_COMPILER, HAVE_CUDA, HAVE_MPI, HAVE_NCCL,
+# HAVE_DLPACK.
 cmake_minimum_required(VERSION 3.25)
 file(REMOVE_RECURSE "${WORK_DIR}")
 set(consumer_src "${CMAKE_CURRENT_LIST_DIR}")
@@ -14,7 +15,7 @@ if(MODE STREQUAL "install")
   execute_process(COMMAND "${CMAKE_COMMAND}" --install "${FPDT_BINARY_DIR}" --prefix "${prefix}" --config ${CONFIG}
                   COMMAND_ERROR_IS_FATAL ANY)
   set(components)
-  foreach(c IN ITEMS CUDA MPI NCCL)
+  foreach(c IN ITEMS CUDA MPI NCCL DLPACK)
     if(HAVE_${c})
       string(TOLOWER ${c} lc)
       list(APPEND components ${lc})
@@ -31,7 +32,7 @@ endif()
 
 execute_process(COMMAND "${CMAKE_COMMAND}" ${args} COMMAND_ERROR_IS_FATAL ANY)
 execute_process(COMMAND "${CMAKE_COMMAND}" --build "${build}" --parallel 2 COMMAND_ERROR_IS_FATAL ANY)
-foreach(exe IN ITEMS consumer consumer_mpi consumer_cuda consumer_nccl)
+foreach(exe IN ITEMS consumer consumer_mpi consumer_cuda consumer_nccl consumer_dlpack)
   if(EXISTS "${build}/${exe}")
     execute_process(COMMAND "${build}/${exe}" COMMAND_ERROR_IS_FATAL ANY)
   endif()

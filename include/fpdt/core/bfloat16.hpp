@@ -10,6 +10,7 @@
 #include "../config.hpp"
 
 #include <cstdint>
+#include <type_traits>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -46,6 +47,10 @@ struct bfloat16 {
   }
 };
 
-static_assert(sizeof(bfloat16) == 2, "bfloat16 must be 2 bytes");
+// The bit layout of torch.bfloat16 and CUDA's `__nv_bfloat16` (one 16-bit pattern, nothing else), so a
+// buffer of either is read and written as `bfloat16` without conversion (DLPack, core/dlpack.hpp).
+static_assert(sizeof(bfloat16) == 2 && alignof(bfloat16) == 2, "bfloat16 must be 2 bytes, 2-aligned");
+static_assert(std::is_trivially_copyable_v<bfloat16> && std::is_standard_layout_v<bfloat16>,
+              "bfloat16 must be a plain 16-bit pattern");
 
 FPDT_NAMESPACE_END

@@ -10,6 +10,7 @@
 #include "../config.hpp"
 
 #include <cstdint>
+#include <type_traits>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -77,6 +78,10 @@ struct half {
   }
 };
 
-static_assert(sizeof(half) == 2, "half must be 2 bytes");
+// The bit layout of torch.float16 and CUDA's `__half` (one 16-bit pattern, nothing else), so a
+// buffer of either is read and written as `half` without conversion (DLPack, core/dlpack.hpp).
+static_assert(sizeof(half) == 2 && alignof(half) == 2, "half must be 2 bytes, 2-aligned");
+static_assert(std::is_trivially_copyable_v<half> && std::is_standard_layout_v<half>,
+              "half must be a plain 16-bit pattern");
 
 FPDT_NAMESPACE_END
