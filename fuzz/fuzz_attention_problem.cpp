@@ -5,30 +5,21 @@
 // invalid_argument (shape_mismatch for H % H_kv) with a message.
 #include <fpdt/schedule/attention_problem.hpp>
 
-#include <fuzzer/FuzzedDataProvider.h>
+#include "fuzz_common.hpp"
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 
 namespace {
-void fail(char const* what, fpdt::attention_problem_args const& a) {
-  std::fprintf(stderr, "fuzz_attention_problem: %s (S=%lld P=%lld C=%lld H=%lld H_kv=%lld D=%lld ring=%lld)\n", what,
-               static_cast<long long>(a.sequence), static_cast<long long>(a.ranks), static_cast<long long>(a.chunk),
-               static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
-               static_cast<long long>(a.head_dim), static_cast<long long>(a.ring_slots));
-  std::abort();
+[[noreturn]] void fail(char const* what, fpdt::attention_problem_args const& a) {
+  char detail[256];
+  std::snprintf(detail, sizeof detail, "S=%lld P=%lld C=%lld H=%lld H_kv=%lld D=%lld ring=%lld",
+                static_cast<long long>(a.sequence), static_cast<long long>(a.ranks), static_cast<long long>(a.chunk),
+                static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
+                static_cast<long long>(a.head_dim), static_cast<long long>(a.ring_slots));
+  fpdt_fuzz::fail("fuzz_attention_problem", what, detail);
 }
-
-// Mostly small values (where the rules bite), sometimes anything (where overflow bites).
-fpdt::index_t pick(FuzzedDataProvider& in) {
-  switch (in.ConsumeIntegralInRange<int>(0, 3)) {
-  case 0: return in.ConsumeIntegralInRange<fpdt::index_t>(-2, 64);
-  case 1: return fpdt::index_t{1} << in.ConsumeIntegralInRange<int>(0, 62);
-  case 2: return in.ConsumeIntegralInRange<fpdt::index_t>(0, fpdt::index_t{1} << 24);
-  default: return in.ConsumeIntegral<fpdt::index_t>();
-  }
-}
+fpdt::index_t pick(FuzzedDataProvider& in) { return fpdt_fuzz::pick(in, -2, 64); }
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size) {

@@ -4,17 +4,14 @@
 #include <fpdt/plan/planner.hpp>
 #include <fpdt/plan/presets.hpp>
 
-#include <fuzzer/FuzzedDataProvider.h>
+#include "fuzz_common.hpp"
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 
 namespace {
 [[noreturn]] void fail(char const* what, std::string const& detail) {
-  std::fprintf(stderr, "fuzz_plan_config: %s: %s\n", what, detail.c_str());
-  std::abort();
+  fpdt_fuzz::fail("fuzz_plan_config", what, detail.c_str());
 }
 } // namespace
 

@@ -3,25 +3,14 @@
 // tuples, distinct offsets), and its furthest offset is exact (no wrapped products).
 #include <fpdt/core/tensor_view.hpp>
 
-#include <fuzzer/FuzzedDataProvider.h>
+#include "fuzz_common.hpp"
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <set>
 
 namespace {
-[[noreturn]] void fail(char const* what) {
-  std::fprintf(stderr, "fuzz_tensor_view: %s\n", what);
-  std::abort();
-}
-fpdt::index_t pick(FuzzedDataProvider& in) {
-  switch (in.ConsumeIntegralInRange<int>(0, 2)) {
-  case 0: return in.ConsumeIntegralInRange<fpdt::index_t>(-2, 12);
-  case 1: return fpdt::index_t{1} << in.ConsumeIntegralInRange<int>(0, 62);
-  default: return in.ConsumeIntegral<fpdt::index_t>();
-  }
-}
+[[noreturn]] void fail(char const* what) { fpdt_fuzz::fail("fuzz_tensor_view", what); }
+fpdt::index_t pick(FuzzedDataProvider& in) { return fpdt_fuzz::pick(in, -2, 12); }
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size) {

@@ -3,31 +3,24 @@
 // out-of-range arguments; scatter then gather of a small sequence gives it back.
 #include <fpdt/schedule/token_layout.hpp>
 
-#include <fuzzer/FuzzedDataProvider.h>
+#include "fuzz_common.hpp"
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 namespace {
 [[noreturn]] void fail(char const* what, fpdt::index_t s, fpdt::index_t p, fpdt::index_t c) {
-  std::fprintf(stderr, "fuzz_token_layout: %s (S=%lld P=%lld C=%lld)\n", what, static_cast<long long>(s),
-               static_cast<long long>(p), static_cast<long long>(c));
-  std::abort();
-}
-fpdt::index_t pick(FuzzedDataProvider& in) {
-  switch (in.ConsumeIntegralInRange<int>(0, 2)) {
-  case 0: return in.ConsumeIntegralInRange<fpdt::index_t>(-2, 96);
-  case 1: return fpdt::index_t{1} << in.ConsumeIntegralInRange<int>(0, 62);
-  default: return in.ConsumeIntegral<fpdt::index_t>();
-  }
+  char detail[128];
+  std::snprintf(detail, sizeof detail, "S=%lld P=%lld C=%lld", static_cast<long long>(s), static_cast<long long>(p),
+                static_cast<long long>(c));
+  fpdt_fuzz::fail("fuzz_token_layout", what, detail);
 }
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size) {
   FuzzedDataProvider in(data, size);
-  fpdt::index_t const s = pick(in), p = pick(in), c = pick(in);
+  fpdt::index_t const s = fpdt_fuzz::pick(in, -2, 96), p = fpdt_fuzz::pick(in, -2, 96), c = fpdt_fuzz::pick(in, -2, 96);
   auto tl = fpdt::token_layout::make(s, p, c);
   if (!tl) {
     if (tl.error().message().empty()) fail("a refusal without a message", s, p, c);
