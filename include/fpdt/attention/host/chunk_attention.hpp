@@ -48,7 +48,6 @@ FPDT_NAMESPACE_BEGIN
 namespace detail::host_attention {
 
 inline constexpr float log2e = 1.4426950408889634f;
-inline constexpr float ln2 = 0.6931471805599453f;
 inline constexpr float ninf = -std::numeric_limits<float>::infinity();
 
 // 2^x without a libm call, so loops over it vectorise. Round-to-nearest split x = n + f with
@@ -70,6 +69,16 @@ FPDT_FORCEINLINE float exp2(float x) noexcept {
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.0f;
   return p * FPDT_BIT_CAST(float, static_cast<std::int32_t>((n + 127) << 23));
+}
+
+// log2 of the softmax weight exp(s scale - lse), for exp2. s scale - lse is formed in double (the
+// product of two floats is exact there) and rounded once, and only that small difference is
+// scaled to log2 units: s c - lse log2e in fp32 would carry (|s c| + |lse|) ulps into every
+// weight, which is what made dq lose digits when all scores share a large offset (issue 22).
+// min(., 0): a weight never exceeds 1, even when lse's rounding would push it above.
+FPDT_FORCEINLINE float log2_weight(float s, float scale, float lse) noexcept {
+  float const x = static_cast<float>(static_cast<double>(s) * scale - lse);
+  return (x < 0.0f ? x : 0.0f) * log2e;
 }
 
 #if defined(__GNUC__) && !defined(__NVCC__)
@@ -212,7 +221,10 @@ struct host_chunk_kernel {
     index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
     index_t const sk = a.k.extent(0), hkv = a.k.extent(1), group = h / hkv;
     if (sq == 0) return {};
-    float const c = resolve_scale(a.scale, d) * ha::log2e; // scores in log2 units
+    // Scores stay unscaled until the running max is subtracted: (s - m) * c is exact to a few
+    // ulps of the (small) difference, where s * c - m * c would carry |s| c ulps into exp2.
+    float const scale = resolve_scale(a.scale, d);
+    float const c = scale * ha::log2e;
     index_t const q_blocks = (sq + ha::block_q - 1) / ha::block_q;
     index_t const rows = group * ha::block_q;
     std::size_t const items = static_cast<std::size_t>(hkv * q_blocks);
@@ -270,7 +282,7 @@ struct host_chunk_kernel {
         for (index_t i = 0; i < bq; ++i)
           for (index_t x = 0; x < d; ++x)
             w.qt[static_cast<std::size_t>(x * rows + hh * bq + i)] =
-                static_cast<float>(a.q(i0 + i, g * group + hh, x)) * c;
+                static_cast<float>(a.q(i0 + i, g * group + hh, x));
       std::fill(w.o.begin(), w.o.begin() + nrows * d, 0.0f);
       std::fill(w.m.begin(), w.m.begin() + nrows, ha::ninf);
       std::fill(w.l.begin(), w.l.begin() + nrows, 0.0f);
@@ -301,7 +313,7 @@ struct host_chunk_kernel {
         }
         for (index_t r = 0; r < nrows; ++r) { // alpha: tile max -> rescale factor; m: new max
           float const m_new = std::max(m[r], alpha[r]);
-          alpha[r] = m_new == ha::ninf ? 1.0f : ha::exp2(m[r] - m_new);
+          alpha[r] = m_new == ha::ninf ? 1.0f : ha::exp2((m[r] - m_new) * c);
           m[r] = m_new;
         }
         for (index_t r = 0; r < nrows; ++r) l[r] *= alpha[r];
@@ -309,14 +321,14 @@ struct host_chunk_kernel {
           float* row = st + t * rows;
           if (all_visible) {
             for (index_t r = 0; r < nrows; ++r) {
-              float const p = ha::exp2(row[r] - m[r]);
+              float const p = ha::exp2((row[r] - m[r]) * c);
               row[r] = p;
               l[r] += p;
             }
           } else {
             for (index_t r = 0; r < nrows; ++r) {
               bool const vis = j0 + t >= lo[r] && j0 + t < hi[r];
-              float const p = vis ? ha::exp2(row[r] - m[r]) : 0.0f;
+              float const p = vis ? ha::exp2((row[r] - m[r]) * c) : 0.0f;
               row[r] = p;
               l[r] += p;
             }
@@ -341,7 +353,9 @@ struct host_chunk_kernel {
             } else {
               for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = o[x] * inv;
             }
-            a.out.lse(head, i0 + i) = (m[r] + std::log2(l[r])) * ha::ln2;
+            // In double, rounded once: lse = m scale + ln l.
+            a.out.lse(head, i0 + i) = static_cast<float>(static_cast<double>(m[r]) * scale +
+                                                         std::log(static_cast<double>(l[r])));
           } else { // no visible key: out 0, lse -inf (docs/design.md 3.2)
             for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = 0.0f;
             a.out.lse(head, i0 + i) = ha::ninf;
@@ -361,7 +375,6 @@ struct host_chunk_kernel {
     index_t const sk = a.k.extent(0), hkv = a.k.extent(1), group = h / hkv;
     if (sq == 0 || sk == 0) return {};
     float const scale = resolve_scale(a.scale, d);
-    float const c = scale * ha::log2e;
     index_t const k_blocks = (sk + ha::block_k - 1) / ha::block_k;
     std::size_t const items = static_cast<std::size_t>(hkv * k_blocks);
     unsigned const workers = parallel_workers(items, threads);
@@ -426,22 +439,22 @@ struct host_chunk_kernel {
             key_range const kr = a.mask.local_keys(a.q_offset + i0 + i, a.k_offset, sk);
             index_t const lo = std::max<index_t>(kr.begin - j0, 0), hi = std::min<index_t>(kr.end - j0, nb);
             float const lse = a.lse(head, i0 + i);
-            float const lse2 = lse * ha::log2e;
             float const delta = a.delta(head, i0 + i);
             float* p = &w.s[static_cast<std::size_t>(i * bk)];
             float* ds = &w.dp[static_cast<std::size_t>(i * bk)];
             bool const empty = lse == ha::ninf || lo >= hi;
             if (!empty && lo == 0 && hi == nb) { // the whole tile is visible to this row
               for (index_t t = 0; t < nb; ++t) {
-                // min(., 0): P <= 1 even when rounding of a huge lse would push it above.
-                float const pv = ha::exp2(std::min(p[t] * c - lse2, 0.0f));
+                float const pv = ha::exp2(ha::log2_weight(p[t], scale, lse));
                 p[t] = pv;
                 ds[t] = pv * (ds[t] - delta) * scale; // dS, pre-scaled for dq and dk
               }
             } else {
               for (index_t t = 0; t < nb; ++t) {
                 float const pv =
-                    (!empty && t >= lo && t < hi) ? ha::exp2(std::min(p[t] * c - lse2, 0.0f)) : 0.0f;
+                    (!empty && t >= lo && t < hi)
+                        ? ha::exp2(ha::log2_weight(p[t], scale, lse))
+                        : 0.0f;
                 p[t] = pv;
                 ds[t] = pv * (ds[t] - delta) * scale;
               }
