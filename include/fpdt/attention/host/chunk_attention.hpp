@@ -170,9 +170,11 @@ FPDT_FORCEINLINE void softmax_grad(float* p, float* ds, index_t n, float scale, 
 #if defined(__GNUC__) && !defined(__NVCC__) && defined(__FMA__) && (defined(__AVX512F__) || defined(__AVX__))
   for (; t + vw <= n; t += vw) {
 #if defined(__AVX512F__)
-    vecf x = (vecf)_mm512_fmadd_ps((__m512)load(p + t), _mm512_set1_ps(scale), _mm512_set1_ps(-lse));
+    vecf x = FPDT_BIT_CAST(vecf, _mm512_fmadd_ps(FPDT_BIT_CAST(__m512, load(p + t)),
+                                                 _mm512_set1_ps(scale), _mm512_set1_ps(-lse)));
 #else
-    vecf x = (vecf)_mm256_fmadd_ps((__m256)load(p + t), _mm256_set1_ps(scale), _mm256_set1_ps(-lse));
+    vecf x = FPDT_BIT_CAST(vecf, _mm256_fmadd_ps(FPDT_BIT_CAST(__m256, load(p + t)),
+                                                 _mm256_set1_ps(scale), _mm256_set1_ps(-lse)));
 #endif
     x = (x < splat(0.0f) ? x : splat(0.0f)) * log2e; // as log2_weight
     vecf const pv = exp2(x);
