@@ -8,21 +8,28 @@
 //! - FlashAttention-2's tiling (Dao, 2023, Algorithms 1 and 2): a block of query rows against key
 //!   tiles with the online softmax in registers-sized scratch; the score matrix never exists
 //!   beyond one tile. All query heads of one GQA group share each key/value tile.
-//! - Tile products are small register-blocked GEMMs (an 8 x 32 micro-tile of accumulators with
-//!   AVX-512, smaller without) written with GCC/Clang vector extensions, reading either operand
-//!   layout so no tile is transposed in memory; exp is a vectorisable polynomial (|rel. error|
-//!   < 2e-7). Compile with -march=native (or at least AVX2 and FMA) for speed.
+//! - Tile products are small register-blocked GEMMs (micro-tiles of 8 x 32 floats with AVX-512,
+//!   6 x 16 with AVX2, 4 x 8 with SSE2, one native register per vector) written with GCC/Clang
+//!   vector extensions, reading either operand layout so no tile is transposed in memory; they run
+//!   near OpenBLAS's sgemm rate at these sizes, so no BLAS is needed. exp is a polynomial exp2
+//!   (1.5 u measured), vectorised explicitly in the softmax and its backward. Compile with
+//!   -march=native (or at least AVX2 and FMA) for speed.
+//! - Precision: scores stay unscaled until the running max (forward) or lse (backward) is
+//!   subtracted, and only the small difference is scaled to log2 units, so a weight carries a few
+//!   ulps of error however large the scores or the lse (tests/attention/chunk_kernel_precision.cpp).
 //! - Work items (GQA group x query block forward, GQA group x key block backward) are handed out
 //!   to `threads` host threads, head-major; each thread keeps the operands of the kv head it is on
 //!   packed as contiguous fp32 (forward: k, v `[Sk, D]`; backward: q, dout `[H/H_kv, Sq, D]`), so
-//!   tiles are read sequentially whatever the caller's strides, and bf16/fp16 are converted once. In the backward, dk and dv of a key block belong to one item;
-//!   dq is accumulated in per-thread buffers (`[Sq, H, D]` fp32 each, for threads beyond the
-//!   first) and summed at the end.
+//!   tiles are read sequentially whatever the caller's strides, and bf16/fp16 are converted once.
+//!   In the backward, dk and dv of a key block belong to one item; items are dealt round-robin to
+//!   one slot per thread, and dq accumulates in per-slot buffers (`[Sq, H, D]` fp32 each, for slots
+//!   beyond the first) summed in slot order at the end: results are bit-identical from run to run
+//!   for a given thread count.
 //!
 //! Scratch is ordinary heap memory owned by the call (the host kernel stands for device code; the
 //! device arena counts the pipeline's buffers, not a kernel's registers). Per thread, in fp32
 //! elements: forward 2 Sk D (the packed kv head) plus tiles; backward 2 (H/H_kv) Sq D (packed q and
-//! dout) plus Sq H D for the dq buffer of every thread after the first, plus tiles.
+//! dout) plus Sq H D for the dq buffer of every slot after the first, plus tiles.
 #pragma once
 
 #include "../../config.hpp"
@@ -42,13 +49,15 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 FPDT_NAMESPACE_BEGIN
 
 namespace detail::host_attention {
 
 inline constexpr float log2e = 1.4426950408889634f;
-inline constexpr float ln2 = 0.6931471805599453f;
 inline constexpr float ninf = -std::numeric_limits<float>::infinity();
 
 // 2^x without a libm call, so loops over it vectorise. Round-to-nearest split x = n + f with
@@ -72,21 +81,113 @@ FPDT_FORCEINLINE float exp2(float x) noexcept {
   return p * FPDT_BIT_CAST(float, static_cast<std::int32_t>((n + 127) << 23));
 }
 
-#if defined(__GNUC__) && !defined(__NVCC__)
-// 16 floats in GCC/Clang vector-extension form: one zmm with AVX-512, split by the compiler into
-// narrower registers elsewhere. Explicit vectors keep the micro-tile in registers at any -O level.
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
-#endif
-#if defined(__AVX512F__)
-inline constexpr index_t mr = 8;  // rows of the micro-tile: 8 x 32 floats = 16 zmm accumulators
-inline constexpr index_t nv = 2;  // 16-float vectors per micro-tile row
-#elif defined(__AVX__)
-inline constexpr index_t mr = 4;  // 4 x 16 floats = 8 ymm accumulators
-inline constexpr index_t nv = 1;
+// log2 of the softmax weight exp(s scale - lse), for exp2. s scale - lse is formed in double (the
+// product of two floats is exact there) and rounded once, and only that small difference is
+// scaled to log2 units: s c - lse log2e in fp32 would carry (|s c| + |lse|) ulps into every
+// weight, which is what made dq lose digits when all scores share a large offset (issue 22).
+// min(., 0): a weight never exceeds 1, even when lse's rounding would push it above.
+FPDT_FORCEINLINE float log2_weight(float s, float scale, float lse) noexcept {
+#if defined(__FMA__)
+  float const x = std::fma(s, scale, -lse); // one instruction: exact product, one rounding
 #else
-inline constexpr index_t mr = 2;  // 2 x 16 floats = 8 xmm accumulators (SSE2)
-inline constexpr index_t nv = 1;
+  float const x = static_cast<float>(static_cast<double>(s) * scale - lse);
 #endif
+  return (x < 0.0f ? x : 0.0f) * log2e;
+}
+
+// The micro-tile: mr rows x nv vectors of vw floats, in GCC/Clang vector-extension form, one
+// native register per vector. (16-float vectors on AVX2, loaded through memcpy, ran at a tenth
+// of the FMA rate: issue 22.)
+#if defined(__AVX512F__)
+inline constexpr index_t vw = 16; // floats per vector: one zmm
+inline constexpr index_t mr = 8;  // 8 x 2 zmm accumulators
+inline constexpr index_t nv = 2;
+#elif defined(__AVX__)
+inline constexpr index_t vw = 8;  // one ymm
+inline constexpr index_t mr = 6;  // 6 x 2 ymm accumulators (of 16 ymm)
+inline constexpr index_t nv = 2;
+#else
+inline constexpr index_t vw = 4;  // one xmm (SSE2)
+inline constexpr index_t mr = 4;  // 4 x 2 xmm accumulators (of 16 xmm)
+inline constexpr index_t nv = 2;
+#endif
+#if defined(__GNUC__) && !defined(__NVCC__)
+// may_alias and aligned(4): loads and stores straight from float arrays (memcpy into a vector went
+// through the stack in 16-byte pieces on GCC 12).
+typedef float vecf __attribute__((vector_size(vw * sizeof(float)), aligned(4), may_alias));
+typedef std::int32_t veci __attribute__((vector_size(vw * sizeof(float))));
+
+FPDT_FORCEINLINE vecf load(float const* p) noexcept { return *reinterpret_cast<vecf const*>(p); }
+FPDT_FORCEINLINE void store(float* p, vecf x) noexcept { *reinterpret_cast<vecf*>(p) = x; }
+FPDT_FORCEINLINE vecf splat(float x) noexcept { return vecf{} + x; }
+
+// exp2 on vw lanes: the scalar exp2's operations, lane by lane.
+FPDT_FORCEINLINE vecf exp2(vecf x) noexcept {
+  x = x < splat(-127.0f) ? splat(-127.0f) : x;
+  x = x > splat(127.0f) ? splat(127.0f) : x;
+  vecf const shifter = splat(12582912.0f);
+  vecf const t = x + shifter;
+  vecf const f = x - (t - shifter);
+  veci const n = FPDT_BIT_CAST(veci, t) - FPDT_BIT_CAST(veci, shifter);
+  vecf p = splat(1.525273380405984e-05f);
+  p = p * f + 1.5403530393381608e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  veci const e = (n + 127) << 23;
+  return p * FPDT_BIT_CAST(vecf, e);
+}
+#endif
+
+// row[r] = exp2((row[r] - m[r]) c), l[r] += row[r] for r < n: the forward's weights of one key
+// against n query rows.
+FPDT_FORCEINLINE void softmax_weights(float* row, float const* m, float* l, index_t n,
+                                      float c) noexcept {
+  index_t r = 0;
+#if defined(__GNUC__) && !defined(__NVCC__)
+  for (; r + vw <= n; r += vw) {
+    vecf const p = exp2((load(row + r) - load(m + r)) * c);
+    store(row + r, p);
+    store(l + r, load(l + r) + p);
+  }
+#endif
+  for (; r < n; ++r) {
+    float const p = exp2((row[r] - m[r]) * c);
+    row[r] = p;
+    l[r] += p;
+  }
+}
+
+// The backward's weights and score gradients of one query row against n keys, in place:
+// p[t] = exp(s_t scale - lse) from the score s_t = p[t]; ds[t] = p (dP_t - delta) scale from
+// dP_t = ds[t].
+FPDT_FORCEINLINE void softmax_grad(float* p, float* ds, index_t n, float scale, float lse,
+                                   float delta) noexcept {
+  index_t t = 0;
+#if defined(__GNUC__) && !defined(__NVCC__) && defined(__FMA__) && (defined(__AVX512F__) || defined(__AVX__))
+  for (; t + vw <= n; t += vw) {
+#if defined(__AVX512F__)
+    vecf x = FPDT_BIT_CAST(vecf, _mm512_fmadd_ps(FPDT_BIT_CAST(__m512, load(p + t)),
+                                                 _mm512_set1_ps(scale), _mm512_set1_ps(-lse)));
+#else
+    vecf x = FPDT_BIT_CAST(vecf, _mm256_fmadd_ps(FPDT_BIT_CAST(__m256, load(p + t)),
+                                                 _mm256_set1_ps(scale), _mm256_set1_ps(-lse)));
+#endif
+    x = (x < splat(0.0f) ? x : splat(0.0f)) * log2e; // as log2_weight
+    vecf const pv = exp2(x);
+    store(p + t, pv);
+    store(ds + t, pv * (load(ds + t) - delta) * scale);
+  }
+#endif
+  for (; t < n; ++t) {
+    float const pv = exp2(log2_weight(p[t], scale, lse));
+    p[t] = pv;
+    ds[t] = pv * (ds[t] - delta) * scale;
+  }
+}
 
 // A(r, p) of a row-major m x k matrix (TransA false) or of the transpose of a row-major k x m
 // matrix (TransA true, element (r, p) at a[p * lda + r]).
@@ -96,28 +197,28 @@ FPDT_FORCEINLINE float a_at(float const* a, index_t lda, index_t r, index_t p) n
 }
 
 // C[m x n] += A[m x k] * B[k x n]; B and C row-major (ldb, ldc), A as in a_at. The full
-// mr x (16 nv) tiles run in a register-blocked micro-kernel; edges in plain loops that vectorise
+// mr x (vw nv) tiles run in a register-blocked micro-kernel; edges in plain loops that vectorise
 // along the row.
 template <bool TransA = false>
 inline void gemm_acc(index_t m, index_t n, index_t k, float const* a, index_t lda, float const* b,
                      index_t ldb, float* c, index_t ldc) noexcept {
   index_t i = 0;
 #if defined(__GNUC__) && !defined(__NVCC__)
-  constexpr index_t nr = 16 * nv;
+  constexpr index_t nr = vw * nv;
   for (; i + mr <= m; i += mr) {
     index_t j = 0;
     for (; j + nr <= n; j += nr) {
-      vec16 acc[mr][nv];
+      vecf acc[mr][nv];
 #pragma GCC unroll 8
       for (index_t r = 0; r < mr; ++r)
 #pragma GCC unroll 2
         for (index_t v = 0; v < nv; ++v)
-          __builtin_memcpy(&acc[r][v], c + (i + r) * ldc + j + 16 * v, sizeof(vec16));
+          acc[r][v] = *reinterpret_cast<vecf const*>(c + (i + r) * ldc + j + vw * v);
       for (index_t p = 0; p < k; ++p) {
-        vec16 bv[nv];
+        vecf bv[nv];
 #pragma GCC unroll 2
         for (index_t v = 0; v < nv; ++v)
-          __builtin_memcpy(&bv[v], b + p * ldb + j + 16 * v, sizeof(vec16));
+          bv[v] = *reinterpret_cast<vecf const*>(b + p * ldb + j + vw * v);
 #pragma GCC unroll 8
         for (index_t r = 0; r < mr; ++r) {
           float const x = a_at<TransA>(a, lda, i + r, p);
@@ -129,7 +230,7 @@ inline void gemm_acc(index_t m, index_t n, index_t k, float const* a, index_t ld
       for (index_t r = 0; r < mr; ++r)
 #pragma GCC unroll 2
         for (index_t v = 0; v < nv; ++v)
-          __builtin_memcpy(c + (i + r) * ldc + j + 16 * v, &acc[r][v], sizeof(vec16));
+          *reinterpret_cast<vecf*>(c + (i + r) * ldc + j + vw * v) = acc[r][v];
     }
     for (index_t r = 0; r < mr && j < n; ++r) {
       float* cr = c + (i + r) * ldc;
@@ -212,7 +313,10 @@ struct host_chunk_kernel {
     index_t const sq = a.q.extent(0), h = a.q.extent(1), d = a.q.extent(2);
     index_t const sk = a.k.extent(0), hkv = a.k.extent(1), group = h / hkv;
     if (sq == 0) return {};
-    float const c = resolve_scale(a.scale, d) * ha::log2e; // scores in log2 units
+    // Scores stay unscaled until the running max is subtracted: (s - m) * c is exact to a few
+    // ulps of the (small) difference, where s * c - m * c would carry |s| c ulps into exp2.
+    float const scale = resolve_scale(a.scale, d);
+    float const c = scale * ha::log2e;
     index_t const q_blocks = (sq + ha::block_q - 1) / ha::block_q;
     index_t const rows = group * ha::block_q;
     std::size_t const items = static_cast<std::size_t>(hkv * q_blocks);
@@ -270,7 +374,7 @@ struct host_chunk_kernel {
         for (index_t i = 0; i < bq; ++i)
           for (index_t x = 0; x < d; ++x)
             w.qt[static_cast<std::size_t>(x * rows + hh * bq + i)] =
-                static_cast<float>(a.q(i0 + i, g * group + hh, x)) * c;
+                static_cast<float>(a.q(i0 + i, g * group + hh, x));
       std::fill(w.o.begin(), w.o.begin() + nrows * d, 0.0f);
       std::fill(w.m.begin(), w.m.begin() + nrows, ha::ninf);
       std::fill(w.l.begin(), w.l.begin() + nrows, 0.0f);
@@ -301,22 +405,18 @@ struct host_chunk_kernel {
         }
         for (index_t r = 0; r < nrows; ++r) { // alpha: tile max -> rescale factor; m: new max
           float const m_new = std::max(m[r], alpha[r]);
-          alpha[r] = m_new == ha::ninf ? 1.0f : ha::exp2(m[r] - m_new);
+          alpha[r] = m_new == ha::ninf ? 1.0f : ha::exp2((m[r] - m_new) * c);
           m[r] = m_new;
         }
         for (index_t r = 0; r < nrows; ++r) l[r] *= alpha[r];
         for (index_t t = 0; t < nb; ++t) {
           float* row = st + t * rows;
           if (all_visible) {
-            for (index_t r = 0; r < nrows; ++r) {
-              float const p = ha::exp2(row[r] - m[r]);
-              row[r] = p;
-              l[r] += p;
-            }
+            ha::softmax_weights(row, m, l, nrows, c);
           } else {
             for (index_t r = 0; r < nrows; ++r) {
               bool const vis = j0 + t >= lo[r] && j0 + t < hi[r];
-              float const p = vis ? ha::exp2(row[r] - m[r]) : 0.0f;
+              float const p = vis ? ha::exp2((row[r] - m[r]) * c) : 0.0f;
               row[r] = p;
               l[r] += p;
             }
@@ -341,7 +441,9 @@ struct host_chunk_kernel {
             } else {
               for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = o[x] * inv;
             }
-            a.out.lse(head, i0 + i) = (m[r] + std::log2(l[r])) * ha::ln2;
+            // In double, rounded once: lse = m scale + ln l.
+            a.out.lse(head, i0 + i) = static_cast<float>(static_cast<double>(m[r]) * scale +
+                                                         std::log(static_cast<double>(l[r])));
           } else { // no visible key: out 0, lse -inf (docs/design.md 3.2)
             for (index_t x = 0; x < d; ++x) a.out.out(i0 + i, head, x) = 0.0f;
             a.out.lse(head, i0 + i) = ha::ninf;
@@ -361,7 +463,6 @@ struct host_chunk_kernel {
     index_t const sk = a.k.extent(0), hkv = a.k.extent(1), group = h / hkv;
     if (sq == 0 || sk == 0) return {};
     float const scale = resolve_scale(a.scale, d);
-    float const c = scale * ha::log2e;
     index_t const k_blocks = (sk + ha::block_k - 1) / ha::block_k;
     std::size_t const items = static_cast<std::size_t>(hkv * k_blocks);
     unsigned const workers = parallel_workers(items, threads);
@@ -384,9 +485,13 @@ struct host_chunk_kernel {
       w.dk.resize(static_cast<std::size_t>(bk * d));
       w.dv.resize(static_cast<std::size_t>(bk * d));
       w.dq_tile.resize(static_cast<std::size_t>(bq * d));
-      if (i > 0) w.dq.assign(dq_size, 0.0f); // worker 0 adds into the caller's dq directly
+      if (i > 0) w.dq.assign(dq_size, 0.0f); // slot 0 adds into the caller's dq directly
     }
-    auto run = parallel_for(items, workers, [&](std::size_t item, unsigned worker) {
+    bool const dq_direct = a.dq.stride(2) == 1;
+    // Items are dealt to `workers` slots round-robin (slot s: items s, s + workers, ...), each
+    // slot with its own dq buffer, whichever thread runs it: dq is summed in the same order on
+    // every run with the same thread count (a shared queue made it depend on the schedule).
+    auto process = [&](std::size_t item, unsigned worker) {
       scratch& w = ws[worker];
       index_t const g = static_cast<index_t>(item) / k_blocks;
       index_t const j0 = static_cast<index_t>(item) % k_blocks * bk;
@@ -426,22 +531,18 @@ struct host_chunk_kernel {
             key_range const kr = a.mask.local_keys(a.q_offset + i0 + i, a.k_offset, sk);
             index_t const lo = std::max<index_t>(kr.begin - j0, 0), hi = std::min<index_t>(kr.end - j0, nb);
             float const lse = a.lse(head, i0 + i);
-            float const lse2 = lse * ha::log2e;
             float const delta = a.delta(head, i0 + i);
             float* p = &w.s[static_cast<std::size_t>(i * bk)];
             float* ds = &w.dp[static_cast<std::size_t>(i * bk)];
             bool const empty = lse == ha::ninf || lo >= hi;
             if (!empty && lo == 0 && hi == nb) { // the whole tile is visible to this row
-              for (index_t t = 0; t < nb; ++t) {
-                // min(., 0): P <= 1 even when rounding of a huge lse would push it above.
-                float const pv = ha::exp2(std::min(p[t] * c - lse2, 0.0f));
-                p[t] = pv;
-                ds[t] = pv * (ds[t] - delta) * scale; // dS, pre-scaled for dq and dk
-              }
+              ha::softmax_grad(p, ds, nb, scale, lse, delta); // dS pre-scaled for dq, dk
             } else {
               for (index_t t = 0; t < nb; ++t) {
                 float const pv =
-                    (!empty && t >= lo && t < hi) ? ha::exp2(std::min(p[t] * c - lse2, 0.0f)) : 0.0f;
+                    (!empty && t >= lo && t < hi)
+                        ? ha::exp2(ha::log2_weight(p[t], scale, lse))
+                        : 0.0f;
                 p[t] = pv;
                 ds[t] = pv * (ds[t] - delta) * scale;
               }
@@ -450,16 +551,18 @@ struct host_chunk_kernel {
           // dV += P^T dO ; dK += dS^T Q (P and dS read as transposed operands) ; dQ += dS K
           ha::gemm_acc<true>(nb, d, mq, w.s.data(), bk, dot, d, w.dv.data(), d);
           ha::gemm_acc<true>(nb, d, mq, w.dp.data(), bk, qt, d, w.dk.data(), d);
-          std::fill(w.dq_tile.begin(), w.dq_tile.end(), 0.0f);
-          ha::gemm_acc(mq, d, nb, w.dp.data(), bk, w.k.data(), d, w.dq_tile.data(), d);
-          for (index_t i = 0; i < mq; ++i) {
-            float const* src = &w.dq_tile[static_cast<std::size_t>(i * d)];
-            if (worker == 0) {
-              ha::add_row(a.dq, i0 + i, head, src, d);
-            } else {
-              float* dst = &w.dq[static_cast<std::size_t>(((i0 + i) * h + head) * d)];
-              for (index_t x = 0; x < d; ++x) dst[x] += src[x];
-            }
+          // dQ accumulates in place (no tile to zero and add): rows i0.. of head `head`.
+          if (worker != 0) {
+            ha::gemm_acc(mq, d, nb, w.dp.data(), bk, w.k.data(), d,
+                         &w.dq[static_cast<std::size_t>((i0 * h + head) * d)], h * d);
+          } else if (dq_direct) {
+            ha::gemm_acc(mq, d, nb, w.dp.data(), bk, w.k.data(), d, &a.dq(i0, head, 0),
+                         a.dq.stride(0));
+          } else {
+            std::fill(w.dq_tile.begin(), w.dq_tile.end(), 0.0f);
+            ha::gemm_acc(mq, d, nb, w.dp.data(), bk, w.k.data(), d, w.dq_tile.data(), d);
+            for (index_t i = 0; i < mq; ++i)
+              ha::add_row(a.dq, i0 + i, head, &w.dq_tile[static_cast<std::size_t>(i * d)], d);
           }
         }
       }
@@ -467,9 +570,13 @@ struct host_chunk_kernel {
         ha::add_row(a.dk, j0 + t, g, &w.dk[static_cast<std::size_t>(t * d)], d);
         ha::add_row(a.dv, j0 + t, g, &w.dv[static_cast<std::size_t>(t * d)], d);
       }
+    };
+    auto run = parallel_for(workers, workers, [&](std::size_t slot, unsigned) {
+      for (std::size_t item = slot; item < items; item += workers)
+        process(item, static_cast<unsigned>(slot));
     });
     if (!run.ok()) return run.error();
-    for (unsigned i = 1; i < *run; ++i)
+    for (unsigned i = 1; i < workers; ++i)
       for (index_t s = 0; s < sq; ++s)
         for (index_t hh = 0; hh < h; ++hh)
           ha::add_row(a.dq, s, hh, &ws[i].dq[static_cast<std::size_t>((s * h + hh) * d)], d);
