@@ -113,7 +113,8 @@ struct step_price {
   constexpr step_price() = default;
   //! `{seconds}` or `{seconds, pcie_bytes}` (a constructor rather than an aggregate, so the
   //! one-value form stays free of missing-initializer warnings).
-  constexpr explicit(false) step_price(double on_lane, std::optional<std::uint64_t> pcie = std::nullopt)
+  // Implicit, so a price function may return plain seconds.
+  constexpr step_price(double on_lane, std::optional<std::uint64_t> pcie = std::nullopt)
       : seconds(on_lane), pcie_bytes(pcie) {}
   //! Not a price: the second value is bytes (the comm lane is priced by exchange steps).
   template <std::floating_point F> step_price(double, F) = delete;
