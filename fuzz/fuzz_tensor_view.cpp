@@ -36,7 +36,7 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
   if (reach > INT64_MAX) fail("accepted a view whose furthest offset overflows 64 bits");
   if (capacity >= 0 && reach >= capacity) fail("accepted a view that reaches past its capacity");
   // Small views: every index tuple has its own offset.
-  if (e[0] * e[1] * e[2] <= 4096 && e[0] <= 4096 && e[1] <= 4096 && e[2] <= 4096) {
+  if (e[0] <= 4096 && e[1] <= 4096 && e[2] <= 4096 && e[0] * e[1] * e[2] <= 4096) { // (bounded first: no overflow)
     std::set<__int128> seen;
     for (fpdt::index_t i = 0; i < e[0]; ++i)
       for (fpdt::index_t j = 0; j < e[1]; ++j)

@@ -2,7 +2,7 @@
 # The whole test suite: installs missing Debian packages (as root), then configures, builds and
 # tests four presets: default (everything, CUDA compiled when nvcc exists), asan (address and
 # undefined-behaviour sanitizers) and tsan (thread sanitizer), the last two on the host code, and
-# fuzz (clang's libFuzzer targets in fuzz/, FPDT_FUZZ_SECONDS each from the committed corpus).
+# fuzz (clang's libFuzzer targets in fuzz/, FPDT_FUZZ_RUNS inputs each from a fixed seed).
 # Prints one summary line at the end; exits non-zero if anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
