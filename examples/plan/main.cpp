@@ -25,10 +25,12 @@ void usage(std::FILE* to) {
                "usage: fpdt-plan --model NAME --gpus P --gpu NAME [--method fpdt|ulysses|megatron_sp]\n"
                "                 [--seq N] [--chunk C] [--zero 0-3] [--checkpointing on|off]\n"
                "                 [--checkpoint-offload on|off] [--offload on|off] [--dtype-bytes 1|2|4]\n"
-               "                 [--coarse] [--csv] [--sweep] [--config FILE]\n"
+               "                 [--window W] [--coarse] [--csv] [--sweep] [--config FILE]\n"
                "  Without --seq: the longest sequence that fits (device and host), the per-rank memory\n"
                "  there, the recommended chunk size and the predicted MFU. --seq N (suffix K = 1024,\n"
-               "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --coarse\n"
+               "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --window W\n"
+               "  prices causal sliding-window attention of W tokens (FPDT skips the chunk pairs outside it,\n"
+               "  and MFU counts only the window's FLOPs); --coarse\n"
                "  searches powers of two only; --csv prints a header and one row (the limit columns\n"
                "  are empty with --seq, which searches nothing); --sweep prints per-rank device\n"
                "  GiB of the three methods for S = 4K .. 16M (CSV, for scripts/plot-plan.sh).\n"
@@ -85,7 +87,7 @@ fpdt::result<options> parse(int argc, char** argv) {
     if (a == "--coarse") { o.finer = false; continue; }
     constexpr std::string_view with_value[] = {"--model", "--gpu", "--config", "--method", "--gpus", "--seq",
                                                "--chunk", "--zero", "--dtype-bytes", "--checkpointing",
-                                               "--checkpoint-offload", "--offload"};
+                                               "--checkpoint-offload", "--offload", "--window"};
     bool known = false;
     for (auto k : with_value) known = known || a == k;
     if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a);
@@ -99,6 +101,10 @@ fpdt::result<options> parse(int argc, char** argv) {
       else if (v == "ulysses") o.t.method = fpdt::parallel_method::ulysses;
       else if (v == "megatron_sp" || v == "megatron-sp" || v == "megatron") o.t.method = fpdt::parallel_method::megatron_sp;
       else return fpdt::make_error(fpdt::errc::invalid_argument, "--method must be fpdt, ulysses or megatron_sp, got '", v, "'");
+    } else if (a == "--window") {
+      auto x = parse_tokens(v, a);
+      if (!x) return x.error();
+      o.t.mask = fpdt::causal_window_mask(*x);
     } else if (a == "--gpus" || a == "--seq" || a == "--chunk") {
       auto x = parse_tokens(v, a);
       if (!x) return x.error();

@@ -46,7 +46,8 @@ using gemm_t = fpdt::host_gemm;
 struct options {
   index_t ranks = 4, seq = 16384, chunk = 4096, layers = 2, hidden = 256, heads = 8, kv_heads = 2, steps = 10;
   index_t device_budget = index_t{1} << 30;
-  bool offload = true, ranks_given = false;
+  index_t window = 0; // causal sliding window of W tokens (0: none)
+  bool offload = true, ranks_given = false, documents = false;
   double lr = 3e-3;
   std::string data, trace = "fpdt-train-trace.json";
 };
@@ -55,7 +56,7 @@ void usage(std::FILE* to) {
   std::fprintf(to,
                "usage: fpdt-train [--seq S] [--chunk C] [--ranks P] [--layers L] [--hidden H] [--heads N]\n"
                "                  [--kv-heads K] [--steps N] [--offload on|off] [--data FILE] [--trace FILE]\n"
-               "                  [--device-budget BYTES] [--lr X]\n"
+               "                  [--device-budget BYTES] [--lr X] [--window W] [--documents on|off]\n"
                "  Trains a byte-level transformer (RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP,\n"
                "  AdamW) with FPDT attention, chunked MLP and chunked loss on P ranks (threads, or MPI\n"
                "  processes under mpirun). Defaults: S=16384 C=4096 P=4 L=2 H=256 N=8 K=2, 10 steps,\n"
@@ -63,6 +64,10 @@ void usage(std::FILE* to) {
                "  /usr/share/common-licenses, trace fpdt-train-trace.json.\n"
                "  Rules: S %% C == 0, C %% P == 0, N %% P == 0, K %% P == 0 or P %% K == 0, H %% N == 0 with an\n"
                "  even head dim; the data must hold at least S + 1 bytes.\n"
+               "  --window W: causal sliding-window attention of W tokens. --documents on: each input file\n"
+               "  is a document; a step's window packs the documents it covers, attention sees only each\n"
+               "  token's own document, rotary positions restart at every document and each document's\n"
+               "  last byte has no label (with --data FILE there is one document).\n"
                "  Each step prints 'step N loss X tokens/s T peak_device_bytes B'.\n");
 }
 
@@ -73,7 +78,7 @@ fpdt::result<options> parse(int argc, char** argv) {
       {"--chunk", &o.chunk, 1, index_t{1} << 26}, {"--layers", &o.layers, 1, 1024},
       {"--hidden", &o.hidden, 2, 65536},     {"--heads", &o.heads, 1, 1024},
       {"--kv-heads", &o.kv_heads, 1, 1024},  {"--steps", &o.steps, 0, 1000000},
-      {"--device-budget", &o.device_budget, 1, index_t{1} << 50}};
+      {"--device-budget", &o.device_budget, 1, index_t{1} << 50}, {"--window", &o.window, 1, index_t{1} << 26}};
   bool chunk_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string const a = argv[i];
@@ -82,14 +87,15 @@ fpdt::result<options> parse(int argc, char** argv) {
       std::exit(0);
     }
     auto const* spec = fpdt_examples::find(specs, a);
-    bool const known = a == "--offload" || a == "--trace" || a == "--data" || a == "--lr" || spec != nullptr;
+    bool const known = a == "--offload" || a == "--documents" || a == "--trace" || a == "--data" || a == "--lr" ||
+                       spec != nullptr;
     if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
     std::string const val = argv[++i];
-    if (a == "--offload") {
-      auto on = fpdt_examples::on_off("--offload", val);
+    if (a == "--offload" || a == "--documents") {
+      auto on = fpdt_examples::on_off(a.c_str(), val);
       if (!on) return on.error();
-      o.offload = *on;
+      (a == "--offload" ? o.offload : o.documents) = *on;
     } else if (a == "--trace") {
       o.trace = val;
     } else if (a == "--data") {
@@ -110,12 +116,20 @@ fpdt::result<options> parse(int argc, char** argv) {
   return o;
 }
 
+// The training text and where each file starts in it (the documents of --documents).
+struct corpus {
+  std::vector<std::uint8_t> bytes;
+  std::vector<std::size_t> starts;
+};
+
 // The training text: --data FILE, or the licence texts every Debian system ships, concatenated
 // in name order.
-fpdt::result<std::vector<std::uint8_t>> load_text(options const& o) {
-  std::vector<std::uint8_t> text;
+fpdt::result<corpus> load_text(options const& o) {
+  corpus c;
+  std::vector<std::uint8_t>& text = c.bytes;
   auto append = [&](std::filesystem::path const& p) {
     std::ifstream in(p, std::ios::binary);
+    c.starts.push_back(text.size());
     text.insert(text.end(), std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
   };
   if (!o.data.empty()) {
@@ -135,14 +149,26 @@ fpdt::result<std::vector<std::uint8_t>> load_text(options const& o) {
   if (static_cast<index_t>(text.size()) < o.seq + 1)
     return fpdt::make_error(fpdt::errc::invalid_argument, "training text has ", text.size(), " bytes, fewer than S + 1 = ",
                             o.seq + 1, (o.data.empty() ? " (from /usr/share/common-licenses; pass --data FILE)" : ""));
-  return text;
+  return c;
 }
 
-// Step n's window of S + 1 bytes: a deterministic walk through the text.
-std::span<std::uint8_t const> window(std::vector<std::uint8_t> const& text, index_t seq, index_t step) {
+// Where step n's window of S + 1 bytes starts: a deterministic walk through the text.
+std::size_t window_start(std::vector<std::uint8_t> const& text, index_t seq, index_t step) {
   std::size_t const room = text.size() - static_cast<std::size_t>(seq) - 1 + 1;
-  std::size_t const at = static_cast<std::size_t>(step) * 2654435761u % room;
-  return {text.data() + at, static_cast<std::size_t>(seq) + 1};
+  return static_cast<std::size_t>(step) * 2654435761u % room;
+}
+std::span<std::uint8_t const> window(std::vector<std::uint8_t> const& text, index_t seq, index_t step) {
+  return {text.data() + window_start(text, seq, step), static_cast<std::size_t>(seq) + 1};
+}
+
+// The documents of step n's window (cu_seqlens: 0, each file start inside the window, S).
+std::vector<index_t> window_documents(corpus const& c, index_t seq, index_t step) {
+  std::size_t const at = window_start(c.bytes, seq, step);
+  std::vector<index_t> offsets{0};
+  for (std::size_t b : c.starts)
+    if (b > at && b < at + static_cast<std::size_t>(seq)) offsets.push_back(static_cast<index_t>(b - at));
+  offsets.push_back(seq);
+  return offsets;
 }
 
 struct rank_report {
@@ -158,7 +184,8 @@ template <class G> void set_threads(G& g, unsigned threads) {
 }
 
 template <class Comm>
-fpdt::status run_rank(options const& o, std::vector<std::uint8_t> const& text, Comm& comm, rank_report& rep) {
+fpdt::status run_rank(options const& o, corpus const& corpus_text, Comm& comm, rank_report& rep) {
+  std::vector<std::uint8_t> const& text = corpus_text.bytes;
   bool const lead = comm.rank() == 0;
   fpdt_train::model_config cfg;
   cfg.layers = o.layers;
@@ -169,7 +196,7 @@ fpdt::status run_rank(options const& o, std::vector<std::uint8_t> const& text, C
   unsigned const hw = std::max(1u, std::thread::hardware_concurrency());
   unsigned const threads = std::max(1u, hw / static_cast<unsigned>(comm.size()));
   fpdt_train::run_options ro{.seq = o.seq, .chunk = o.chunk, .offload = o.offload, .kind = fpdt_train::pieces::fpdt,
-                             .kernel_threads = threads};
+                             .kernel_threads = threads, .window = o.window};
   gemm_t gemm{};
   set_threads(gemm, threads);
   // Fail at once, not minutes into a step, when the plan does not fit the budget.
@@ -203,7 +230,8 @@ fpdt::status run_rank(options const& o, std::vector<std::uint8_t> const& text, C
     step_no = s;
     t_step = t_print = std::chrono::steady_clock::now();
     be.device_memory().reset_peak();
-    auto st = (*model)->forward_backward(window(text, o.seq, s));
+    std::vector<index_t> const docs = o.documents ? window_documents(corpus_text, o.seq, s) : std::vector<index_t>{};
+    auto st = (*model)->forward_backward(window(text, o.seq, s), docs);
     if (!st) return st.error();
     (*model)->adamw(o.lr, static_cast<int>(s + 1));
     double const secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_step).count();
@@ -232,10 +260,12 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
   auto const& r0 = reps.front();
   double total = 0;
   for (double s : r0.seconds) total += s;
-  std::printf("fpdt-train: P=%lld (%s) S=%lld C=%lld L=%lld hidden=%lld heads=%lld kv_heads=%lld offload %s\n",
+  std::printf("fpdt-train: P=%lld (%s) S=%lld C=%lld L=%lld hidden=%lld heads=%lld kv_heads=%lld offload %s, mask %s%s\n",
               static_cast<long long>(ranks), how, static_cast<long long>(o.seq), static_cast<long long>(o.chunk),
               static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
-              static_cast<long long>(o.kv_heads), o.offload ? "on" : "off");
+              static_cast<long long>(o.kv_heads), o.offload ? "on" : "off",
+              fpdt::to_string(o.window > 0 ? fpdt::causal_window_mask(o.window) : fpdt::causal_mask).c_str(),
+              o.documents ? ", packed documents (one per input file)" : "");
   if (!r0.loss.empty())
     std::printf("  loss %.4f -> %.4f over %zu step(s); %.0f tokens/s on average\n", r0.loss.front(), r0.loss.back(),
                 r0.loss.size(), static_cast<double>(o.seq) * static_cast<double>(r0.loss.size()) / total);

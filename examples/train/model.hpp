@@ -296,6 +296,11 @@ struct run_options {
   bool offload = true;   //!< token tensors and attention chunks in pinned host memory
   pieces kind = pieces::fpdt;
   unsigned kernel_threads = 1; //!< threads of the host attention kernel
+  index_t window = 0;          //!< causal sliding window of W tokens (0: none)
+  //! The attention mask of the run, without documents (those come with each step's window).
+  [[nodiscard]] fpdt::attention_mask mask() const noexcept {
+    return window > 0 ? fpdt::causal_window_mask(window) : fpdt::causal_mask;
+  }
 };
 
 struct step_stats {
@@ -343,18 +348,27 @@ public:
     auto loss = loss_t::create(be, cfg.hidden, cfg.vocab, {.chunk = rows, .reduction = fpdt::loss_reduction::sum}, gemm);
     if (!loss) return loss.error();
     m->loss_.emplace(std::move(*loss));
-    if constexpr (has_fpdt) {
-      if (ro.kind == pieces::fpdt)
-        for (index_t l = 0; l < cfg.layers; ++l) {
-          auto a = fpdt::sequence_parallel_attention<float, Comm>::create(
-              be, comm, {ro.seq, cfg.heads, cfg.kv_heads, cfg.head_dim()},
-              {.chunk = ro.chunk, .offload = ro.offload, .ring_slots = 2, .mask = fpdt::causal_mask},
-              static_cast<std::uint64_t>(l % 63 + 1), fpdt::host_chunk_kernel{ro.kernel_threads});
-          if (!a) return a.error();
-          m->attn_.push_back(std::move(*a));
-        }
-    }
+    FPDT_TRY(m->make_attention(ro.mask()));
     return m;
+  }
+
+  //! (Re)builds the attention layers with `mask` (attention has no parameters: a new document
+  //! layout per step is a new layer per step). Errors: those of the layer's `create`.
+  status make_attention(fpdt::attention_mask const& mask) {
+    if constexpr (has_fpdt) {
+      if (ro_.kind != pieces::fpdt) return {};
+      attn_.clear();
+      for (index_t l = 0; l < cfg_.layers; ++l) {
+        auto a = fpdt::sequence_parallel_attention<float, Comm>::create(
+            *be_, *comm_, {ro_.seq, cfg_.heads, cfg_.kv_heads, cfg_.head_dim()},
+            {.chunk = ro_.chunk, .offload = ro_.offload, .ring_slots = 2, .mask = mask},
+            static_cast<std::uint64_t>(l % 63 + 1), fpdt::host_chunk_kernel{ro_.kernel_threads});
+        if (!a) return a.error();
+        attn_.push_back(std::move(*a));
+      }
+    }
+    (void)mask;
+    return {};
   }
 
   [[nodiscard]] T* w() const noexcept { return w_.template as<T>(); }
@@ -366,8 +380,11 @@ public:
 
   //! Forward and backward over one window of S + 1 bytes (inputs window[0..S), labels
   //! window[1..S]); the gradients (summed over ranks) overwrite `grad()`. Returns the global
-  //! mean loss. Errors: shapes, memory (the arena budget), communication.
-  result<step_stats> forward_backward(std::span<std::uint8_t const> window) {
+  //! mean loss. With `documents` (cu_seqlens offsets of the packed documents in the window, 0
+  //! first and S last; empty: one sequence) attention sees only each token's own document,
+  //! rotary positions restart at every document and each document's last token has no label.
+  //! Errors: shapes, the documents' rules, memory (the arena budget), communication.
+  result<step_stats> forward_backward(std::span<std::uint8_t const> window, std::span<index_t const> documents = {}) {
     if (static_cast<index_t>(window.size()) != tl_.sequence() + 1)
       return fpdt::make_error(fpdt::errc::invalid_argument, "model: window of ", window.size(),
                               " bytes, need S + 1 = ", tl_.sequence() + 1);
@@ -380,6 +397,23 @@ public:
       pos_[static_cast<std::size_t>(t)] = gp;
       ids_[static_cast<std::size_t>(t)] = window[static_cast<std::size_t>(gp)];
       labels_[static_cast<std::size_t>(t)] = window[static_cast<std::size_t>(gp + 1)];
+    }
+    valid_ = tl_.sequence();
+    if (!documents.empty() && ro_.kind != pieces::fpdt)
+      return fpdt::make_error(fpdt::errc::not_supported, "model: documents need the fpdt pieces");
+    for (std::size_t d = 0; d + 1 < documents.size(); ++d) valid_ -= documents[d + 1] > documents[d] ? 1 : 0;
+    if (valid_ < 1)
+      return fpdt::make_error(fpdt::errc::invalid_argument, "model: every document of the window has one token, so no "
+                              "token has a label (", documents.size() - 1, " documents in S = ", tl_.sequence(), ")");
+    if (!documents.empty() || documented_) {
+      // Position ids and labels of packed documents come from the token layout, in its order.
+      if (!documents.empty()) {
+        FPDT_TRY(tl_.document_position_ids(r, documents, fpdt::tensor_view<index_t, 1>(pos_.data(), {n}, {1})));
+        FPDT_TRY(tl_.mask_document_ends(r, documents, fpdt::tensor_view<std::int32_t, 1>(labels_.data(), {n}, {1}),
+                                        std::int32_t{-100}));
+      }
+      FPDT_TRY(make_attention(documents.empty() ? ro_.mask() : fpdt::with_documents(ro_.mask(), documents)));
+      documented_ = !documents.empty();
     }
     std::memset(g_.data(), 0, layout_.total * sizeof(T));
     bool const host = ro_.offload;
@@ -804,8 +838,9 @@ private:
   }
 
   // LM head + cross-entropy with its gradient: mean over the valid tokens of all ranks. Every
-  // byte label is valid, so the global count is S; the loss layer runs per staged chunk with
-  // reduction sum scaled by 1/S, and the loss sums are all-reduced afterwards.
+  // byte label is valid but the last of each packed document, so the global count is S less the
+  // documents (valid_); the loss layer runs per staged chunk with reduction sum scaled by
+  // 1/valid_, and the loss sums are all-reduced afterwards.
   result<step_stats> loss(token_tensor<T> const& xf, token_tensor<T>& dxf) {
     index_t const n = tl_.local_tokens(), h = cfg_.hidden, vs = cfg_.vocab, s = tl_.sequence();
     double total = 0;
@@ -819,7 +854,7 @@ private:
         auto head = fpdt::contiguous_view<T const>(w() + layout_.head, std::array<index_t, 2>{vs, h}).value();
         auto r = loss_->forward_backward(fpdt::contiguous_view<T const>(xr->p, std::array<index_t, 2>{rows_, h}).value(),
                                          head, lab, view2(dr->p, rows_, h), view2(grad() + layout_.head, vs, h), {}, {},
-                                         1.0 / static_cast<double>(s));
+                                         1.0 / static_cast<double>(valid_));
         if (!r) return r.error();
         total += r->loss;
       } else {
@@ -842,9 +877,9 @@ private:
       }
       put(*dr, dxf, r0, rows_);
     }
-    total /= static_cast<double>(s); // the loss layer reports the unscaled sum
+    total /= static_cast<double>(valid_); // the loss layer reports the unscaled sum
     if (comm_->size() > 1) FPDT_TRY(comm_->all_reduce_sum(&total, &total, 1, loss_tag));
-    return step_stats{total, s};
+    return step_stats{total, valid_};
   }
 
   fpdt::host_backend* be_;
@@ -859,6 +894,8 @@ private:
   std::optional<mlp_t> mlp_;
   std::optional<loss_t> loss_;
   std::vector<attention_t> attn_;
+  bool documented_ = false; // the layers carry the last step's documents
+  index_t valid_ = 0;       // tokens with a label this step, over all ranks
   std::vector<std::int32_t> labels_;
   std::vector<std::uint8_t> ids_;
   std::vector<index_t> pos_;

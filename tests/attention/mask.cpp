@@ -164,3 +164,98 @@ TEST_CASE("mask: local_keys equals brute force over all small placements") {
     for (index_t sk : {index_t{0}, index_t{1}, index_t{5}, index_t{8}})
       check_local_matches_brute(causal_mask, base + dq, base, sk);
 }
+
+// The window's definition, written here: q - left <= k <= q + right, and k <= q when causal.
+static bool window_visible(bool causal, index_t left, index_t right, index_t q, index_t k) {
+  return (left < 0 || k >= q - left) && (causal ? k <= q : (right < 0 || k <= q + right));
+}
+
+TEST_CASE("mask: sliding windows match their definition, and local_keys and visible_pairs match brute force") {
+  struct win { bool causal; index_t left, right; };
+  for (win w : {win{true, 0, -1}, win{true, 3, -1}, win{true, 3, 0}, win{false, 2, 5}, win{false, 0, 0},
+                win{false, -1, 4}, win{false, 6, -1}}) {
+    attention_mask const m{w.causal ? fpdt::mask_kind::causal : fpdt::mask_kind::full, w.left, w.right};
+    CAPTURE(fpdt::to_string(m));
+    REQUIRE(fpdt::check_mask(m).ok());
+    for (index_t q = 0; q < 20; ++q)
+      for (index_t k = 0; k < 24; ++k) CHECK(m.visible(q, k) == window_visible(w.causal, w.left, w.right, q, k));
+    for (index_t q = 0; q < 20; ++q)
+      for (index_t koff = 0; koff < 20; koff += 3)
+        for (index_t sk : {index_t{0}, index_t{1}, index_t{4}, index_t{7}}) check_local_matches_brute(m, q, koff, sk);
+    for (index_t qb = 0; qb < 14; qb += 3)
+      for (index_t sq : {index_t{0}, index_t{1}, index_t{5}})
+        for (index_t kb = 0; kb < 16; kb += 2)
+          for (index_t sk : {index_t{1}, index_t{3}, index_t{6}}) {
+            double n = 0;
+            for (index_t q = qb; q < qb + sq; ++q)
+              for (index_t k = kb; k < kb + sk; ++k) n += window_visible(w.causal, w.left, w.right, q, k) ? 1 : 0;
+            CAPTURE(qb);
+            CAPTURE(sq);
+            CAPTURE(kb);
+            CAPTURE(sk);
+            CHECK(m.visible_pairs(qb, sq, kb, sk) == n);
+          }
+  }
+  // Long contexts: no overflow at far positions, a huge window is the unwindowed mask.
+  attention_mask const huge{fpdt::mask_kind::full, index_t{1} << 62, index_t{1} << 62};
+  CHECK(huge.visible(index_t{1} << 40, 0));
+  CHECK(huge.visible(0, index_t{1} << 40));
+  CHECK(huge.visible_pairs(0, 1 << 20, 1 << 20, 1 << 20) == 1099511627776.0);
+  CHECK(causal_mask.visible_pairs(1 << 20, 1 << 20, 1 << 20, 1 << 20) == 549756338176.0); // C (C + 1) / 2
+  CHECK(fpdt::causal_window_mask(4096).window_left == 4095);
+  CHECK_FALSE(fpdt::check_mask(fpdt::causal_window_mask(0)).ok()); // not silently unbounded
+  CHECK(fpdt::to_string(fpdt::causal_window_mask(8)) == "causal, window (7, 0)");
+  CHECK(fpdt::to_string(attention_mask{fpdt::mask_kind::full, -1, 3}) == "full, window (inf, 3)");
+}
+
+TEST_CASE("mask: check_mask refuses negative windows, a causal right window and unknown kinds, naming them") {
+  auto msg = [](attention_mask m) { return fpdt::check_mask(m, "t").to_string(); };
+  CHECK(fpdt::check_mask(causal_mask).ok());
+  CHECK(fpdt::check_mask(full_mask).ok());
+  CHECK(fpdt::check_mask({fpdt::mask_kind::causal, 5, 0}).ok());
+  CHECK(msg({fpdt::mask_kind::full, -2, 1}).find("window (-2, 1)") != std::string::npos);
+  CHECK(msg({fpdt::mask_kind::causal, 1, 3}).find("window_right = 3") != std::string::npos);
+  CHECK(msg({static_cast<fpdt::mask_kind>(9), -1, -1}).find("mask kind 9") != std::string::npos);
+}
+
+TEST_CASE("mask: documents (cu_seqlens) with and without windows match their definition and brute-force counts") {
+  // Documents of lengths 0, 3, 1, 0, 7, 5, 0 (16 tokens): doc[t] from the lengths, written here.
+  std::vector<index_t> const lengths{0, 3, 1, 0, 7, 5, 0};
+  std::vector<index_t> const offsets = fpdt::document_offsets_from_lengths(lengths).value();
+  CHECK(offsets == std::vector<index_t>{0, 0, 3, 4, 4, 11, 16, 16});
+  std::vector<index_t> doc;
+  for (std::size_t d = 0; d < lengths.size(); ++d)
+    for (index_t x = 0; x < lengths[d]; ++x) doc.push_back(static_cast<index_t>(d));
+  index_t const s = 16;
+  struct win { bool causal; index_t left, right; };
+  for (win w : {win{true, -1, -1}, win{false, -1, -1}, win{true, 2, -1}, win{false, 1, 3}}) {
+    attention_mask const m = fpdt::with_documents(
+        {w.causal ? fpdt::mask_kind::causal : fpdt::mask_kind::full, w.left, w.right}, offsets);
+    CAPTURE(fpdt::to_string(m));
+    REQUIRE(fpdt::check_documents(m, s).ok());
+    auto def = [&](index_t q, index_t k) {
+      return window_visible(w.causal, w.left, w.right, q, k) && doc[static_cast<std::size_t>(q)] == doc[static_cast<std::size_t>(k)];
+    };
+    for (index_t q = 0; q < s; ++q) {
+      for (index_t k = 0; k < s; ++k) CHECK(m.visible(q, k) == def(q, k));
+      for (index_t koff = 0; koff < s; koff += 3) check_local_matches_brute(m, q, koff, std::min<index_t>(5, s - koff));
+    }
+    for (index_t qb = 0; qb < s; qb += 2)
+      for (index_t sq = 1; qb + sq <= s; sq += 5)
+        for (index_t kb = 0; kb < s; kb += 3)
+          for (index_t sk = 1; kb + sk <= s; sk += 4) {
+            double n = 0;
+            for (index_t q = qb; q < qb + sq; ++q)
+              for (index_t k = kb; k < kb + sk; ++k) n += def(q, k) ? 1 : 0;
+            CAPTURE(qb);
+            CAPTURE(sq);
+            CAPTURE(kb);
+            CAPTURE(sk);
+            CHECK(m.visible_pairs(qb, sq, kb, sk) == n);
+          }
+  }
+  CHECK(fpdt::to_string(fpdt::with_documents(causal_mask, offsets)) == "causal, 7 documents");
+  // Offsets that do not end at S, or go down, are refused naming the values.
+  CHECK(fpdt::check_documents(fpdt::with_documents(causal_mask, offsets), 17).to_string().find("hold 16 tokens, not S = 17") !=
+        std::string::npos);
+}

@@ -65,7 +65,7 @@ outcome plain(fpdt_train::model_config const& c, index_t s, std::vector<std::uin
 
 // The fpdt model in float on p in-process ranks; rank 0's (all-reduced) gradients.
 outcome with_fpdt(fpdt_train::model_config const& c, index_t s, index_t chunk, int p, bool offload,
-                  std::vector<std::uint8_t> const& win) {
+                  std::vector<std::uint8_t> const& win, std::vector<index_t> const& docs = {}, index_t window = 0) {
   fpdt::local_world world(p, std::chrono::seconds(60));
   std::vector<outcome> out(static_cast<std::size_t>(p));
   std::vector<std::thread> ts;
@@ -75,13 +75,13 @@ outcome with_fpdt(fpdt_train::model_config const& c, index_t s, index_t chunk, i
       fpdt::host_backend be(fpdt::host_backend_options{});
       outcome& o = out[static_cast<std::size_t>(r)];
       auto m = fpdt_train::model_rank<float, fpdt::local_communicator>::create(
-          be, comm, c, {.seq = s, .chunk = chunk, .offload = offload, .kind = fpdt_train::pieces::fpdt});
+          be, comm, c, {.seq = s, .chunk = chunk, .offload = offload, .kind = fpdt_train::pieces::fpdt, .window = window});
       if (!m) {
         o.error = m.error().to_string();
         comm.abort(o.error);
         return;
       }
-      auto st = (*m)->forward_backward(win);
+      auto st = (*m)->forward_backward(win, docs);
       if (!st) {
         o.error = st.error().to_string();
         return;
@@ -266,4 +266,35 @@ TEST_CASE("train model: measured device peak per rank agrees with planned_device
       CHECK(static_cast<double>(pk) >= 0.95 * static_cast<double>(*planned));
     }
   }
+}
+
+TEST_CASE("train model: packed documents train as the documents alone (mask, restarted positions, labels)") {
+  // Two documents of 32 tokens packed into S = 64: the loss sum and gradient of the packed run
+  // equal the sums over two runs on each document alone (each with its last label dropped, as
+  // the packed run drops it), on P = 2 and 4 ranks, with a window too.
+  auto const c = small_config();
+  auto const win = text(65);
+  std::vector<std::uint8_t> const first(win.begin(), win.begin() + 33), second(win.begin() + 32, win.end());
+  for (int p : {2, 4})
+    for (index_t w : {index_t{0}, index_t{10}}) {
+      CAPTURE(p);
+      CAPTURE(w);
+      outcome const packed = with_fpdt(c, 64, 16, p, true, win, {0, 32, 64}, w);
+      outcome const a = with_fpdt(c, 32, 16, p, true, first, {0, 32}, w);
+      outcome const b = with_fpdt(c, 32, 16, p, false, second, {0, 32}, w);
+      REQUIRE_MESSAGE(packed.error.empty(), packed.error);
+      REQUIRE_MESSAGE(a.error.empty(), a.error);
+      REQUIRE_MESSAGE(b.error.empty(), b.error);
+      // Means over 62 and 31 valid labels.
+      CHECK(packed.loss * 62 == doctest::Approx(a.loss * 31 + b.loss * 31).epsilon(1e-6));
+      std::vector<double> sum(a.grad.size());
+      for (std::size_t i = 0; i < sum.size(); ++i) sum[i] = (a.grad[i] + b.grad[i]) / 2; // x 31 / 62
+      double const e = worst_tensor_error(c, packed.grad, sum);
+      CAPTURE(e);
+      CHECK(e <= 5e-5);
+    }
+  // Without documents the packed run differs (the second document attends to the first).
+  outcome const unmasked = with_fpdt(c, 64, 16, 2, true, win);
+  outcome const masked = with_fpdt(c, 64, 16, 2, true, win, {0, 32, 64});
+  CHECK(std::abs(unmasked.loss - masked.loss) > 1e-4);
 }

@@ -2,6 +2,7 @@
 // P ranks as threads, each with its own host backend, in the chunk-interleaved token layout; the
 // gathered outputs and gradients equal dense float64 attention over the global sequence.
 #include "../attention/chunked_driver.hpp"
+#include "rank_runner.hpp"
 #include "../attention/reference.hpp"
 #include "../backend/device_like_backend.hpp"
 
@@ -25,96 +26,10 @@
 using fpdt::index_t;
 using fpdt_test::attn_shape;
 using namespace fpdt_test::chunked;
+using namespace fpdt_test::ranks;
 using namespace std::chrono_literals;
 
 namespace {
-
-// Local rows of rank r from a global [S, W] buffer and back, through fpdt::token_layout.
-std::vector<float> scatter(fpdt::token_layout const& tl, std::vector<float> const& g, index_t w, index_t r) {
-  std::vector<float> out(static_cast<std::size_t>(tl.local_tokens() * w));
-  auto gv = fpdt::contiguous_view<float const>(g.data(), std::array<index_t, 2>{tl.sequence(), w}).value();
-  auto lv = fpdt::contiguous_view(out.data(), std::array<index_t, 2>{tl.local_tokens(), w}).value();
-  REQUIRE(tl.scatter<float>(gv, r, lv).ok());
-  return out;
-}
-void gather(fpdt::token_layout const& tl, std::vector<float> const& l, index_t w, index_t r, std::vector<float>& g) {
-  auto lv = fpdt::contiguous_view<float const>(l.data(), std::array<index_t, 2>{tl.local_tokens(), w}).value();
-  auto gv = fpdt::contiguous_view(g.data(), std::array<index_t, 2>{tl.sequence(), w}).value();
-  REQUIRE(tl.gather<float>(lv, r, gv).ok());
-}
-
-struct rank_io {
-  std::vector<float> q, k, v, dout, out, dq, dk, dv;
-};
-
-// Rank r's local q, k, v, dout of problem p, and NaN-filled outputs.
-rank_io scatter_io(fpdt::token_layout const& tl, problem<float> const& p, index_t r) {
-  attn_shape const& s = p.s;
-  rank_io x;
-  x.q = scatter(tl, p.q, s.h * s.d, r);
-  x.k = scatter(tl, p.k, s.hkv * s.d, r);
-  x.v = scatter(tl, p.v, s.hkv * s.d, r);
-  x.dout = scatter(tl, p.dout, s.h * s.d, r);
-  x.out.assign(x.q.size(), fnan);
-  x.dq.assign(x.q.size(), fnan);
-  x.dk.assign(x.k.size(), fnan);
-  x.dv.assign(x.k.size(), fnan);
-  return x;
-}
-
-// The global outputs and gradients gathered from every rank's local ones.
-run_result gather_io(fpdt::token_layout const& tl, attn_shape const& s, std::vector<rank_io> const& io) {
-  run_result g;
-  g.out.assign(s.q_size(), fnan);
-  g.dq.assign(s.q_size(), fnan);
-  g.dk.assign(s.kv_size(), fnan);
-  g.dv.assign(s.kv_size(), fnan);
-  for (std::size_t r = 0; r < io.size(); ++r) {
-    gather(tl, io[r].out, s.h * s.d, static_cast<index_t>(r), g.out);
-    gather(tl, io[r].dq, s.h * s.d, static_cast<index_t>(r), g.dq);
-    gather(tl, io[r].dk, s.hkv * s.d, static_cast<index_t>(r), g.dk);
-    gather(tl, io[r].dv, s.hkv * s.d, static_cast<index_t>(r), g.dv);
-  }
-  return g;
-}
-
-// Runs forward and backward of `layers` (one per rank, made by make_layer on its own backend) on P
-// threads; returns the gathered global result.
-template <class Backend = fpdt::host_backend, class MakeLayer>
-run_result run_ranks(problem<float> const& p, index_t ranks, index_t chunk, MakeLayer make_layer,
-                     std::vector<fpdt::status>* statuses = nullptr) {
-  attn_shape const& s = p.s;
-  auto tl = fpdt::token_layout::make(s.sq, ranks, chunk).value();
-  std::vector<rank_io> io;
-  for (index_t r = 0; r < ranks; ++r)
-    io.push_back(scatter_io(tl, p, r));
-  fpdt::local_world world(static_cast<int>(ranks), 20s);
-  std::vector<fpdt::status> st(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> ts;
-  for (index_t r = 0; r < ranks; ++r)
-    ts.emplace_back([&, r] {
-      auto comm = world.communicator(static_cast<int>(r)).value();
-      Backend be;
-      rank_io& x = io[static_cast<std::size_t>(r)];
-      st[static_cast<std::size_t>(r)] = make_layer(be, comm, r, x, tl);
-    });
-  for (auto& t : ts)
-    t.join();
-  if (statuses) *statuses = st;
-  return gather_io(tl, s, io);
-}
-
-template <class Layer> fpdt::status run_one(Layer& layer, rank_io& x, attn_shape const& s, index_t local) {
-  std::array<index_t, 3> const qe{local, s.h, s.d}, ke{local, s.hkv, s.d};
-  FPDT_TRY(layer.forward(fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
-                         fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
-                         fpdt::contiguous_view<float const>(x.v.data(), ke).value(),
-                         fpdt::contiguous_view(x.out.data(), qe).value()));
-  return layer.backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
-                        fpdt::contiguous_view(x.dq.data(), qe).value(),
-                        fpdt::contiguous_view(x.dk.data(), ke).value(),
-                        fpdt::contiguous_view(x.dv.data(), ke).value());
-}
 
 // The global result's errors, with lse skipped (the layer's tensor sink does not return it).
 void check_global(run_result const& r, problem<float> const& p, bool causal, double tol) {
@@ -719,14 +634,16 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
   // path), or exchange blocks of other sizes (device path; with NCCL, a hang).
   // A rank with another softmax scale would give every rank silently wrong outputs; an explicit
   // 1/sqrt(D) agrees with the default.
+  // A rank with another sliding window would compute other pairs and give wrong outputs.
   struct variant {
     index_t s1, c1;
     std::optional<float> scale1;
     char const* names;
+    fpdt::attention_mask mask1 = fpdt::causal_mask;
   };
   auto one_rank = []<class Layer, class Backend>(Backend& be, auto& comm, index_t s, index_t c,
-                                                 std::optional<float> scale) -> fpdt::status {
-    auto layer = Layer::create(be, comm, {s, 4, 2, 8}, {.chunk = c, .scale = scale});
+                                                 std::optional<float> scale, fpdt::attention_mask m) -> fpdt::status {
+    auto layer = Layer::create(be, comm, {s, 4, 2, 8}, {.chunk = c, .mask = m, .scale = scale});
     if (!layer) return layer.error();
     std::vector<float> q(static_cast<std::size_t>(s / 2 * 4 * 8)), kv(static_cast<std::size_t>(s / 2 * 2 * 8)),
         out(q.size());
@@ -737,11 +654,15 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
                           fpdt::contiguous_view(out.data(), qe).value());
   };
   for (bool const device : {false, true})
-    for (variant const vr :
+    for (variant const& vr :
          {variant{64, 8, {}, "rank 1 has S = 64, H = 4, H_kv = 2, D = 8, C = 8"},
           variant{32, 16, {}, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 16"},
-          variant{32, 8, 0.1f, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, dtype f32, scale 0.100000001"},
-          variant{32, 8, 1.0f / std::sqrt(8.0f), nullptr}}) {
+          variant{32, 8, 0.1f, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, mask causal, dtype f32, scale 0.100000001"},
+          variant{32, 8, {}, "rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, mask causal, window (5, 0), dtype f32",
+                  fpdt::causal_window_mask(6)},
+          variant{32, 8, 1.0f / std::sqrt(8.0f), nullptr},
+          // The same mask spelled otherwise agrees: a causal right extent of 0, a window of S.
+          variant{32, 8, {}, nullptr, fpdt::attention_mask{fpdt::mask_kind::causal, 32, 0}}}) {
       CAPTURE(device);
       CAPTURE(vr.s1);
       CAPTURE(vr.c1);
@@ -758,12 +679,13 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
           if (device) {
             dl_backend be;
             stream_local_communicator sc{&comm};
-            st[ri] = one_rank.template operator()<device_layer>(be, sc, s, c, r == 0 ? std::nullopt : vr.scale1);
+            st[ri] = one_rank.template operator()<device_layer>(be, sc, s, c, r == 0 ? std::nullopt : vr.scale1,
+                                                                        r == 0 ? fpdt::causal_mask : vr.mask1);
             calls[ri] = sc.calls;
           } else {
             fpdt::host_backend be;
             st[ri] = one_rank.template operator()<fpdt::sequence_parallel_attention<float, fpdt::local_communicator>>(
-                be, comm, s, c, r == 0 ? std::nullopt : vr.scale1);
+                be, comm, s, c, r == 0 ? std::nullopt : vr.scale1, r == 0 ? fpdt::causal_mask : vr.mask1);
           }
         });
       for (auto& t : ts) t.join();
@@ -775,7 +697,7 @@ TEST_CASE("sequence parallel attention: ranks that disagree on the layer fail at
       for (auto const& e : st) {
         CHECK(e.code() == fpdt::errc::invalid_argument);
         CHECK(e.message().find("the ranks disagree on the layer: rank 0 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, "
-                               "causal mask, dtype f32, scale 0.353553") != std::string::npos);
+                               "mask causal, dtype f32, scale 0.353553") != std::string::npos);
         CHECK(e.message().find(vr.names) != std::string::npos);
       }
       if (device) // the check's all-to-all only: no exchange of the pass was enqueued
@@ -806,8 +728,8 @@ TEST_CASE("sequence parallel attention: ranks built with bf16 and fp16 (same siz
   b.join();
   for (fpdt::status const& e : {st0, st1}) {
     CHECK(e.code() == fpdt::errc::invalid_argument);
-    CHECK(e.message().find("causal mask, dtype bf16, scale 0.353553") != std::string::npos);
-    CHECK(e.message().find("rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, causal mask, dtype f16") !=
+    CHECK(e.message().find("mask causal, dtype bf16, scale 0.353553") != std::string::npos);
+    CHECK(e.message().find("rank 1 has S = 32, H = 4, H_kv = 2, D = 8, C = 8, mask causal, dtype f16") !=
           std::string::npos);
   }
 }

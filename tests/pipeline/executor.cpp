@@ -36,7 +36,7 @@ TEST_CASE("executor: a fetch waits for the release of its slot and compute for i
   // Real schedule, fake work: each step records when it ran; copies sleep to race compute.
   fpdt::schedule_params p;
   p.chunks = 6;
-  p.causal = true;
+  p.mask = fpdt::causal_mask;
   p.offload = true;
   p.ring_slots = 2;
   auto const s = fpdt::forward_schedule(p).value();

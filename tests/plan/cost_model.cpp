@@ -1,6 +1,7 @@
 // Tests of include/fpdt/plan/cost_model.hpp: model FLOPs as the paper counts them, the lane
 // simulation on hand-checkable schedules, copies exposed only when PCIe is slow, MFU in (0, 1).
 #include <fpdt/plan/cost_model.hpp>
+#include <fpdt/plan/memory_model.hpp>
 #include <fpdt/plan/presets.hpp>
 
 #include <doctest/doctest.h>
@@ -105,7 +106,7 @@ TEST_CASE("cost_model: exchange steps run on the comm lane beside compute (the b
     fpdt::schedule_params p;
     p.chunks = 4;
     p.ranks = 2;
-    p.causal = causal;
+    p.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
     p.q_side_bytes = 1000;
     p.dout_bytes = 250;
     p.dq_bytes = 500;
@@ -185,4 +186,29 @@ TEST_CASE("cost_model: on P ranks the forward's exchanges hide behind the pairs 
     CHECK(t.busy[static_cast<std::size_t>(fpdt::lane::comm)] == doctest::Approx(8 * 0.5));
     CHECK(t.makespan == doctest::Approx(8.0 + 1.0).epsilon(1e-3)); // 4 diagonals at 0.5, 6 pairs at 1
   }
+}
+
+TEST_CASE("cost model: a sliding window prices only its visible pairs, in FPDT's schedule and in model FLOPs") {
+  fpdt::model_config const m = fpdt::find_model_preset("llama3-8b").value();
+  fpdt::hardware_config const hw = fpdt::find_gpu_preset("h100-sxm").value();
+  fpdt::training_config t;
+  t.gpus = 4;
+  t.sequence = index_t{1} << 18;
+  t.chunk = index_t{1} << 14;
+  auto causal = fpdt::estimate_step(m, t, hw).value();
+  t.mask = fpdt::causal_window_mask(4096);
+  auto window = fpdt::estimate_step(m, t, hw).value();
+  // Attention is the larger part at 256K tokens; a 4K window leaves a small fraction of it.
+  CHECK(window.step_seconds < 0.6 * causal.step_seconds);
+  double const frac = fpdt::attention_work_vs_causal(t.mask, t.sequence);
+  CHECK(frac == doctest::Approx(4096.0 * 2 / static_cast<double>(t.sequence)).epsilon(0.01));
+  CHECK(fpdt::model_flops(m, t.sequence, t.mask) < fpdt::model_flops(m, t.sequence));
+  CHECK(fpdt::model_flops(m, t.sequence, fpdt::causal_mask) == fpdt::model_flops(m, t.sequence));
+  // The schedule it prices holds only the pairs the window reaches: 16 chunks of 16K, 4K window.
+  auto problem = fpdt::fpdt_attention_problem(m, t).value();
+  CHECK(problem.forward_schedule().value().count(fpdt::step_kind::compute) == 16 + 15);
+  t.mask.window_left = -7;
+  auto bad = fpdt::estimate_step(m, t, hw);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().to_string().find("window (-7") != std::string::npos);
 }

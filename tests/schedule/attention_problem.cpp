@@ -117,7 +117,8 @@ TEST_CASE("attention_problem: its schedules are checked and hold the rings ring_
       CHECK(f.ring_size == fpdt::ring_sizes(fpdt::pass::forward, f.params));
       CHECK(b.ring_size == fpdt::ring_sizes(fpdt::pass::backward, b.params));
       CHECK(f.params.chunks == 6);
-      CHECK(f.params.causal == (m.kind == fpdt::mask_kind::causal));
+      CHECK(f.params.mask.kind == m.kind);
+      CHECK(f.params.chunk_tokens == p.chunk());
       CHECK(f.params.bytes.q == p.slot(slot_kind::forward_q).bytes);
       CHECK(b.params.bytes.q == p.slot(slot_kind::backward_q).bytes);
       std::size_t const acc = 2 * p.slot(slot_kind::forward_acc).bytes;

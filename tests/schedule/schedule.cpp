@@ -16,7 +16,7 @@ fpdt::schedule_params params(fpdt::index_t u, bool causal, bool offload, fpdt::i
   fpdt::schedule_params p;
   p.chunks = u;
   p.ranks = ranks;
-  p.causal = causal;
+  p.mask = causal ? fpdt::causal_mask : fpdt::full_mask;
   p.offload = offload;
   p.ring_slots = ring;
   p.bytes = {1000, 2000, 1100};
@@ -344,4 +344,91 @@ TEST_CASE("schedule: on P ranks chunk i + 1's q/k/v exchange is issued before ch
       CHECK(waited.j == j - 2);
     }
   }
+}
+
+TEST_CASE("schedule: windowed masks compute exactly the chunk pairs with a visible key, once, and every check holds") {
+  // The visible pairs by brute force over tokens, from the window's definition (not the mask code).
+  // Documents: lengths 0, c + 1, 1, 0, then runs of 3 to the end (document of token t below).
+  auto doc_of = [](fpdt::index_t c, fpdt::index_t t) -> fpdt::index_t {
+    if (t < c + 1) return 1;
+    if (t < c + 2) return 2;
+    return 4 + (t - c - 2) / 3;
+  };
+  auto visible = [&](bool causal, fpdt::index_t left, fpdt::index_t right, bool docs, fpdt::index_t c, int i, int j) {
+    for (fpdt::index_t a = i * c; a < (i + 1) * c; ++a)
+      for (fpdt::index_t b = j * c; b < (j + 1) * c; ++b)
+        if ((left < 0 || b >= a - left) && (causal ? b <= a : (right < 0 || b <= a + right)) &&
+            (!docs || doc_of(c, a) == doc_of(c, b)))
+          return true;
+    return false;
+  };
+  struct win { bool causal; fpdt::index_t left, right; bool docs = false; };
+  for (fpdt::index_t c : {1, 4, 5})
+    for (win w : {win{true, 0, -1}, win{true, 3, -1}, win{true, 4, -1}, win{true, 9, -1}, win{false, 2, 0},
+                  win{false, 0, 7}, win{false, 4, 4}, win{false, -1, 3}, win{false, 11, -1},
+                  win{true, -1, -1, true}, win{false, -1, -1, true}, win{true, 2, -1, true}, win{false, 3, 1, true}})
+      for (fpdt::index_t ranks : {1, 3})
+        for (bool offload : {true, false}) {
+          fpdt::index_t const u = 7;
+          CAPTURE(c);
+          CAPTURE(w.causal);
+          CAPTURE(w.left);
+          CAPTURE(w.right);
+          CAPTURE(w.docs);
+          CAPTURE(ranks);
+          CAPTURE(offload);
+          auto p = params(u, w.causal, offload, 3, ranks);
+          p.mask = {w.causal ? fpdt::mask_kind::causal : fpdt::mask_kind::full, w.left,
+                    w.causal ? fpdt::unbounded_window : w.right};
+          p.chunk_tokens = c;
+          std::vector<fpdt::index_t> offsets{0, 0, c + 1, c + 2, c + 2};
+          while (offsets.back() < u * c) offsets.push_back(std::min(u * c, offsets.back() + 3));
+          if (w.docs) p.mask = fpdt::with_documents(p.mask, offsets);
+          std::set<std::pair<int, int>> want;
+          for (int i = 0; i < u; ++i)
+            for (int j = 0; j < u; ++j)
+              if (visible(w.causal, w.left, w.right, w.docs, c, i, j)) want.insert({i, j});
+          for (auto const& made : {fpdt::forward_schedule(p), fpdt::backward_schedule(p)}) {
+            REQUIRE(made.ok());
+            fpdt::status const st = fpdt::check_schedule(*made);
+            REQUIRE_MESSAGE(st.ok(), st.to_string());
+            std::set<std::pair<int, int>> got;
+            std::vector<int> first_pair(u, -1);
+            for (auto const& step : made->steps)
+              if (step.kind == fpdt::step_kind::compute) {
+                CHECK(got.insert({step.i, step.j}).second);
+                if (first_pair[static_cast<std::size_t>(step.i)] < 0) first_pair[static_cast<std::size_t>(step.i)] = step.j;
+              }
+            CHECK(got == want);
+            if (made->which == fpdt::pass::forward) // the merge starts where the layer expects
+              for (int i = 0; i < u; ++i)
+                CHECK(first_pair[static_cast<std::size_t>(i)] == fpdt::forward_first_key_chunk(p, i));
+            std::size_t from_caller = 0; // the caller's dout still once per chunk
+            for (auto const& step : made->steps)
+              from_caller += ranks == 1 ? step.kind == fpdt::step_kind::fetch && step.what == fpdt::payload::q_side
+                                        : step.kind == fpdt::step_kind::exchange && step.what == fpdt::payload::dout;
+            if (made->which == fpdt::pass::backward) CHECK(from_caller == static_cast<std::size_t>(u));
+          }
+          for (int i = 0; i < u; ++i) // ranges agree with the pairs, both ways
+            for (int j = 0; j < u; ++j) {
+              fpdt::chunk_span const ks = fpdt::key_chunks_of(p, i), qs = fpdt::query_chunks_of(p, j);
+              bool const in = want.count({i, j}) != 0;
+              CHECK(in == (j >= ks.first && j <= ks.last));
+              CHECK(in == (i >= qs.first && i <= qs.last));
+            }
+        }
+}
+
+TEST_CASE("schedule: a window without chunk_tokens, or a bad window, is refused naming it") {
+  auto p = params(4, true, true, 2);
+  p.mask = fpdt::causal_window_mask(16);
+  auto f = fpdt::forward_schedule(p);
+  REQUIRE_FALSE(f.ok());
+  CHECK(contains(f.error().to_string(), "chunk_tokens"));
+  p.chunk_tokens = 8;
+  CHECK(fpdt::forward_schedule(p).ok());
+  p.mask.window_left = -3;
+  auto g = fpdt::backward_schedule(p);
+  REQUIRE_FALSE(g.ok());
+  CHECK(contains(g.error().to_string(), "window (-3"));
 }

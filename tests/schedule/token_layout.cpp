@@ -446,3 +446,43 @@ TEST_CASE("token_layout: checked positions reject out-of-range arguments") {
   REQUIRE(e.ok());
   CHECK(*e == 15);
 }
+
+TEST_CASE("token_layout: packed documents restart positions at 0 and mask each document's last label, on every rank") {
+  // S = 24, P = 2, C = 8 (pieces of 4). Documents of lengths 0, 5, 0, 1, 11, 7: boundaries at
+  // 5, 6 and 17 (inside pieces), empty documents first and in the middle, the last ending at S.
+  auto tl = token_layout::make(24, 2, 8).value();
+  std::vector<index_t> const offsets{0, 0, 5, 5, 6, 17, 24};
+  // Expected, written from the lengths: position within the document and "last of its document".
+  std::vector<index_t> want_pos, last;
+  for (index_t len : {0, 5, 0, 1, 11, 7})
+    for (index_t x = 0; x < len; ++x) {
+      want_pos.push_back(x);
+      last.push_back(x == len - 1 ? 1 : 0);
+    }
+  REQUIRE(want_pos.size() == 24);
+  for (index_t r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    std::vector<index_t> pos(12, -1);
+    std::vector<std::int32_t> labels(12);
+    for (index_t l = 0; l < 12; ++l) labels[static_cast<std::size_t>(l)] = static_cast<std::int32_t>(tl.global_position(r, l));
+    REQUIRE(tl.document_position_ids(r, offsets, fpdt::tensor_view<index_t, 1>(pos.data(), {12}, {1})).ok());
+    REQUIRE(tl.mask_document_ends(r, offsets, fpdt::tensor_view<std::int32_t, 1>(labels.data(), {12}, {1}),
+                                  std::int32_t{-100}).ok());
+    for (index_t l = 0; l < 12; ++l) {
+      auto const g = static_cast<std::size_t>(tl.global_position(r, l));
+      CHECK(pos[static_cast<std::size_t>(l)] == want_pos[g]);
+      CHECK(labels[static_cast<std::size_t>(l)] == (last[g] ? -100 : static_cast<std::int32_t>(g)));
+    }
+  }
+  // Errors name the values and write nothing.
+  std::vector<index_t> pos(12, 7);
+  auto v = fpdt::tensor_view<index_t, 1>(pos.data(), {12}, {1});
+  std::vector<index_t> const short_docs{0, 5, 20}, down{0, 9, 4, 24};
+  auto e1 = tl.document_position_ids(0, short_docs, v);
+  CHECK(contains(e1.to_string(), "hold 20 tokens, not S = 24"));
+  auto e2 = tl.document_position_ids(1, down, v);
+  CHECK(contains(e2.to_string(), "document 1 has a negative length"));
+  auto e3 = tl.document_position_ids(0, std::vector<index_t>{24}, v);
+  CHECK(contains(e3.to_string(), "at least 2 values"));
+  CHECK(pos == std::vector<index_t>(12, 7));
+}

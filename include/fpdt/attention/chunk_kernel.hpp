@@ -112,6 +112,7 @@ template <class T>
 template <class T> [[nodiscard]] status check_args(chunk_forward_args<T> const& a) {
   constexpr char const* who = "chunk forward";
   FPDT_TRY(detail::check_qkv(a.q, a.k, a.v, a.q_offset, a.k_offset, a.scale, who));
+  FPDT_TRY(check_mask(a.mask, who));
   FPDT_TRY(check_partial(a.out, who));
   if (a.out.out.extent(0) != a.q.extent(0) || a.out.out.extent(1) != a.q.extent(1) ||
       a.out.out.extent(2) != a.q.extent(2))
@@ -124,6 +125,7 @@ template <class T> [[nodiscard]] status check_args(chunk_forward_args<T> const& 
 template <class T> [[nodiscard]] status check_args(chunk_backward_args<T> const& a) {
   constexpr char const* who = "chunk backward";
   FPDT_TRY(detail::check_qkv(a.q, a.k, a.v, a.q_offset, a.k_offset, a.scale, who));
+  FPDT_TRY(check_mask(a.mask, who));
   index_t const sq = a.q.extent(0), h = a.q.extent(1);
   for (auto const* t : {&a.dout, &a.out})
     if (t->extents() != a.q.extents() && !(t == &a.out && t->empty()))

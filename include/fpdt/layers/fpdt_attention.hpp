@@ -70,7 +70,9 @@ struct fpdt_attention_options {
   index_t chunk = 0;                    //!< C, tokens per chunk (S % C == 0); 0: C = S
   bool offload = true;                  //!< offload inactive chunks to pinned host memory
   index_t ring_slots = 2;               //!< staging slots per ring (2 = double buffering)
-  attention_mask mask = causal_mask;    //!< causal or full, by global position
+  //! Causal or full, by global position, with an optional sliding window and documents (the
+  //! layer copies the document offsets at `create`; host backend only for documents).
+  attention_mask mask = causal_mask;
   std::optional<float> scale{};         //!< softmax scale; 1/sqrt(D) when empty
 };
 
@@ -488,6 +490,11 @@ public:
                                              "fpdt_attention");
     if (!problem) return problem.error();
     if (status st = check_scale(options.scale); !st.ok()) return st;
+    if constexpr (!runs_host_tasks_in_order<B>)
+      if (options.mask.documents > 0)
+        return make_error(errc::not_supported, "fpdt_attention: document masks (", to_string(options.mask),
+                          ") run on the host backend only for now: the kernels read the offsets where "
+                          "they run, and this layer does not copy them to the device yet");
     fpdt_attention layer(be, *problem, options, std::move(kernel));
     FPDT_TRY(layer.build_schedules());
     return result<fpdt_attention>(std::move(layer));
@@ -797,7 +804,9 @@ public:
 private:
   fpdt_attention(B& be, attention_problem const& problem, fpdt_attention_options const& o, Kernel k)
       : be_(&be), prob_(problem), opt_(o), kernel_(std::move(k)),
-        id_(std::make_shared<std::byte const>()) {}
+        id_(std::make_shared<std::byte const>()) {
+    opt_.mask = prob_.mask(); // document offsets: the problem's copy, not the caller's
+  }
 
   // The chunk store's tensors: the problem's `host_tensors`, in its order (= enum host_tensor).
   [[nodiscard]] static std::vector<std::size_t> host_tensor_bytes(attention_problem const& p) {
@@ -1021,7 +1030,7 @@ private:
       a.k = kv_view(kvs, 0);
       a.v = kv_view(kvs, 1);
       a.out = acc_view(1);
-      a.mask = opt_.mask;
+      a.mask = prob_.mask();
       a.q_offset = st.i * chunk();
       a.k_offset = st.j * chunk();
       a.scale = opt_.scale;
@@ -1029,7 +1038,7 @@ private:
     }
     case step_kind::merge: {
       // The first pair of query chunk i starts from the merge identity (out 0, lse -inf).
-      bool const first = opt_.mask.kind == mask_kind::causal ? st.j == st.i : st.j == 0;
+      bool const first = st.j == forward_first_key_chunk(fwd_.params, st.i);
       return ops::merge(*be_, s, acc_view(0), acc_view(1), first);
     }
     case step_kind::finalize: {
@@ -1198,7 +1207,7 @@ private:
       a.dq = p.dq;
       a.dk = dkv_view(0);
       a.dv = dkv_view(1);
-      a.mask = opt_.mask;
+      a.mask = prob_.mask();
       a.q_offset = st.i * chunk();
       a.k_offset = st.j * chunk();
       a.scale = opt_.scale;

@@ -35,7 +35,7 @@
 //! `ulysses_unpack`, which sum replicated key/value gradients in rank order as the host does), and
 //! events order the hand-overs both ways: the comm stream waits for the copy that filled or freed
 //! a buffer on a lane, and the lane waits for the exchange that filled its slot. Apart from the
-//! first pass's ranks-agree check (one 64-byte all-to-all and a wait, see `create`), nothing
+//! first pass's ranks-agree check (one 96-byte all-to-all and a wait, see `create`), nothing
 //! blocks the host until the pass ends, so the all-to-all of chunk c + 1 runs beside chunk c's compute,
 //! and every rank issues its collectives in the schedule's order (dout's too, which on the host
 //! run on the h2d lane). The caller's callbacks need the stream form (`fpdt::cuda::stream&`) and
@@ -151,7 +151,7 @@ public:
   //! shape rule, naming the values) and builds the per-rank layer from its `per_rank()` problem.
   //! `salt` (0..63) distinguishes the tags of layers that share a communicator (use the layer
   //! index; layers run one at a time may share one). The first pass checks, with one gather
-  //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 64
+  //! (host path: the communicator's all_gather; device path: a stream-ordered all-to-all of 96
   //! bytes per rank through pinned host memory, and one wait for the comm stream), that every rank built the layer with the
   //! same S, H, H_kv, D, C, mask, dtype and softmax scale (`errc::invalid_argument` naming both
   //! ranks' values, on every rank, at once, instead of a hang, a size mismatch mid-pass or
@@ -647,14 +647,28 @@ private:
   // every rank silently wrong outputs (each head's softmax runs on one rank with its options).
   // One gather of those values names the difference at once, on every rank.
   [[nodiscard]] status check_ranks_agree() {
-    constexpr std::size_t n = 8;
+    constexpr std::size_t n = 12;
+    attention_mask mask = inner_.problem().mask();
+    // The same mask spelled two ways agrees: a causal right extent of 0 is unbounded, and a
+    // window of S or more is no window.
+    index_t const s = shape_.sequence;
+    if (mask.kind == mask_kind::causal || mask.window_right >= s) mask.window_right = unbounded_window;
+    if (mask.window_left >= s) mask.window_left = unbounded_window;
+    std::uint64_t hash = 1469598103934665603ull; // FNV-1a of the document offsets, 52 bits kept
+    for (index_t d = 0; d <= (mask.documents > 0 ? mask.documents : -1); ++d)
+      for (int b = 0; b < 8; ++b)
+        hash = (hash ^ ((static_cast<std::uint64_t>(mask.document_offsets[d]) >> (8 * b)) & 0xff)) * 1099511628211ull;
     // As doubles: exact for these values (integers far below 2^53, and a float). The scale is
     // the effective one (`resolve_scale`): an explicit scale agrees with the default when it is
     // the same float, 1.0f / std::sqrt(float(D)).
     std::array<double, n> const mine{static_cast<double>(shape_.sequence), static_cast<double>(shape_.heads),
                                      static_cast<double>(shape_.kv_heads), static_cast<double>(shape_.head_dim),
                                      static_cast<double>(inner_.chunk()),
-                                     inner_.forward_plan().params.causal ? 1.0 : 0.0,
+                                     static_cast<double>(static_cast<int>(mask.kind)),
+                                     static_cast<double>(mask.window_left),
+                                     static_cast<double>(mask.window_right),
+                                     static_cast<double>(mask.documents),
+                                     static_cast<double>(mask.documents > 0 ? hash & ((1ull << 52) - 1) : 0),
                                      static_cast<double>(static_cast<int>(dtype_of<T>)),
                                      static_cast<double>(inner_.softmax_scale())};
     std::vector<double> all(n * static_cast<std::size_t>(comm_->size()));
@@ -665,8 +679,10 @@ private:
       std::ostringstream scale; // enough digits to tell two floats apart
       scale << std::setprecision(9) << all[r * n + n - 1];
       return detail::concat("rank ", r, " has S = ", x[0], ", H = ", x[1], ", H_kv = ", x[2], ", D = ", x[3],
-                            ", C = ", x[4], ", ", x[5] ? "causal" : "full", " mask, dtype ",
-                            to_string(static_cast<dtype>(x[6])), ", scale ", scale.str());
+                            ", C = ", x[4], ", mask ",
+                            to_string(attention_mask{static_cast<mask_kind>(x[5]), x[6], x[7], nullptr, x[8]}),
+                            x[8] > 0 ? detail::concat(" (offsets hash ", x[9], ")") : std::string(), ", dtype ",
+                            to_string(static_cast<dtype>(x[10])), ", scale ", scale.str());
     };
     for (std::size_t r = 1; r < static_cast<std::size_t>(comm_->size()); ++r)
       if (!std::equal(all.begin(), all.begin() + n, all.begin() + static_cast<std::ptrdiff_t>(r * n)))

@@ -86,12 +86,22 @@ struct hardware_config {
   return {};
 }
 
+//! The attention FLOPs of `mask` over a sequence of S tokens relative to the causal mask's: its
+//! visible (query, key) pairs over the causal mask's (1 for causal, about 2 for full, about
+//! W / (S / 2) for a causal window of W << S tokens).
+[[nodiscard]] constexpr double attention_work_vs_causal(attention_mask const& mask, index_t sequence) noexcept {
+  double const causal = causal_mask.visible_pairs(0, sequence, 0, sequence);
+  return causal > 0 ? mask.visible_pairs(0, sequence, 0, sequence) / causal : 1.0;
+}
+
 //! Model FLOPs of one training step (forward and backward, all ranks, one sequence of `sequence`
-//! tokens), as the paper counts them (see the file comment).
-[[nodiscard]] constexpr double model_flops(model_config const& m, index_t sequence) noexcept {
+//! tokens), as the paper counts them (see the file comment); attention under `mask` counts its
+//! visible pairs (`attention_work_vs_causal`), so a sliding window counts only the window.
+[[nodiscard]] constexpr double model_flops(model_config const& m, index_t sequence,
+                                           attention_mask const& mask = causal_mask) noexcept {
   double const s = static_cast<double>(sequence), h = static_cast<double>(m.hidden);
   double const gemm = static_cast<double>(layer_parameter_count(m)) - 2 * h; // norms are not GEMMs
-  double const per_layer = 2 * s * gemm + 2 * s * s * h;                    // 4 S^2 h, causal halved
+  double const per_layer = 2 * s * gemm + 2 * s * s * h * attention_work_vs_causal(mask, sequence); // 4 S^2 h, causal halved
   return 3 * (static_cast<double>(m.layers) * per_layer + 2 * s * h * static_cast<double>(m.vocab));
 }
 
@@ -245,7 +255,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
       switch (st.kind) {
       case step_kind::produce: return 0.0; // the projections: in the compute tail (rest_fwd)
       case step_kind::exchange: return exchange(st);
-      case step_kind::compute: return (st.i == st.j ? 0.5 : 1.0) * pair_fwd / af;
+      case step_kind::compute: return visible_fraction(fs->params, st.i, st.j) * pair_fwd / af;
       case step_kind::merge: return 3 * acc / hbm;
       case step_kind::finalize: return (acc + static_cast<double>(st.bytes)) / hbm;
       case step_kind::sink: return 0.0;
@@ -261,7 +271,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
           return {0.0, t.offload ? st.bytes - sp.dout_bytes : std::uint64_t{0}};
         return 0.0;
       case step_kind::exchange: return exchange(st);
-      case step_kind::compute: return (st.i == st.j ? 0.5 : 1.0) * 2 * pair_fwd / ab;
+      case step_kind::compute: return visible_fraction(bs->params, st.i, st.j) * 2 * pair_fwd / ab;
       case step_kind::delta: return 2 * qe * db / hbm;
       case step_kind::sink: return 0.0;
       default: return static_cast<double>(st.bytes) / hbm;
@@ -289,7 +299,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   }
   // Ulysses and Megatron-SP: whole-sequence attention, collectives not overlapped with compute.
   double const s = static_cast<double>(t.sequence);
-  double const attn_flops = 2 * s * s * h / p; // this rank's heads (or its tokens' share)
+  double const attn_flops = 2 * s * s * h / p * attention_work_vs_causal(t.mask, t.sequence); // this rank's share
   double const gemm_fwd = s_local * (qkv_flops_tok + rest_flops_tok) / mm;
   double comm_fwd = 0;
   if (t.method == parallel_method::ulysses) // q, k, v to heads and the output back
@@ -336,7 +346,7 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   auto ideal = run(true);
   if (!ideal) return ideal.error();
   step_estimate e;
-  e.model_flops = model_flops(m, t.sequence);
+  e.model_flops = model_flops(m, t.sequence, t.mask);
   e.step_seconds = real->first;
   e.no_copy_seconds = ideal->first;
   e.exposed_copy_seconds = std::max(0.0, real->first - ideal->first);

@@ -94,6 +94,9 @@ struct training_config {
   bool checkpointing = true;   //!< activation checkpointing (one layer input kept per layer)
   bool checkpoint_offload = true; //!< checkpoints in pinned host memory instead of on the device
   index_t dtype_bytes = 2;     //!< bytes of the model dtype (bf16: 2)
+  //! The attention mask (causal, optionally a sliding window): FPDT's schedules skip the chunk
+  //! pairs it leaves empty, and every method's attention FLOPs count only its visible pairs.
+  attention_mask mask = causal_mask;
 };
 
 //! Per-rank bytes of one training step, split by what holds them.
@@ -186,7 +189,7 @@ namespace detail::plan {
 } // namespace detail::plan
 
 //! The attention problem one FPDT layer of model `m` solves under training layout `t` (P = gpus,
-//! S, C = chunk or S, H, H_kv, D = hidden / heads, causal, offload, ring slots): the same value
+//! S, C = chunk or S, H, H_kv, D = hidden / heads, mask, offload, ring slots): the same value
 //! `sequence_parallel_attention` validates and sizes itself by. Errors: `attention_problem::create`'s,
 //! naming the values; `dtype_bytes` other than 2 or 4.
 [[nodiscard]] inline result<attention_problem> fpdt_attention_problem(model_config const& m,
@@ -194,7 +197,7 @@ namespace detail::plan {
   auto type = detail::plan::attention_dtype(t.dtype_bytes);
   if (!type) return type.error();
   return attention_problem::create({t.sequence, t.gpus, t.chunk, m.heads, m.kv_heads,
-                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, causal_mask, t.offload,
+                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, t.mask, t.offload,
                                     t.ring_slots},
                                    "fpdt");
 }
@@ -216,6 +219,7 @@ namespace detail::plan {
   // is the token layout's, checked below for FPDT).
   if (auto heads = ulysses_layout::make(t.gpus, m.heads, m.kv_heads, m.hidden / m.heads, t.gpus); !heads)
     return heads.error().with_context(detail::concat("model ", m.name));
+  FPDT_TRY(check_mask(t.mask, "training_config"));
   if (t.zero_stage < 0 || t.zero_stage > 3)
     return make_error(errc::invalid_argument, "ZeRO stage ", t.zero_stage, " must be 0, 1, 2 or 3");
   if (t.dtype_bytes != 1 && t.dtype_bytes != 2 && t.dtype_bytes != 4)
@@ -233,7 +237,7 @@ namespace detail::plan {
 //! Device and pinned host bytes of one rank of an FPDT attention layer solving `problem`: what
 //! the per-rank layer allocates (`attention_problem::forward_device_bytes`,
 //! `backward_device_bytes` without a kernel workspace, `host_bytes_reserved`: what the pinned pool
-//! really holds, 4 KiB pages included), so the prediction is the layer's own figure. Causal and full masks have the same buffers.
+//! really holds, 4 KiB pages included), so the prediction is the layer's own figure. Every mask has the same buffers.
 [[nodiscard]] inline attention_working_set fpdt_attention_memory(attention_problem const& problem) {
   attention_problem const r = problem.ranks() == 1 ? problem : problem.per_rank();
   attention_working_set w;

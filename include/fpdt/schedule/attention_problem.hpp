@@ -28,6 +28,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <vector>
 #include <string_view>
 
 FPDT_NAMESPACE_BEGIN
@@ -41,7 +43,7 @@ struct attention_problem_args {
   index_t kv_heads = 0;             //!< H_kv, key/value heads (all ranks)
   index_t head_dim = 0;             //!< D
   dtype type = dtype::f32;          //!< the model dtype of q, k, v, out, dout (f32, f16 or bf16)
-  attention_mask mask = causal_mask; //!< causal or full, by global position
+  attention_mask mask = causal_mask; //!< causal or full, with an optional sliding window, by global position
   bool offload = true;              //!< inactive chunks in pinned host memory
   index_t ring_slots = 2;           //!< staging slots of the rotating rings (2 = double buffering)
 };
@@ -141,6 +143,7 @@ public:
     if (a.ring_slots < 2 || a.ring_slots > 64)
       return make_error(errc::invalid_argument, who, ": ring_slots = ", a.ring_slots,
                         " must be in [2, 64] (2 is double buffering)");
+    FPDT_TRY(check_documents(a.mask, a.sequence, who)); // windows, kinds, documents summing to S
     auto tl = token_layout::make(a.sequence, a.ranks, a.chunk);
     if (!tl) return tl.error().with_context(who);
     auto ul = ulysses_layout::make(a.ranks, a.heads, a.kv_heads, a.head_dim, a.chunk);
@@ -163,7 +166,13 @@ public:
       return make_error(errc::invalid_argument, who, ": S = ", a.sequence, ", H = ", a.heads, ", H_kv = ",
                         a.kv_heads, ", D = ", a.head_dim, ": the attention's tensors, S (5 H + 2 H_kv + 1) D x 4 "
                         "bytes, exceed 2^52 bytes (4 PiB), beyond what 64-bit byte counts of a pass hold exactly");
-    return attention_problem(a, *tl, *ul);
+    attention_problem made(a, *tl, *ul);
+    if (a.mask.documents > 0) { // a copy of the caller's offsets, which need not outlive this
+      made.documents_ = std::make_shared<std::vector<index_t> const>(
+          a.mask.document_offsets, a.mask.document_offsets + a.mask.documents + 1);
+      made.a_.mask.document_offsets = made.documents_->data();
+    }
+    return made;
   }
 
   //! The arguments, with C resolved (never 0).
@@ -186,7 +195,8 @@ public:
   [[nodiscard]] dtype type() const noexcept { return a_.type; }
   //! Bytes of one element of the model dtype.
   [[nodiscard]] std::size_t element_bytes() const noexcept { return size_bytes(a_.type); }
-  //! The mask.
+  //! The mask; its document offsets (if any) are this problem's own copy, valid while the
+  //! problem (or a copy of it, or a schedule built from it) lives.
   [[nodiscard]] attention_mask mask() const noexcept { return a_.mask; }
   //! Whether inactive chunks are offloaded.
   [[nodiscard]] bool offload() const noexcept { return a_.offload; }
@@ -263,7 +273,9 @@ public:
     schedule_params p;
     p.chunks = chunks();
     p.ranks = a_.ranks;
-    p.causal = a_.mask.kind == mask_kind::causal;
+    p.mask = a_.mask;
+    p.documents = documents_;
+    p.chunk_tokens = a_.chunk;
     p.offload = a_.offload;
     p.ring_slots = a_.ring_slots;
     p.q_bytes = bytes(T::q);
@@ -390,6 +402,8 @@ private:
   attention_problem_args a_;
   token_layout tokens_;
   ulysses_layout heads_;
+  // The mask's document offsets, copied at create; a_.mask points into it. Shared by copies.
+  std::shared_ptr<std::vector<index_t> const> documents_{};
 };
 
 FPDT_NAMESPACE_END

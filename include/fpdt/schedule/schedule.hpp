@@ -26,6 +26,7 @@
 //! no lane that stand for their dependencies.
 #pragma once
 
+#include "../attention/mask.hpp"
 #include "../config.hpp"
 #include "../core/lane.hpp"
 #include "../core/status.hpp"
@@ -35,6 +36,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -136,7 +138,16 @@ struct slot_bytes {
 struct schedule_params {
   index_t chunks = 1;         //!< u = S / C, the number of chunks (>= 1)
   index_t ranks = 1;          //!< P: more than 1 adds the exchange steps
-  bool causal = true;         //!< causal (u(u+1)/2 pairs) or full (u^2 pairs) attention
+  //! The mask, by global position (chunk c holds positions [c C, (c + 1) C)): causal
+  //! (u(u+1)/2 pairs) or full (u^2 pairs); with a sliding window, chunk pairs with no visible
+  //! (query, key) pair are left out (`key_chunks_of`).
+  attention_mask mask = causal_mask;
+  //! Owns the mask's document offsets, when it has documents and was built from an
+  //! `attention_problem` (which sets both), so a schedule never points at freed offsets.
+  std::shared_ptr<std::vector<index_t> const> documents{};
+  //! C, tokens per chunk: where the window's edges fall; needed (>= 1) with a window. 0 without
+  //! one: every pair is whole, and the cost model prices a causal diagonal pair at half.
+  index_t chunk_tokens = 0;
   bool offload = true;        //!< offload to pinned host memory, or keep every chunk on the device
   index_t ring_slots = 2;     //!< staging slots of the rotating ring (2 = double buffering)
   slot_bytes bytes{};         //!< slot sizes, for the trace and the memory prediction
@@ -150,6 +161,66 @@ struct schedule_params {
   //! Bytes each rank sends (and receives) in an exchange step are those of what it moves, in the
   //! layouts above: `q_bytes + kv_bytes` (qkv), `out_bytes`, `dout_bytes`, `dq_bytes`, `dkv_bytes`.
 };
+
+//! An inclusive range [first, last] of chunk indices.
+struct chunk_span {
+  std::int32_t first = 0; //!< first chunk
+  std::int32_t last = -1; //!< last chunk (inclusive)
+};
+
+//! The key chunks that query chunk `i` sees at least one key of under `p.mask`: one range, since
+//! every query sees a contiguous range of keys that contains itself and both ends of that range
+//! never decrease with the query's position. The schedules compute exactly these pairs.
+[[nodiscard]] inline chunk_span key_chunks_of(schedule_params const& p, index_t i) noexcept {
+  bool const causal = p.mask.kind == mask_kind::causal;
+  auto const u = p.chunks;
+  index_t first = 0, last = causal ? i : u - 1;
+  if (index_t const c = p.chunk_tokens; c > 0) {
+    index_t const b = p.mask.visible_keys(i * c).begin; // the chunk's first row sees the least
+    if (b > 0) first = std::min(b / c, i);
+    if (!causal) {
+      index_t const e = p.mask.visible_keys(i * c + c - 1).end; // its last row the most
+      if (e < u * c) last = std::max((e - 1) / c, i);
+    }
+  }
+  return {static_cast<std::int32_t>(first), static_cast<std::int32_t>(last)};
+}
+
+//! The query chunks that see at least one key of key chunk `j`: the i with `j` in
+//! `key_chunks_of(p, i)` (one range, as both ends of those ranges never decrease with i).
+[[nodiscard]] inline chunk_span query_chunks_of(schedule_params const& p, index_t j) noexcept {
+  index_t lo = 0, hi = p.chunks; // first i whose last key chunk is >= j
+  while (lo < hi) {
+    index_t const m = lo + (hi - lo) / 2;
+    if (key_chunks_of(p, m).last >= j) hi = m;
+    else lo = m + 1;
+  }
+  index_t const first = lo;
+  lo = first, hi = p.chunks; // first i whose first key chunk is > j
+  while (lo < hi) {
+    index_t const m = lo + (hi - lo) / 2;
+    if (key_chunks_of(p, m).first > j) hi = m;
+    else lo = m + 1;
+  }
+  return {static_cast<std::int32_t>(first), static_cast<std::int32_t>(lo - 1)};
+}
+
+//! The fraction of the C x C (query, key) pairs of chunk pair (i, j) that the mask leaves
+//! visible (`attention_mask::visible_pairs`); the work of its compute step relative to a whole
+//! pair. Without `chunk_tokens`: 1, or 0.5 for a causal diagonal pair.
+[[nodiscard]] inline double visible_fraction(schedule_params const& p, index_t i, index_t j) noexcept {
+  index_t const c = p.chunk_tokens;
+  if (c <= 0) return p.mask.kind == mask_kind::causal && i == j ? 0.5 : 1.0;
+  double const whole = static_cast<double>(c) * static_cast<double>(c);
+  return p.mask.visible_pairs(i * c, c, j * c, c) / whole;
+}
+
+//! The key chunk of query chunk i's first compute step in the forward schedule, whose partial
+//! result starts the merge: the diagonal for causal masks (computed first, on the fresh chunk),
+//! else the first key chunk it sees.
+[[nodiscard]] inline index_t forward_first_key_chunk(schedule_params const& p, index_t i) noexcept {
+  return p.mask.kind == mask_kind::causal ? i : key_chunks_of(p, i).first;
+}
 
 //! A schedule: the steps of one pass, in issue order, and their dependencies.
 struct schedule {
@@ -276,6 +347,16 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   if (p.offload && (p.ring_slots < 2 || p.ring_slots > 64))
     return make_error(errc::invalid_argument, who, ": ring_slots = ", p.ring_slots,
                       " must be in [2, 64] (2 is double buffering)");
+  FPDT_TRY(check_mask(p.mask, who));
+  bool const by_position = p.mask.window_left != unbounded_window || p.mask.documents > 0 ||
+                           (p.mask.kind == mask_kind::full && p.mask.window_right != unbounded_window);
+  if (by_position && p.chunk_tokens < 1)
+    return make_error(errc::invalid_argument, who, ": the mask (", to_string(p.mask),
+                      ") has a window or documents, so chunk_tokens (C) must be >= 1, not ", p.chunk_tokens);
+  if (p.chunk_tokens < 0 || (p.chunk_tokens > 0 && p.chunk_tokens > (index_t{1} << 62) / p.chunks))
+    return make_error(errc::invalid_argument, who, ": chunk_tokens C = ", p.chunk_tokens, " with u = ",
+                      p.chunks, " chunks: C must be >= 0 and u C below 2^62");
+  if (p.mask.documents > 0) FPDT_TRY(check_documents(p.mask, p.chunks * p.chunk_tokens, who));
   return {};
 }
 
@@ -285,7 +366,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //!
 //! Per query chunk i: produce q_i, k_i, v_i (compute lane); with offload, offload them (d2h) as
 //! soon as they exist; compute the diagonal pair (i, i) on the fresh k_i, v_i, then fetch
-//! k_j, v_j (h2d) for j = 0, 1, ... (causal: j < i; full: every j != i) through the kv ring, each
+//! k_j, v_j (h2d) for the other j of `key_chunks_of(p, i)` in increasing order (causal without a
+//! window: j < i; full: every j != i; chunks a window leaves empty are skipped) through the kv ring, each
 //! fetch waiting only for the release of the slot it reuses, so fetch j+1 overlaps compute j;
 //! merge each partial into the accumulator; finalize out_i and lse_i into the out slot, offload
 //! them and hand out_i to the sink. On P > 1 ranks (`ranks`) the caller's source writes the local
@@ -339,7 +421,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   };
   // Full attention: query chunk 0 needs every key chunk, so all chunks are produced (and
   // offloaded) first; causal attention interleaves, chunk i being produced at the start of i.
-  if (!p.causal)
+  bool const causal = p.mask.kind == mask_kind::causal;
+  if (!causal)
     for (std::int32_t c = 0; c < u; ++c) {
       auto [qs, ks] = produce(c, true);
       (void)qs;
@@ -347,11 +430,11 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     }
   // Causal: the slots chunk c was produced into (P > 1 produces one chunk ahead).
   std::vector<std::pair<std::int32_t, std::int32_t>> produced_slots(static_cast<std::size_t>(u));
-  if (p.causal && spread) produced_slots[0] = produce(0, false);
+  if (causal && spread) produced_slots[0] = produce(0, false);
   for (std::int32_t i = 0; i < u; ++i) {
     std::int32_t qs = i, fresh_kv = -1;
     std::int64_t q_ready = produced_at[static_cast<std::size_t>(i)];
-    if (p.causal) {
+    if (causal) {
       if (!spread) produced_slots[static_cast<std::size_t>(i)] = produce(i, false);
       else if (i + 1 < u) produced_slots[static_cast<std::size_t>(i + 1)] = produce(i + 1, false);
       qs = produced_slots[static_cast<std::size_t>(i)].first;
@@ -374,13 +457,14 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       last_compute = comp;
       return comp;
     };
-    if (p.causal) { // the diagonal first, on the fresh chunk
+    if (causal) { // the diagonal first, on the fresh chunk
       std::int64_t const diag = pair(i, fresh_kv, q_ready);
       if (p.offload)
         b.release(ring::kv, fresh_kv, -1, i, {diag, kv_offload[static_cast<std::size_t>(i)]});
     }
-    for (std::int32_t j = 0; j < u; ++j) {
-      if (p.causal && j >= i) continue;
+    chunk_span const seen = key_chunks_of(p, i);
+    for (std::int32_t j = seen.first; j <= seen.last; ++j) {
+      if (causal && j >= i) continue;
       if (p.offload) {
         auto [s2, free] = b.take(ring::kv);
         auto f = make(step_kind::fetch, lane::h2d, payload::kv, -1, j, p.kv_bytes);
@@ -422,12 +506,13 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! The backward schedule of FPDT attention on one rank (docs/design.md 2.3).
 //!
 //! Per key/value chunk j (outer loop): fetch k_j, v_j into the 2-slot kv ring (k_{j+1} is fetched
-//! while j's inner loop runs) and zero the fp32 dk_j, dv_j accumulators; per query chunk i >= j
-//! (causal) or every i (full): fetch the query-side bundle of i (q_i, out_i, lse_i from host;
-//! dout_i from the caller at i's first use (j == 0) and from host after it; dq_i from host after
-//! its first use, else zero it), compute delta_i, compute the pair's backward, then write dq_i
-//! back (d2h; at the first use dout_i with it), or hand it to the sink at its last use (causal:
-//! j == i; full: j == u - 1). After the inner loop dk_j and dv_j go to the sink. So the caller's
+//! while j's inner loop runs) and zero the fp32 dk_j, dv_j accumulators; per query chunk i of
+//! `query_chunks_of(p, j)` (causal without a window: i >= j; full: every i): fetch the query-side
+//! bundle of i (q_i, out_i, lse_i from host; dout_i from the caller at i's first use, its first
+//! key chunk (j == 0 without a window), and from host after it; dq_i from host after its first
+//! use, else zero it), compute delta_i, compute the pair's backward, then write dq_i back (d2h;
+//! at the first use dout_i with it), or hand it to the sink at its last use, its last key chunk
+//! (causal: j == i; full without a window: j == u - 1). After the inner loop dk_j and dv_j go to the sink. So the caller's
 //! dout source (and, on P ranks, dout's all-to-all) runs once per chunk, with offload or without.
 //! On P > 1 ranks dout_i's first use is an `exchange` (payload `dout`) into the bundle's slot on
 //! the comm lane, after the fetch of q_i, out_i, lse_i (payload `q_out_lse`; none without
@@ -458,9 +543,11 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     auto z = make(step_kind::zero, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
     std::int64_t const zeroed = b.add(z, {spread ? dkv_exchanged[static_cast<std::size_t>(j % 2)] : prev_dkv_sink});
     std::int64_t last_compute = -1;
-    for (std::int32_t i = p.causal ? j : 0; i < u; ++i) {
-      bool const first = j == 0;
-      bool const last = p.causal ? j == i : j == u - 1;
+    chunk_span const seen_by = query_chunks_of(p, j);
+    for (std::int32_t i = seen_by.first; i <= seen_by.last; ++i) {
+      chunk_span const seen = key_chunks_of(p, i);
+      bool const first = j == seen.first; // i's first and last pair
+      bool const last = j == seen.last;
       auto [qs, q_free] = b.take_or_resident(ring::q, p.offload, i);
       std::int64_t q_ready = -1;
       if (spread && first) { // q_i, out_i, lse_i from host (with offload), dout_i by its exchange

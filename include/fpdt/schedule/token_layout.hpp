@@ -22,12 +22,14 @@
 //! error that names the numbers; there is no padded mode: pad the sequence to a multiple of C.
 #pragma once
 
+#include "../attention/mask.hpp"
 #include "../config.hpp"
 #include "../core/status.hpp"
 #include "../core/tensor_view.hpp"
 
 #include <algorithm>
 #include <array>
+#include <span>
 #include <type_traits>
 #include <utility>
 
@@ -209,10 +211,56 @@ public:
     return {};
   }
 
+  //! Positions of `rank`'s local tokens within their documents, for rotary embeddings of packed
+  //! documents: `out(l) = p - offsets[d]` for global position p = `global_position(rank, l)` in
+  //! document d (positions restart at 0 at every document).
+  //!
+  //! \param offsets the documents' cu_seqlens offsets: 0 first, nondecreasing, S last (a
+  //!                document of length 0 is legal).
+  //! \param out     `[S/P]`, receives the positions.
+  //! Errors: those of `check_documents` (naming the offending offsets) and of `position_ids`.
+  //! Nothing is written on error.
+  [[nodiscard]] status document_position_ids(index_t rank, std::span<index_t const> offsets,
+                                             tensor_view<index_t, 1> out) const {
+    attention_mask const m = with_documents(causal_mask, offsets);
+    FPDT_TRY(check_documents_given(m, "token_layout::document_position_ids"));
+    FPDT_TRY(position_ids(rank, out));
+    for (index_t l = 0; l < local_tokens(); ++l) out(l) -= m.document_of(out(l)).begin;
+    return {};
+  }
+
+  //! Sets the next-token label of every document's last token to `ignore_index` among `rank`'s
+  //! local labels (that token's next token belongs to the next document). Labels are those of
+  //! the local tokens in this layout (`scatter` of the global ones); the others are unchanged.
+  //!
+  //! \param offsets      cu_seqlens offsets, as in `document_position_ids`.
+  //! \param labels       `[S/P]` (any integer type), changed in place.
+  //! Errors: as `document_position_ids`. Nothing is written on error.
+  template <class Label>
+  [[nodiscard]] status mask_document_ends(index_t rank, std::span<index_t const> offsets,
+                                          tensor_view<Label, 1> labels, Label ignore_index) const {
+    attention_mask const m = with_documents(causal_mask, offsets);
+    FPDT_TRY(check_documents_given(m, "token_layout::mask_document_ends"));
+    FPDT_TRY(check_rank(rank, "token_layout::mask_document_ends"));
+    if (labels.extent(0) != local_tokens())
+      return make_error(errc::shape_mismatch, "token_layout::mask_document_ends: rank ", rank,
+                        ": labels must be [S/P] = [", local_tokens(), "], got [", labels.extent(0), "]");
+    for (index_t l = 0; l < local_tokens(); ++l) {
+      index_t const p = global_position(rank, l);
+      if (m.document_of(p).end == p + 1) labels(l) = ignore_index;
+    }
+    return {};
+  }
+
   //! True when both layouts have the same S, P and C.
   friend constexpr bool operator==(token_layout const&, token_layout const&) noexcept = default;
 
 private:
+  [[nodiscard]] status check_documents_given(attention_mask const& m, char const* what) const {
+    if (m.documents < 1)
+      return make_error(errc::invalid_argument, what, ": offsets must hold at least 2 values (0 and S = ", S_, ")");
+    return check_documents(m, S_, what);
+  }
   [[nodiscard]] status check_rank(index_t rank, char const* what) const {
     if (rank < 0 || rank >= P_)
       return make_error(errc::invalid_argument, what, ": rank ", rank,

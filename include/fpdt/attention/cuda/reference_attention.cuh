@@ -156,6 +156,8 @@ template <class Args> [[nodiscard]] status check_pointers(Args const& a, char co
   FPDT_TRY(check(a.q, "q"));
   FPDT_TRY(check(a.k, "k"));
   FPDT_TRY(check(a.v, "v"));
+  if (a.mask.documents > 0) // the kernel reads the offsets on the device
+    FPDT_TRY(detail::cuda_attention::check_device_pointer(a.mask.document_offsets, "mask document_offsets", who));
   if constexpr (requires { a.out.lse; }) {
     FPDT_TRY(check(a.out.out, "out"));
     FPDT_TRY(check(a.out.lse, "lse"));
