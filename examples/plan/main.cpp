@@ -274,11 +274,12 @@ int run(options const& o) {
   }
   if (!o.csv)
     std::printf("fpdt-plan: %s on %lld x %s (%.1f GiB device, %.0f GiB host per GPU), method %s, ZeRO-%d, "
-                "checkpointing %s%s\n",
+                "checkpointing %s%s, mask %s\n",
                 model->name.c_str(), static_cast<long long>(o.t.gpus), gpu->name.c_str(), gib(gpu->device_bytes),
                 gib(gpu->host_bytes_per_gpu), std::string(fpdt::to_string(o.t.method)).c_str(), o.t.zero_stage,
                 o.t.checkpointing ? "on" : "off",
-                o.t.checkpointing ? (o.t.checkpoint_offload ? " (offloaded to host)" : " (on device)") : "");
+                o.t.checkpointing ? (o.t.checkpoint_offload ? " (offloaded to host)" : " (on device)") : "",
+                fpdt::to_string(o.t.mask).c_str());
   if (o.t.sequence > 0) {
     auto p = fpdt::evaluate_plan(*model, o.t, *gpu, true);
     if (!p) {

@@ -47,7 +47,7 @@ struct options {
   index_t ranks = 4, seq = 16384, chunk = 4096, layers = 2, hidden = 256, heads = 8, kv_heads = 2, steps = 10;
   index_t device_budget = index_t{1} << 30;
   index_t window = 0; // causal sliding window of W tokens (0: none)
-  bool offload = true, ranks_given = false, documents = false;
+  bool offload = true, ranks_given = false, documents = false, sinks = false;
   double lr = 3e-3;
   std::string data, trace = "fpdt-train-trace.json";
 };
@@ -56,7 +56,7 @@ void usage(std::FILE* to) {
   std::fprintf(to,
                "usage: fpdt-train [--seq S] [--chunk C] [--ranks P] [--layers L] [--hidden H] [--heads N]\n"
                "                  [--kv-heads K] [--steps N] [--offload on|off] [--data FILE] [--trace FILE]\n"
-               "                  [--device-budget BYTES] [--lr X] [--window W] [--documents on|off]\n"
+               "                  [--device-budget BYTES] [--lr X] [--window W] [--documents on|off] [--sinks on|off]\n"
                "  Trains a byte-level transformer (RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP,\n"
                "  AdamW) with FPDT attention, chunked MLP and chunked loss on P ranks (threads, or MPI\n"
                "  processes under mpirun). Defaults: S=16384 C=4096 P=4 L=2 H=256 N=8 K=2, 10 steps,\n"
@@ -67,7 +67,8 @@ void usage(std::FILE* to) {
                "  --window W: causal sliding-window attention of W tokens. --documents on: each input file\n"
                "  is a document; a step's window packs the documents it covers, attention sees only each\n"
                "  token's own document, rotary positions restart at every document and each document's\n"
-               "  last byte has no label (with --data FILE there is one document).\n"
+               "  last byte has no label (with --data FILE there is one document). --sinks on: a learnable\n"
+               "  attention sink logit per head and layer (GPT-OSS), initialised to 0.\n"
                "  Each step prints 'step N loss X tokens/s T peak_device_bytes B'.\n");
 }
 
@@ -87,15 +88,15 @@ fpdt::result<options> parse(int argc, char** argv) {
       std::exit(0);
     }
     auto const* spec = fpdt_examples::find(specs, a);
-    bool const known = a == "--offload" || a == "--documents" || a == "--trace" || a == "--data" || a == "--lr" ||
+    bool const known = a == "--offload" || a == "--documents" || a == "--sinks" || a == "--trace" || a == "--data" || a == "--lr" ||
                        spec != nullptr;
     if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a, " (--help lists them)");
     if (i + 1 >= argc) return fpdt::make_error(fpdt::errc::invalid_argument, "option ", a, " needs a value");
     std::string const val = argv[++i];
-    if (a == "--offload" || a == "--documents") {
+    if (a == "--offload" || a == "--documents" || a == "--sinks") {
       auto on = fpdt_examples::on_off(a.c_str(), val);
       if (!on) return on.error();
-      (a == "--offload" ? o.offload : o.documents) = *on;
+      (a == "--offload" ? o.offload : a == "--documents" ? o.documents : o.sinks) = *on;
     } else if (a == "--trace") {
       o.trace = val;
     } else if (a == "--data") {
@@ -173,6 +174,7 @@ std::vector<index_t> window_documents(corpus const& c, index_t seq, index_t step
 
 struct rank_report {
   std::vector<double> loss, seconds;
+  std::vector<double> causal_seconds; // the plain causal baseline's steps (runs with a window, documents or sinks)
   std::size_t peak = 0, pinned = 0;
 };
 
@@ -192,6 +194,7 @@ fpdt::status run_rank(options const& o, corpus const& corpus_text, Comm& comm, r
   cfg.hidden = o.hidden;
   cfg.heads = o.heads;
   cfg.kv_heads = o.kv_heads;
+  cfg.sinks = o.sinks;
   fpdt::host_backend be({.device_budget_bytes = static_cast<std::size_t>(o.device_budget)});
   unsigned const hw = std::max(1u, std::thread::hardware_concurrency());
   unsigned const threads = std::max(1u, hw / static_cast<unsigned>(comm.size()));
@@ -248,7 +251,35 @@ fpdt::status run_rank(options const& o, corpus const& corpus_text, Comm& comm, r
   }
   if (lead && !o.trace.empty() && o.steps > 0)
     FPDT_TRY((*model)->attention(0).trace().write_chrome_json(o.trace));
+  // Beside a run with a window, documents or sinks: two steps of the plain causal model at the
+  // same S and C (same data, no documents), for the tokens/s the summary compares.
+  if ((o.window > 0 || o.documents || o.sinks) && o.steps > 0) {
+    model->reset();
+    fpdt_train::model_config plain_cfg = cfg;
+    plain_cfg.sinks = false;
+    fpdt_train::run_options plain_ro = ro;
+    plain_ro.window = 0;
+    auto causal = fpdt_train::model_rank<float, Comm, gemm_t>::create(be, comm, plain_cfg, plain_ro, gemm);
+    if (!causal) return causal.error();
+    for (index_t s = 0; s < 2; ++s) {
+      auto const t0 = std::chrono::steady_clock::now();
+      auto st = (*causal)->forward_backward(window(text, o.seq, s));
+      if (!st) return st.error();
+      (*causal)->adamw(o.lr, static_cast<int>(s + 1));
+      rep.causal_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
   return {};
+}
+
+// Tokens per second over the steps after the first (which makes the layers' lanes and buffers),
+// or over the one step there is.
+double tokens_per_second(index_t seq, std::vector<double> const& seconds) {
+  if (seconds.empty()) return 0;
+  std::size_t const skip = seconds.size() > 1 ? 1 : 0;
+  double total = 0;
+  for (std::size_t i = skip; i < seconds.size(); ++i) total += seconds[i];
+  return static_cast<double>(seq) * static_cast<double>(seconds.size() - skip) / total;
 }
 
 void summary(options const& o, index_t ranks, std::vector<rank_report> const& reps, char const* how) {
@@ -260,15 +291,21 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
   auto const& r0 = reps.front();
   double total = 0;
   for (double s : r0.seconds) total += s;
-  std::printf("fpdt-train: P=%lld (%s) S=%lld C=%lld L=%lld hidden=%lld heads=%lld kv_heads=%lld offload %s, mask %s%s\n",
+  std::printf("fpdt-train: P=%lld (%s) S=%lld C=%lld L=%lld hidden=%lld heads=%lld kv_heads=%lld offload %s, mask %s%s%s\n",
               static_cast<long long>(ranks), how, static_cast<long long>(o.seq), static_cast<long long>(o.chunk),
               static_cast<long long>(o.layers), static_cast<long long>(o.hidden), static_cast<long long>(o.heads),
               static_cast<long long>(o.kv_heads), o.offload ? "on" : "off",
               fpdt::to_string(o.window > 0 ? fpdt::causal_window_mask(o.window) : fpdt::causal_mask).c_str(),
-              o.documents ? ", packed documents (one per input file)" : "");
+              o.documents ? ", packed documents (one per input file)" : "", o.sinks ? ", attention sinks" : "");
   if (!r0.loss.empty())
     std::printf("  loss %.4f -> %.4f over %zu step(s); %.0f tokens/s on average\n", r0.loss.front(), r0.loss.back(),
                 r0.loss.size(), static_cast<double>(o.seq) * static_cast<double>(r0.loss.size()) / total);
+  if (!r0.causal_seconds.empty()) {
+    double const mine = tokens_per_second(o.seq, r0.seconds), causal = tokens_per_second(o.seq, r0.causal_seconds);
+    std::printf("  tokens/s after the first step: %.0f with this mask%s, %.0f plain causal at the same S and C "
+                "(2 steps run after training): %.2fx\n",
+                mine, o.sinks ? " and sinks" : "", causal, mine / causal);
+  }
   std::printf("  peak device bytes per rank %zu (%.1f MiB), pinned host bytes per rank %zu (%.1f MiB) (the largest over ranks)\n", peak,
               static_cast<double>(peak) / (1 << 20), pinned, static_cast<double>(pinned) / (1 << 20));
   fpdt_train::model_config cfg;
@@ -276,6 +313,7 @@ void summary(options const& o, index_t ranks, std::vector<rank_report> const& re
   cfg.hidden = o.hidden;
   cfg.heads = o.heads;
   cfg.kv_heads = o.kv_heads;
+  cfg.sinks = o.sinks;
   auto plan = [&](index_t seq, index_t chunk, bool offload) {
     return fpdt_train::planned_device_bytes(cfg, {.seq = seq, .chunk = chunk, .offload = offload}, ranks);
   };

@@ -53,6 +53,7 @@ using fpdt::status;
 //! Model dimensions. Vocabulary: bytes (256).
 struct model_config {
   index_t layers = 2, hidden = 256, heads = 8, kv_heads = 2, ffn = 0, vocab = 256;
+  bool sinks = false; //!< a learnable attention sink logit per head and layer (GPT-OSS)
   double rope_theta = 10000.0;
   double rms_eps = 1e-6;
   [[nodiscard]] index_t head_dim() const { return hidden / heads; }
@@ -75,12 +76,15 @@ struct model_config {
 //! Offsets of every parameter in one flat array (elements).
 struct layer_offsets {
   std::size_t g1, wq, wk, wv, wo, g2, up, gate, down;
+  std::size_t sink; //!< H attention sink logits (none: 0 elements here)
 };
 struct param_layout {
-  std::size_t emb = 0, gf = 0, head = 0, total = 0;
+  std::size_t emb = 0, gf = 0, head = 0, total = 0, heads = 0, sinks = 0;
   std::vector<layer_offsets> layer;
   static param_layout make(model_config const& c) {
     param_layout p;
+    p.heads = static_cast<std::size_t>(c.heads);
+    p.sinks = c.sinks ? p.heads : 0;
     auto take = [&](index_t n) {
       std::size_t const at = p.total;
       p.total += static_cast<std::size_t>(n);
@@ -99,17 +103,21 @@ struct param_layout {
       o.up = take(f * h);
       o.gate = take(f * h);
       o.down = take(h * f);
+      o.sink = take(c.sinks ? c.heads : 0);
       p.layer.push_back(o);
     }
     p.gf = take(h);
     p.head = take(c.vocab * h);
     return p;
   }
-  //! Whether element i is an RMSNorm gain (initialised to 1, no weight decay).
-  [[nodiscard]] bool is_gain(std::size_t i, index_t hidden) const {
-    auto in = [&](std::size_t at) { return i >= at && i < at + static_cast<std::size_t>(hidden); };
-    if (in(gf)) return true;
-    return std::any_of(layer.begin(), layer.end(), [&](layer_offsets const& o) { return in(o.g1) || in(o.g2); });
+  //! Whether element i is exempt from weight decay: an RMSNorm gain (initialised to 1) or an
+  //! attention sink logit (initialised to 0).
+  [[nodiscard]] bool no_decay(std::size_t i, index_t hidden) const {
+    auto in = [&](std::size_t at, std::size_t n) { return i >= at && i < at + n; };
+    auto const hs = static_cast<std::size_t>(hidden);
+    if (in(gf, hs)) return true;
+    return std::any_of(layer.begin(), layer.end(),
+                       [&](layer_offsets const& o) { return in(o.g1, hs) || in(o.g2, hs) || in(o.sink, sinks); });
   }
 };
 
@@ -137,6 +145,7 @@ template <class T> void init_params(model_config const& c, param_layout const& p
     fill(o.up, f * h, sh);
     fill(o.gate, f * h, sh);
     fill(o.down, h * f, 1.0 / std::sqrt(static_cast<double>(f)) / std::sqrt(2.0 * static_cast<double>(c.layers)));
+    std::fill(w + o.sink, w + o.sink + p.sinks, T(0));
   }
   ones(p.gf);
   fill(p.head, c.vocab * h, sh);
@@ -266,11 +275,78 @@ void rope(T* x, index_t n, index_t heads, index_t d, index_t const* pos, double 
 
 // ---- plain pieces (the reference: whole local sequence at once; P = 1) ----
 
+//! Dense causal GQA attention with attention sinks over n tokens, float64 (docs/design.md 3.4a):
+//! row i of head h has probabilities p_j = exp(s_j - lse) over keys j <= i, lse = log(exp(sink_h)
+//! + sum_j exp(s_j)); out = sum_j p_j v_j. The backward: dS = p (dout v_j - delta), delta =
+//! rowsum(dout * out), and dsink_h = -sum_i p_sink delta (overwritten).
+template <class T>
+void dense_sink_attention(index_t n, index_t h, index_t hk, index_t d, T const* q, T const* k, T const* v, T* out,
+                          T const* dout, T* dq, T* dk, T* dv, T const* sinks, T* dsink) {
+  double const scale = 1.0 / std::sqrt(static_cast<double>(d));
+  auto qa = [&](index_t i, index_t hh) { return static_cast<std::size_t>((i * h + hh) * d); };
+  auto ka = [&](index_t j, index_t g) { return static_cast<std::size_t>((j * hk + g) * d); };
+  if (dout != nullptr) {
+    std::fill(dq, dq + n * h * d, T(0));
+    std::fill(dk, dk + n * hk * d, T(0));
+    std::fill(dv, dv + n * hk * d, T(0));
+  }
+  std::vector<double> p(static_cast<std::size_t>(n)), o(static_cast<std::size_t>(d));
+  for (index_t hh = 0; hh < h; ++hh) {
+    index_t const g = hh / (h / hk);
+    double const sink = static_cast<double>(sinks[hh]);
+    double ds = 0;
+    for (index_t i = 0; i < n; ++i) {
+      double m = sink;
+      for (index_t j = 0; j <= i; ++j) {
+        double x = 0;
+        for (index_t e = 0; e < d; ++e) x += static_cast<double>(q[qa(i, hh) + static_cast<std::size_t>(e)]) * static_cast<double>(k[ka(j, g) + static_cast<std::size_t>(e)]);
+        p[static_cast<std::size_t>(j)] = x * scale;
+        m = std::max(m, x * scale);
+      }
+      double l = std::exp(sink - m);
+      for (index_t j = 0; j <= i; ++j) l += std::exp(p[static_cast<std::size_t>(j)] - m);
+      double const lse = m + std::log(l);
+      std::fill(o.begin(), o.end(), 0.0);
+      for (index_t j = 0; j <= i; ++j) {
+        double& pj = p[static_cast<std::size_t>(j)];
+        pj = std::exp(pj - lse);
+        for (index_t e = 0; e < d; ++e) o[static_cast<std::size_t>(e)] += pj * static_cast<double>(v[ka(j, g) + static_cast<std::size_t>(e)]);
+      }
+      if (dout == nullptr) {
+        for (index_t e = 0; e < d; ++e) out[qa(i, hh) + static_cast<std::size_t>(e)] = static_cast<T>(o[static_cast<std::size_t>(e)]);
+        continue;
+      }
+      T const* go = dout + qa(i, hh);
+      double delta = 0;
+      for (index_t e = 0; e < d; ++e) delta += static_cast<double>(go[e]) * o[static_cast<std::size_t>(e)];
+      ds -= std::exp(sink - lse) * delta;
+      for (index_t j = 0; j <= i; ++j) {
+        double const pj = p[static_cast<std::size_t>(j)];
+        double dp = 0;
+        for (index_t e = 0; e < d; ++e) dp += static_cast<double>(go[e]) * static_cast<double>(v[ka(j, g) + static_cast<std::size_t>(e)]);
+        double const dsc = pj * (dp - delta) * scale;
+        for (index_t e = 0; e < d; ++e) {
+          auto const x = static_cast<std::size_t>(e);
+          dq[qa(i, hh) + x] = static_cast<T>(static_cast<double>(dq[qa(i, hh) + x]) + dsc * static_cast<double>(k[ka(j, g) + x]));
+          dk[ka(j, g) + x] = static_cast<T>(static_cast<double>(dk[ka(j, g) + x]) + dsc * static_cast<double>(q[qa(i, hh) + x]));
+          dv[ka(j, g) + x] = static_cast<T>(static_cast<double>(dv[ka(j, g) + x]) + pj * static_cast<double>(go[e]));
+        }
+      }
+    }
+    if (dout != nullptr) dsink[hh] = static_cast<T>(ds);
+  }
+}
+
 //! Dense causal GQA attention over n tokens (fpdt::dense_reference_*, float64): q [n, H, D],
-//! k, v [n, Hkv, D] -> out [n, H, D]; with dout given, the gradients instead (dq, dk, dv overwritten).
+//! k, v [n, Hkv, D] -> out [n, H, D]; with dout given, the gradients instead (dq, dk, dv
+//! overwritten). With `sinks` [H], `dense_sink_attention` (and `dsink` [H] overwritten).
 template <class T>
 status dense_attention(index_t n, index_t h, index_t hk, index_t d, T const* q, T const* k, T const* v, T* out,
-                       T const* dout, T* dq, T* dk, T* dv) {
+                       T const* dout, T* dq, T* dk, T* dv, T const* sinks = nullptr, T* dsink = nullptr) {
+  if (sinks != nullptr) {
+    dense_sink_attention(n, h, hk, d, q, k, v, out, dout, dq, dk, dv, sinks, dsink);
+    return {};
+  }
   auto view = [&](T const* x, index_t heads) { return fpdt::contiguous_view(x, std::array<index_t, 3>{n, heads, d}).value(); };
   fpdt::dense_reference_options const opt{.causal = true};
   auto r = dout == nullptr ? fpdt::dense_reference_forward(view(q, h), view(k, hk), view(v, hk), opt)
@@ -354,7 +430,7 @@ public:
 
   //! (Re)builds the attention layers with `mask` (attention has no parameters: a new document
   //! layout per step is a new layer per step). Errors: those of the layer's `create`.
-  status make_attention(fpdt::attention_mask const& mask) {
+  status make_attention([[maybe_unused]] fpdt::attention_mask const& mask) {
     if constexpr (has_fpdt) {
       if (ro_.kind != pieces::fpdt) return {};
       attn_.clear();
@@ -364,10 +440,14 @@ public:
             {.chunk = ro_.chunk, .offload = ro_.offload, .ring_slots = 2, .mask = mask},
             static_cast<std::uint64_t>(l % 63 + 1), fpdt::host_chunk_kernel{ro_.kernel_threads});
         if (!a) return a.error();
+        if (cfg_.sinks) { // the layer reads the logits each forward and writes their gradient each backward
+          auto const e = std::array<index_t, 1>{cfg_.heads};
+          FPDT_TRY(a->bind_sinks(fpdt::contiguous_view<float const>(w() + lo(l).sink, e).value(),
+                                 fpdt::contiguous_view(grad() + lo(l).sink, e).value()));
+        }
         attn_.push_back(std::move(*a));
       }
     }
-    (void)mask;
     return {};
   }
 
@@ -518,7 +598,7 @@ public:
       m[i] = static_cast<T>(mi);
       v[i] = static_cast<T>(vi);
       double pi = static_cast<double>(p[i]);
-      if (!layout_.is_gain(i, cfg_.hidden)) pi -= lr * weight_decay * pi;
+      if (!layout_.no_decay(i, cfg_.hidden)) pi -= lr * weight_decay * pi;
       pi -= lr * (mi / b1c) / (std::sqrt(vi / b2c) + eps);
       p[i] = static_cast<T>(pi);
     }
@@ -538,6 +618,7 @@ private:
   }
 
   [[nodiscard]] layer_offsets const& lo(index_t l) const { return layout_.layer[static_cast<std::size_t>(l)]; }
+  [[nodiscard]] T const* sinks_of(index_t l) const { return cfg_.sinks ? w() + lo(l).sink : nullptr; }
 
   // y[n, out] = x[n, in] W[out, in]^T (+ beta y)
   status linear(T const* x, std::size_t wo, index_t n, index_t in, index_t out, T* y, T beta = T(0)) const {
@@ -678,7 +759,8 @@ private:
     std::vector<T> q(static_cast<std::size_t>(n * h * d)), k(static_cast<std::size_t>(n * hk * d)), v(k.size()), o(q.size());
     auto view = [&](std::vector<T>& b, index_t heads) { return fpdt::contiguous_view(b.data(), std::array<index_t, 3>{n, heads, d}).value(); };
     FPDT_TRY(src.produce(0, 0, view(q, h), view(k, hk), view(v, hk)));
-    FPDT_TRY(dense_attention(n, h, hk, d, q.data(), k.data(), v.data(), o.data(), static_cast<T const*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
+    FPDT_TRY(dense_attention(n, h, hk, d, q.data(), k.data(), v.data(), o.data(), static_cast<T const*>(nullptr),
+                             static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), sinks_of(l)));
     std::vector<float> lse(static_cast<std::size_t>(h * n));
     auto lv = fpdt::contiguous_view<float const>(lse.data(), std::array<index_t, 2>{h, n}).value();
     // Kept for this layer's backward (the plain reference holds the whole sequence).
@@ -720,7 +802,8 @@ private:
       auto& s = plain_saved_[static_cast<std::size_t>(l)];
       std::vector<T> dout(s[0].size()), dq(s[0].size()), dk(s[1].size()), dv(s[1].size());
       FPDT_TRY(dsrc.produce_dout(0, 0, fpdt::contiguous_view(dout.data(), std::array<index_t, 3>{n, hh, d}).value()));
-      FPDT_TRY(dense_attention(n, hh, hk, d, s[0].data(), s[1].data(), s[2].data(), static_cast<T*>(nullptr), dout.data(), dq.data(), dk.data(), dv.data()));
+      FPDT_TRY(dense_attention(n, hh, hk, d, s[0].data(), s[1].data(), s[2].data(), static_cast<T*>(nullptr), dout.data(),
+                               dq.data(), dk.data(), dv.data(), sinks_of(l), cfg_.sinks ? grad() + lo(l).sink : nullptr));
       FPDT_TRY(gsnk.consume_dq(0, 0, fpdt::contiguous_view<T const>(dq.data(), std::array<index_t, 3>{n, hh, d}).value()));
       FPDT_TRY(gsnk.consume_dkv(0, 0, fpdt::contiguous_view<T const>(dk.data(), std::array<index_t, 3>{n, hk, d}).value(),
                                 fpdt::contiguous_view<T const>(dv.data(), std::array<index_t, 3>{n, hk, d}).value()));

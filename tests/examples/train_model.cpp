@@ -12,6 +12,7 @@
 #include <cmath>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 using fpdt::index_t;
@@ -35,6 +36,15 @@ std::vector<std::uint8_t> text(index_t n) {
   return t;
 }
 
+// With sinks: logits of both signs and sizes instead of the initial 0, the same in every model.
+template <class M> void set_test_sinks(M& m, fpdt_train::model_config const& c) {
+  if (!c.sinks) return;
+  auto const& lay = m.layout();
+  for (std::size_t l = 0; l < lay.layer.size(); ++l)
+    for (std::size_t h = 0; h < lay.sinks; ++h)
+      m.w()[lay.layer[l].sink + h] = static_cast<std::remove_pointer_t<decltype(m.w())>>(0.75 * static_cast<double>(h) - 1.0 + 0.5 * static_cast<double>(l));
+}
+
 struct outcome {
   double loss = 0;
   std::vector<double> grad;
@@ -53,6 +63,7 @@ outcome plain(fpdt_train::model_config const& c, index_t s, std::vector<std::uin
     o.error = m.error().to_string();
     return o;
   }
+  set_test_sinks(**m, c);
   auto st = (*m)->forward_backward(win);
   if (!st) {
     o.error = st.error().to_string();
@@ -81,6 +92,7 @@ outcome with_fpdt(fpdt_train::model_config const& c, index_t s, index_t chunk, i
         comm.abort(o.error);
         return;
       }
+      set_test_sinks(**m, c);
       auto st = (*m)->forward_backward(win, docs);
       if (!st) {
         o.error = st.error().to_string();
@@ -109,7 +121,7 @@ double worst_tensor_error(fpdt_train::model_config const& c, std::vector<double>
   auto lay = fpdt_train::param_layout::make(c);
   std::vector<std::size_t> starts{lay.emb};
   for (auto const& l : lay.layer)
-    for (std::size_t at : {l.g1, l.wq, l.wk, l.wv, l.wo, l.g2, l.up, l.gate, l.down}) starts.push_back(at);
+    for (std::size_t at : {l.g1, l.wq, l.wk, l.wv, l.wo, l.g2, l.up, l.gate, l.down, l.sink}) starts.push_back(at);
   starts.push_back(lay.gf);
   starts.push_back(lay.head);
   starts.push_back(lay.total);
@@ -128,7 +140,8 @@ double worst_tensor_error(fpdt_train::model_config const& c, std::vector<double>
 } // namespace
 
 TEST_CASE("train model: plain float64 gradients equal finite differences of the loss") {
-  auto const c = small_config();
+  auto c = small_config();
+  c.sinks = true; // the sinks' gradients too (their glue: the dense attention with sinks)
   index_t const s = 24;
   auto const win = text(s + 1);
   fpdt::local_world world(1, std::chrono::seconds(60));
@@ -137,6 +150,7 @@ TEST_CASE("train model: plain float64 gradients equal finite differences of the 
   auto m = fpdt_train::model_rank<double, fpdt::local_communicator>::create(
       be, comm, c, {.seq = s, .chunk = s, .offload = false, .kind = fpdt_train::pieces::plain});
   REQUIRE_MESSAGE(m.ok(), m.error().to_string());
+  set_test_sinks(**m, c);
   auto base = (*m)->forward_backward(win);
   REQUIRE_MESSAGE(base.ok(), base.error().to_string());
   std::vector<double> const g((*m)->grad(), (*m)->grad() + (*m)->layout().total);
@@ -145,7 +159,8 @@ TEST_CASE("train model: plain float64 gradients equal finite differences of the 
   // One entry of every kind of parameter, in both layers where they differ.
   std::size_t const probes[] = {lay.emb + 32 * static_cast<std::size_t>('T') + 3, lay.layer[0].g1 + 5, lay.layer[0].wq + 77,
                                 lay.layer[0].wk + 40, lay.layer[0].wv + 9, lay.layer[0].wo + 300, l1.g2 + 1,
-                                l1.up + 111, l1.gate + 222, l1.down + 333, l1.wk + 100, lay.gf + 7, lay.head + 32 * 101 + 4};
+                                l1.up + 111, l1.gate + 222, l1.down + 333, l1.wk + 100, lay.gf + 7, lay.head + 32 * 101 + 4,
+                                lay.layer[0].sink + 0, lay.layer[0].sink + 3, l1.sink + 2};
   for (std::size_t at : probes) {
     double* w = (*m)->w() + at;
     double const keep = *w, h = 1e-5;
@@ -161,8 +176,11 @@ TEST_CASE("train model: plain float64 gradients equal finite differences of the 
   CHECK(base->loss > 0);
 }
 
-TEST_CASE("train model: fpdt pieces equal the plain model at P 1 and 4 with offload on and off") {
-  auto const c = small_config();
+TEST_CASE("train model: fpdt pieces equal the plain model at P 1 and 4 with offload on and off, with and without sinks") {
+  for (bool sinks : {false, true}) {
+  CAPTURE(sinks);
+  auto c = small_config();
+  c.sinks = sinks;
   index_t const s = 64;
   auto const win = text(s + 1);
   outcome const ref = plain(c, s, win);
@@ -182,6 +200,7 @@ TEST_CASE("train model: fpdt pieces equal the plain model at P 1 and 4 with offl
     double const e = worst_tensor_error(c, got.grad, ref.grad);
     CAPTURE(e);
     CHECK(e <= 5e-5);
+  }
   }
 }
 

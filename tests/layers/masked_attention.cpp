@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -81,8 +82,12 @@ std::vector<index_t> random_documents(index_t s, std::uint32_t seed) {
   return l;
 }
 
-// Dense float64 attention and its backward (loss = sum(out * dout)) under an explicit mask.
-template <class T> ref_result masked_reference(problem<T> const& p, std::vector<char> const& allowed) {
+// Dense float64 attention and its backward (loss = sum(out * dout)) under an explicit mask; with
+// `sinks` ([H], empty: none) each row's softmax denominator gains exp(sink[h]) (a key of value 0),
+// and `dsink` receives d loss / d sink[h] = sum over rows of -p_sink * rowsum(dout * out).
+template <class T>
+ref_result masked_reference(problem<T> const& p, std::vector<char> const& allowed, std::vector<double> const& sinks = {},
+                            std::vector<double>* dsink = nullptr) {
   attn_shape const& sh = p.s;
   index_t const s = sh.sq, h = sh.h, d = sh.d, group = sh.h / sh.hkv;
   double const scale = static_cast<double>(1.0f / std::sqrt(static_cast<float>(d)));
@@ -97,10 +102,12 @@ template <class T> ref_result masked_reference(problem<T> const& p, std::vector<
     return t[static_cast<std::size_t>((j * sh.hkv + g) * d + x)];
   };
   std::vector<double> pr(static_cast<std::size_t>(s));
+  if (dsink) dsink->assign(static_cast<std::size_t>(h), 0.0);
   for (index_t hh = 0; hh < h; ++hh) {
     index_t const g = hh / group;
+    double const sink = sinks.empty() ? -fpdt_test::inf64 : sinks[static_cast<std::size_t>(hh)];
     for (index_t i = 0; i < s; ++i) {
-      double m = -fpdt_test::inf64;
+      double m = sink;
       for (index_t j = 0; j < s; ++j) {
         if (!allowed[static_cast<std::size_t>(i * s + j)]) continue;
         double dot = 0;
@@ -108,7 +115,7 @@ template <class T> ref_result masked_reference(problem<T> const& p, std::vector<
         pr[static_cast<std::size_t>(j)] = dot * scale;
         m = std::max(m, dot * scale);
       }
-      double l = 0;
+      double l = sink == -fpdt_test::inf64 ? 0.0 : std::exp(sink - m);
       for (index_t j = 0; j < s; ++j)
         if (allowed[static_cast<std::size_t>(i * s + j)]) l += std::exp(pr[static_cast<std::size_t>(j)] - m);
       double const lse = m + std::log(l);
@@ -121,6 +128,7 @@ template <class T> ref_result masked_reference(problem<T> const& p, std::vector<
         for (index_t x = 0; x < d; ++x) r.out[row + static_cast<std::size_t>(x)] += pr[static_cast<std::size_t>(j)] * kv(p.vd, j, g, x);
       double delta = 0;
       for (index_t x = 0; x < d; ++x) delta += p.doutd[row + static_cast<std::size_t>(x)] * r.out[row + static_cast<std::size_t>(x)];
+      if (dsink && sink != -fpdt_test::inf64) (*dsink)[static_cast<std::size_t>(hh)] -= std::exp(sink - lse) * delta;
       for (index_t j = 0; j < s; ++j) {
         double const pj = pr[static_cast<std::size_t>(j)];
         if (pj == 0.0) continue;
@@ -140,15 +148,22 @@ template <class T> ref_result masked_reference(problem<T> const& p, std::vector<
   return r;
 }
 
-// One-rank layer: out, lse, dq, dk, dv.
+// One-rank layer: out, lse, dq, dk, dv; with `sinks` ([H] fp32) bound, their gradient to `dsink`.
 template <class T>
-run_result run_one_rank(problem<T> const& p, index_t chunk, bool offload, fpdt::attention_mask m) {
+run_result run_one_rank(problem<T> const& p, index_t chunk, bool offload, fpdt::attention_mask m,
+                        std::vector<float> const& sinks = {}, std::vector<float>* dsink = nullptr) {
   attn_shape const& s = p.s;
   fpdt::host_backend be;
   auto layer = fpdt::fpdt_attention<T>::create(be, {s.sq, s.h, s.hkv, s.d},
                                                {.chunk = chunk, .offload = offload, .mask = m},
                                                fpdt::host_chunk_kernel{2});
   REQUIRE_MESSAGE(layer.ok(), layer.error().to_string());
+  if (!sinks.empty()) {
+    dsink->assign(sinks.size(), fnan);
+    auto const e = std::array<index_t, 1>{s.h};
+    REQUIRE(layer->bind_sinks(fpdt::contiguous_view<float const>(sinks.data(), e).value(),
+                              fpdt::contiguous_view(dsink->data(), e).value()).ok());
+  }
   std::vector<T> out(s.q_size());
   run_result r;
   r.lse.assign(s.lse_size(), fnan);
@@ -165,6 +180,69 @@ run_result run_one_rank(problem<T> const& p, index_t chunk, bool offload, fpdt::
   REQUIRE_MESSAGE(st.ok(), st.to_string());
   r.out.resize(out.size());
   for (std::size_t i = 0; i < out.size(); ++i) r.out[i] = static_cast<float>(out[i]);
+  return r;
+}
+
+// sequence_parallel_attention on P ranks: out, lse (through a tensor_sink and token_layout),
+// dq, dk, dv; with `sinks` ([H] fp32, every rank the same) bound, `dsink` gets the sum over the
+// ranks of their sink gradients, and each rank's is checked to be 0 outside its own heads.
+run_result run_p_ranks(problem<float> const& p, index_t ranks, index_t c, bool offload, fpdt::attention_mask const& m,
+                       std::vector<float> const& sinks = {}, std::vector<float>* dsink = nullptr) {
+  attn_shape const& s = p.s;
+  std::vector<std::vector<float>> lse(static_cast<std::size_t>(ranks)), grad(static_cast<std::size_t>(ranks));
+  std::vector<fpdt::status> st;
+  run_result r = run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t rank,
+                                            rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = offload, .mask = m}, 0, fpdt::host_chunk_kernel{1});
+    if (!layer) return layer.error();
+    index_t const local = tl.local_tokens();
+    auto& l = lse[static_cast<std::size_t>(rank)];
+    auto& g = grad[static_cast<std::size_t>(rank)];
+    l.assign(static_cast<std::size_t>(s.h * local), fnan);
+    if (!sinks.empty()) {
+      g.assign(sinks.size(), fnan);
+      auto const e = std::array<index_t, 1>{s.h};
+      FPDT_TRY(layer->bind_sinks(fpdt::contiguous_view<float const>(sinks.data(), e).value(),
+                                 fpdt::contiguous_view(g.data(), e).value()));
+    }
+    std::array<index_t, 3> const qe{local, s.h, s.d}, ke{local, s.hkv, s.d};
+    fpdt::tensor_source<float> src{fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
+                                   fpdt::contiguous_view<float const>(x.k.data(), ke).value(),
+                                   fpdt::contiguous_view<float const>(x.v.data(), ke).value()};
+    fpdt::tensor_sink<float> snk{fpdt::contiguous_view(x.out.data(), qe).value(),
+                                 fpdt::contiguous_view(l.data(), std::array<index_t, 2>{s.h, local}).value()};
+    FPDT_TRY(layer->forward(src, snk));
+    return layer->backward(fpdt::contiguous_view<float const>(x.dout.data(), qe).value(),
+                           fpdt::contiguous_view(x.dq.data(), qe).value(), fpdt::contiguous_view(x.dk.data(), ke).value(),
+                           fpdt::contiguous_view(x.dv.data(), ke).value());
+  }, &st);
+  for (auto const& x : st) REQUIRE_MESSAGE(x.ok(), x.to_string());
+  // lse [H, S/P] per rank -> [S/P, H] -> the global [S, H] -> [H, S].
+  auto tl = fpdt::token_layout::make(s.sq, ranks, c).value();
+  std::vector<float> global(static_cast<std::size_t>(s.sq * s.h), fnan);
+  for (index_t rank = 0; rank < ranks; ++rank) {
+    index_t const local = tl.local_tokens();
+    std::vector<float> t(static_cast<std::size_t>(local * s.h));
+    for (index_t hh = 0; hh < s.h; ++hh)
+      for (index_t i = 0; i < local; ++i)
+        t[static_cast<std::size_t>(i * s.h + hh)] = lse[static_cast<std::size_t>(rank)][static_cast<std::size_t>(hh * local + i)];
+    gather(tl, t, s.h, rank, global);
+  }
+  r.lse.assign(s.lse_size(), fnan);
+  for (index_t hh = 0; hh < s.h; ++hh)
+    for (index_t i = 0; i < s.sq; ++i)
+      r.lse[static_cast<std::size_t>(hh * s.sq + i)] = global[static_cast<std::size_t>(i * s.h + hh)];
+  if (!sinks.empty()) {
+    dsink->assign(sinks.size(), 0.0f);
+    index_t const per = s.h / ranks;
+    for (index_t rank = 0; rank < ranks; ++rank)
+      for (index_t hh = 0; hh < s.h; ++hh) {
+        float const x = grad[static_cast<std::size_t>(rank)][static_cast<std::size_t>(hh)];
+        if (hh / per != rank) CHECK(x == 0.0f); // another rank's head
+        (*dsink)[static_cast<std::size_t>(hh)] += x;
+      }
+  }
   return r;
 }
 
@@ -262,19 +340,8 @@ TEST_CASE("window masks: P ranks equal float64 dense attention with the explicit
         auto p = random_problem<float>(s, 1300 + static_cast<std::uint32_t>(ranks * 31 + hkv * 5 + w.left));
         bool const offload = (w.left + hkv) % 2 == 0;
         fpdt::attention_mask const m = w.mask(); // once: the rank threads share it
-        std::vector<fpdt::status> st;
-        run_result r = run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t,
-                                                  rank_io& x, fpdt::token_layout const& tl) {
-          auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
-              be, comm, {s.sq, h, hkv, d}, {.chunk = c, .offload = offload, .mask = m}, 0,
-              fpdt::host_chunk_kernel{1});
-          if (!layer) return layer.error();
-          return run_one(*layer, x, s, tl.local_tokens());
-        }, &st);
-        for (auto const& x : st) REQUIRE_MESSAGE(x.ok(), x.to_string());
-        ref_result const ref = masked_reference(p, allowed_matrix(s.sq, w));
-        r.lse.assign(ref.lse.begin(), ref.lse.end()); // the tensor form does not return lse
-        check_against_reference(r, ref, p, 1e-4);
+        run_result const r = run_p_ranks(p, ranks, c, offload, m);
+        check_against_reference(r, masked_reference(p, allowed_matrix(s.sq, w)), p, 1e-4);
       }
     }
 }
@@ -375,4 +442,230 @@ TEST_CASE("window masks: device peak equals the prediction and the causal mask's
   }
   CHECK(peak[1][0] == peak[0][0]);
   CHECK(peak[1][1] == peak[0][1]);
+}
+
+namespace {
+// Sink logits per head: a large one (the sink takes most of the mass), a small, a -inf (no sink)
+// and a moderate one, cycled over H.
+std::vector<float> test_sinks(index_t h) {
+  std::vector<float> const pattern{2.5f, -1.25f, -std::numeric_limits<float>::infinity(), 0.5f};
+  std::vector<float> s;
+  for (index_t i = 0; i < h; ++i) s.push_back(pattern[static_cast<std::size_t>(i) % pattern.size()]);
+  return s;
+}
+std::vector<double> as_double(std::vector<float> const& v) { return {v.begin(), v.end()}; }
+void check_sink_grad(std::vector<float> const& got, std::vector<double> const& ref, double tol) {
+  REQUIRE(got.size() == ref.size());
+  double scale = 1;
+  for (double x : ref) scale = std::max(scale, std::abs(x));
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(std::isfinite(got[i]));
+    CHECK(std::abs(double{got[i]} - ref[i]) <= tol * scale);
+  }
+}
+} // namespace
+
+TEST_CASE("attention sinks: one rank equals float64 attention with a sink in each row's denominator (out, lse, grads, dsink)") {
+  index_t const c = 8, u = 5, h = 4, d = 8;
+  std::vector<float> const sinks = test_sinks(h);
+  std::vector<window> ws = {{true, -1, -1}, {false, -1, -1}, {true, c, -1}, {false, 2, c}};
+  std::vector<window> const docs = masks_for(c, c, c * u);
+  ws.push_back(docs[13]); // random documents, causal
+  ws.push_back(docs[18]); // random documents with a window
+  for (window w : ws)
+    for (index_t hkv : {1, 4})
+      for (bool offload : {true, false}) {
+        CAPTURE(w.causal);
+        CAPTURE(w.left);
+        CAPTURE(w.lengths.size());
+        CAPTURE(hkv);
+        CAPTURE(offload);
+        attn_shape const s{c * u, c * u, h, hkv, d};
+        auto p = random_problem<float>(s, 400 + static_cast<std::uint32_t>(w.left * 7 + hkv));
+        std::vector<float> dsink;
+        run_result const got = run_one_rank(p, c, offload, w.mask(), sinks, &dsink);
+        std::vector<double> ref_dsink;
+        ref_result const ref = masked_reference(p, allowed_matrix(s.sq, w), as_double(sinks), &ref_dsink);
+        check_against_reference(got, ref, p, 1e-4);
+        check_sink_grad(dsink, ref_dsink, 1e-4);
+        CHECK(dsink[2] == 0.0f); // the -inf sink: no sink, no gradient
+      }
+}
+
+TEST_CASE("attention sinks: bf16, the same inputs twice give the same bits, and unbinding restores plain attention") {
+  index_t const c = 16, u = 4;
+  attn_shape const s{c * u, c * u, 4, 2, 16};
+  auto p = random_problem<fpdt::bfloat16>(s, 78);
+  std::vector<float> const sinks = test_sinks(s.h);
+  window w{true, 9, -1, random_documents(s.sq, 4)};
+  std::vector<float> ga, gb;
+  run_result const a = run_one_rank(p, c, true, w.mask(), sinks, &ga);
+  run_result const b = run_one_rank(p, c, true, w.mask(), sinks, &gb);
+  std::vector<double> ref_dsink;
+  check_against_reference(a, masked_reference(p, allowed_matrix(s.sq, w), as_double(sinks), &ref_dsink), p, 2e-2);
+  check_sink_grad(ga, ref_dsink, 2e-2);
+  for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}, {&ga, &gb}})
+    CHECK(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)) == 0);
+  // All sinks -inf: plain attention, bit for bit, and a zero gradient.
+  std::vector<float> const none(static_cast<std::size_t>(s.h), -std::numeric_limits<float>::infinity());
+  std::vector<float> gn;
+  run_result const n = run_one_rank(p, c, true, w.mask(), none, &gn);
+  run_result const plain = run_one_rank(p, c, true, w.mask());
+  for (auto [x, y] : {std::pair{&n.out, &plain.out}, {&n.lse, &plain.lse}, {&n.dq, &plain.dq}, {&n.dk, &plain.dk}})
+    CHECK(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)) == 0);
+  for (float g : gn) CHECK(g == 0.0f);
+}
+
+TEST_CASE("attention sinks: P ranks, each sink on its head's rank, lse and the summed sink gradient as on one rank") {
+  index_t const h = 4, d = 8;
+  for (index_t ranks : {2, 4})
+    for (index_t hkv : {1, 2, 4}) {
+      if (hkv % ranks != 0 && ranks % hkv != 0) continue;
+      index_t const c = 2 * ranks, u = 4;
+      std::vector<window> const all = masks_for(c, c / ranks, c * u);
+      for (window w : {window{true, -1, -1}, window{false, 3, 5}, all[13], all[15]}) {
+        CAPTURE(ranks);
+        CAPTURE(hkv);
+        CAPTURE(w.lengths.size());
+        attn_shape const s{c * u, c * u, h, hkv, d};
+        auto p = random_problem<float>(s, 1700 + static_cast<std::uint32_t>(ranks * 31 + hkv * 5));
+        std::vector<float> sinks = test_sinks(h);
+        std::rotate(sinks.begin(), sinks.begin() + 1, sinks.end()); // a head's sink is not its rank's
+        std::vector<float> dsink;
+        fpdt::attention_mask const m = w.mask();
+        run_result const r = run_p_ranks(p, ranks, c, (hkv + ranks) % 2 == 0, m, sinks, &dsink);
+        std::vector<double> ref_dsink;
+        check_against_reference(r, masked_reference(p, allowed_matrix(s.sq, w), as_double(sinks), &ref_dsink), p, 1e-4);
+        check_sink_grad(dsink, ref_dsink, 1e-4);
+      }
+    }
+}
+
+TEST_CASE("attention sinks: wrong counts, NaN and +inf are refused, naming the values") {
+  fpdt::host_backend be;
+  auto layer = fpdt::fpdt_attention<float>::create(be, {16, 4, 2, 8}, {.chunk = 4}).value();
+  std::vector<float> three(3, 0.0f), four(4, 0.0f), g(4, 0.0f);
+  auto v1 = [](std::vector<float>& x) { return fpdt::contiguous_view(x.data(), std::array<index_t, 1>{static_cast<index_t>(x.size())}).value(); };
+  auto st = layer.bind_sinks(v1(three));
+  CHECK(st.code() == fpdt::errc::shape_mismatch);
+  CHECK(contains(st.to_string(), "logits [3] and grad [0] must be [H] = [4]"));
+  st = layer.bind_sinks(v1(four), v1(three));
+  CHECK(st.code() == fpdt::errc::shape_mismatch);
+  st = layer.bind_sinks(v1(four), v1(four));
+  CHECK(st.code() == fpdt::errc::invalid_argument);
+  CHECK(contains(st.to_string(), "grad overlaps input logits"));
+  std::vector<float> q(16 * 4 * 8, 0.1f), kv(16 * 2 * 8, 0.1f), out(q.size(), -7.0f);
+  auto cq = fpdt::contiguous_view<float const>(q.data(), std::array<index_t, 3>{16, 4, 8}).value();
+  auto ck = fpdt::contiguous_view<float const>(kv.data(), std::array<index_t, 3>{16, 2, 8}).value();
+  auto vo = fpdt::contiguous_view(out.data(), std::array<index_t, 3>{16, 4, 8}).value();
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    four[1] = bad;
+    REQUIRE(layer.bind_sinks(v1(four), v1(g)).ok());
+    st = layer.forward(cq, ck, ck, vo);
+    CHECK(st.code() == fpdt::errc::invalid_argument);
+    CHECK(contains(st.to_string(), "sink logit of head 1 is"));
+    CHECK(out[0] == -7.0f); // nothing written
+  }
+  REQUIRE(layer.bind_sinks({}).ok()); // unbound: plain attention again
+  CHECK(layer.forward(cq, ck, ck, vo).ok());
+  // P ranks: the count is the whole layer's H.
+  fpdt::local_world world(2, std::chrono::seconds(20));
+  std::vector<fpdt::status> sts(2);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      auto comm = world.communicator(r).value();
+      fpdt::host_backend rbe;
+      auto sp = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(rbe, comm, {16, 4, 2, 8}, {.chunk = 4});
+      std::vector<float> two(2, 0.0f);
+      sts[static_cast<std::size_t>(r)] = sp->bind_sinks(v1(two));
+    });
+  for (auto& t : ts) t.join();
+  for (auto const& e : sts) {
+    CHECK(e.code() == fpdt::errc::shape_mismatch);
+    CHECK(contains(e.to_string(), "must be [H] = [4]"));
+  }
+}
+
+// Field case A20 (../shared/cases/CASES.md), as far as fpdt can state it: there is no padded mode
+// (issue 20), so the 3 pad positions are a document of their own, which no real row sees; the loss
+// ignores them (dout 0 there), so they add nothing to any real token's gradient. H = 1 on P = 1,
+// and H = 2 identical heads on P = 2 (H % P must be 0 until issue 20).
+TEST_CASE("field case A20: a packed document with tail padding, then a second document, and 20 repeats bit-identical") {
+  for (std::vector<index_t> const& lengths : {std::vector<index_t>{13, 3}, std::vector<index_t>{13, 3, 8}})
+    for (index_t ranks : {1, 2}) {
+      CAPTURE(lengths.size());
+      CAPTURE(ranks);
+      index_t s = 0;
+      for (index_t l : lengths) s += l;
+      index_t const h = ranks;
+      attn_shape const sh{s, s, h, h, 1};
+      // Q = 0; K = V = the position within the document (global position in the first one).
+      std::vector<double> q(sh.q_size(), 0.0), kv(sh.kv_size()), dout(sh.q_size(), 0.0);
+      std::vector<index_t> pos, doc;
+      for (std::size_t d = 0; d < lengths.size(); ++d)
+        for (index_t i = 0; i < lengths[d]; ++i) {
+          pos.push_back(i);
+          doc.push_back(static_cast<index_t>(d));
+        }
+      for (index_t t = 0; t < s; ++t)
+        for (index_t hh = 0; hh < h; ++hh) {
+          kv[static_cast<std::size_t>(t * h + hh)] = static_cast<double>(pos[static_cast<std::size_t>(t)]);
+          if (doc[static_cast<std::size_t>(t)] != 1) dout[static_cast<std::size_t>(t * h + hh)] = 1.0; // pads: no loss
+        }
+      auto const p = from_double<float>(sh, q, kv, kv, dout);
+      window w{true, -1, -1, lengths};
+      fpdt::attention_mask const m = w.mask();
+      auto run = [&] { return ranks == 1 ? run_one_rank(p, 8, true, m) : run_p_ranks(p, ranks, 8, true, m); };
+      run_result const first = run();
+      for (index_t t = 0; t < s; ++t) {
+        if (doc[static_cast<std::size_t>(t)] == 1) continue;
+        auto const i = static_cast<double>(pos[static_cast<std::size_t>(t)]);
+        for (index_t hh = 0; hh < h; ++hh) {
+          CAPTURE(t);
+          CHECK(first.out[static_cast<std::size_t>(t * h + hh)] == doctest::Approx(i / 2).epsilon(1e-6));
+          CHECK(first.lse[static_cast<std::size_t>(hh * s + t)] == doctest::Approx(std::log(i + 1)).epsilon(1e-6));
+        }
+      }
+      CHECK(first.out[12 * static_cast<std::size_t>(h)] == doctest::Approx(6.0).epsilon(1e-6));
+      // The pads (and the second document) never reach the first: its keys' gradients equal the
+      // float64 attention over it alone.
+      check_against_reference(first, masked_reference(p, allowed_matrix(s, w)), p, 1e-5);
+      for (int rep = 1; rep < 20; ++rep) {
+        run_result const again = run();
+        for (auto [x, y] : {std::pair{&first.out, &again.out}, {&first.lse, &again.lse}, {&first.dq, &again.dq},
+                            {&first.dk, &again.dk}, {&first.dv, &again.dv}})
+          REQUIRE(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)) == 0);
+      }
+    }
+}
+
+// Field case A26: per-head and per-document offsets on every rank. Head h = head 0 + h (so a rank
+// reading another head's values is wrong), documents of 5 and 11 tokens (the boundary inside a
+// chunk) and of 8 and 8 (on a chunk edge), chunk 4: dq, dk, dv gathered from every rank equal
+// float64 attention. H = 2 on P = 2 as the case states; H = 4 on P = 4 (H % P must be 0 until
+// issue 20).
+TEST_CASE("field case A26: per-head and per-document values on every rank equal float64 attention") {
+  for (index_t ranks : {2, 4})
+    for (std::vector<index_t> const& lengths : {std::vector<index_t>{5, 11}, std::vector<index_t>{8, 8}}) {
+      CAPTURE(ranks);
+      CAPTURE(lengths[0]);
+      index_t const s = 16, h = ranks, d = 4;
+      attn_shape const sh{s, s, h, h, d};
+      auto base = random_problem<float>({s, s, 1, 1, d}, 2600 + static_cast<std::uint32_t>(ranks));
+      auto widen = [&](std::vector<double> const& x) { // [S, 1, D] -> [S, H, D], head h = head 0 + h
+        std::vector<double> y(static_cast<std::size_t>(s * h * d));
+        for (index_t t = 0; t < s; ++t)
+          for (index_t hh = 0; hh < h; ++hh)
+            for (index_t e = 0; e < d; ++e)
+              y[static_cast<std::size_t>((t * h + hh) * d + e)] = x[static_cast<std::size_t>(t * d + e)] + static_cast<double>(hh);
+        return y;
+      };
+      auto const p = from_double<float>(sh, widen(base.qd), widen(base.kd), widen(base.vd), widen(base.doutd));
+      window w{true, -1, -1, lengths};
+      fpdt::attention_mask const m = w.mask();
+      run_result const r = run_p_ranks(p, ranks, 4, ranks == 2, m);
+      check_against_reference(r, masked_reference(p, allowed_matrix(s, w)), p, 1e-4);
+    }
 }

@@ -108,6 +108,25 @@ struct attention_mask {
     return {b, e};
   }
 
+  //! True when the mask limits keys by distance or document (a window or documents), beyond
+  //! the plain full or causal rule: what kernels without window support refuse, and what needs
+  //! the chunk size to price or skip chunk pairs.
+  [[nodiscard]] FPDT_HOST_DEVICE constexpr bool limits_by_position() const noexcept {
+    return window_left != unbounded_window || documents > 0 ||
+           (kind == mask_kind::full && window_right != unbounded_window);
+  }
+
+  //! The same mask for a sequence of `sequence` tokens with one spelling per meaning: a causal
+  //! right extent (0 or unbounded) and any extent >= S become `unbounded_window`. Two masks that
+  //! see the same keys at every position compare equal field by field after this (offsets by
+  //! pointer: compare their values separately).
+  [[nodiscard]] constexpr attention_mask canonical(index_t sequence) const noexcept {
+    attention_mask m = *this;
+    if (m.kind == mask_kind::causal || m.window_right >= sequence) m.window_right = unbounded_window;
+    if (m.window_left >= sequence) m.window_left = unbounded_window;
+    return m;
+  }
+
   //! Number of visible (query, key) pairs among the `sq` queries from global position `q_begin`
   //! and the `sk` keys from `k_begin`, in O(1) without documents: the pairs with p_k - p_q in the band
   //! [-window_left, right] (right = 0 when causal). A double, exact below 2^53 pairs; for

@@ -84,6 +84,23 @@ FPDT_HOST_DEVICE inline void merge_row(float* o1, float& l1, float const* o2, fl
   l1 = l;
 }
 
+//! Absorbs an attention sink into one finalized row: the sink is one more key with logit `sink`
+//! and value 0 (GPT-OSS's per-head sink), i.e. a merge with the state (0, sink), so
+//! lse = log(exp(lse) + exp(sink)) and out scales by exp(lse_old - lse). A sink of -inf changes
+//! nothing; a row with no visible key becomes (0, sink). `o` steps by `stride`.
+FPDT_HOST_DEVICE inline void absorb_sink(float* o, float& l, float sink, index_t d, index_t stride = 1) noexcept {
+  float const zero = 0.0f;
+  merge_row(o, l, &zero, sink, d, stride, 0);
+}
+
+//! The gradient of one row's attention sink: dL/dsink = -exp(sink - lse) * delta, with lse the
+//! row's LSE including the sink and delta = rowsum(dout * out) (the sink's value is 0, so its
+//! score gradient is p_sink (0 - delta)). 0 for a sink of -inf.
+FPDT_HOST_DEVICE inline float sink_gradient(float sink, float lse, float delta) noexcept {
+  constexpr float ninf = FPDT_BIT_CAST(float, 0xff800000u);
+  return sink == ninf ? 0.0f : -std::exp(sink - lse) * delta;
+}
+
 //! Merges `other` into `acc` row by row (every (token, head) row of `[Sq, H, D]`).
 //!
 //! Errors: `errc::shape_mismatch` naming the shapes when the two states differ in shape or a

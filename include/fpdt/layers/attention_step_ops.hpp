@@ -17,6 +17,8 @@
 //!   chunk_backward_args<T>)`: run the chunk kernel on `s`;
 //! - `merge(be, s, acc, part, first)`: acc = first ? part : merge(acc, part) (`merge_row`);
 //! - `finalize(be, s, acc, out [C, H, D] T, lse [H, C])`: out = T(acc.out), lse = acc.lse;
+//!   optionally (for attention sinks) `finalize(..., sinks)`, absorbing each head's sink first,
+//!   and `sink_gradient(be, s, lse, delta, sinks, grad)`, adding the chunk's sink gradients;
 //! - `zero(be, s, ptr, bytes)`;
 //! - `delta(be, s, out, dout, delta [H, C])`;
 //! - `copy_rows(be, s, src, src_row0, dst, dst_row0, rows)`: token rows of `[S, H, D]` views,
@@ -122,6 +124,33 @@ template <class B> struct host_attention_step_ops {
     return be.launch(s, [acc, out, lse] {
       detail::layer::copy_rows(acc.out, 0, out, 0, out.extent(0));
       detail::layer::copy_columns(acc.lse, 0, lse, 0, lse.extent(1));
+    });
+  }
+  //! out = T(acc.out), lse = acc.lse, each row first absorbing its head's attention sink
+  //! (`absorb_sink`; `sinks` [H] fp32, this rank's heads). `acc` is changed.
+  template <class T>
+  [[nodiscard]] static status finalize(B& be, stream_type& s, partial_view const& acc,
+                                       tensor_view<T, 3> const& out, tensor_view<float, 2> const& lse,
+                                       float const* sinks) {
+    return be.launch(s, [acc, out, lse, sinks] {
+      for (index_t c = 0; c < acc.out.extent(0); ++c)
+        for (index_t h = 0; h < acc.out.extent(1); ++h)
+          absorb_sink(&acc.out(c, h, 0), acc.lse(h, c), sinks[h], acc.out.extent(2), acc.out.stride(2));
+      detail::layer::copy_rows(acc.out, 0, out, 0, out.extent(0));
+      detail::layer::copy_columns(acc.lse, 0, lse, 0, lse.extent(1));
+    });
+  }
+  //! grad[h] += sum over the chunk's rows of `sink_gradient(sinks[h], lse(h, c), delta(h, c))`,
+  //! in row order (`lse`, `delta` [H, C] fp32; `sinks` [H] fp32, `grad` [H] fp64).
+  [[nodiscard]] static status sink_gradient(B& be, stream_type& s, tensor_view<float const, 2> const& lse,
+                                            tensor_view<float const, 2> const& delta, float const* sinks,
+                                            double* grad) {
+    return be.launch(s, [lse, delta, sinks, grad] {
+      for (index_t h = 0; h < lse.extent(0); ++h) {
+        double g = 0;
+        for (index_t c = 0; c < lse.extent(1); ++c) g += fpdt::sink_gradient(sinks[h], lse(h, c), delta(h, c));
+        grad[h] += g;
+      }
     });
   }
   //! Sets `bytes` bytes at `p` to zero.

@@ -49,11 +49,13 @@
 #include <cstddef>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -387,13 +389,16 @@ public:
   //! Takes over the state; `other` becomes empty.
   attention_context(attention_context&& other) noexcept
       : state_(std::exchange(other.state_, state::empty)), owner_(std::move(other.owner_)),
-        store_(std::move(other.store_)), rings_(std::move(other.rings_)) {
+        store_(std::move(other.store_)), rings_(std::move(other.rings_)), sinks_(std::move(other.sinks_)) {
     other.store_.reset();
+    other.sinks_.clear();
   }
   //! Frees what it held and takes over `other`'s state; `other` becomes empty.
   attention_context& operator=(attention_context&& other) noexcept {
     if (this != &other) {
       rings_ = std::move(other.rings_);
+      sinks_ = std::move(other.sinks_);
+      other.sinks_.clear();
       store_ = std::move(other.store_);
       other.store_.reset();
       owner_ = std::move(other.owner_);
@@ -428,6 +433,7 @@ private:
   std::weak_ptr<std::byte const> owner_{};
   std::optional<chunk_store> store_{};
   detail::layer::forward_rings rings_{};
+  std::vector<float> sinks_{}; // the forward's attention sink logits [H] (empty: none)
 };
 
 //! FPDT attention on one rank (see the file comment).
@@ -458,6 +464,13 @@ class fpdt_attention {
                 "the kernel needs a settable `std::span<std::byte> workspace` member)");
   using ops = attention_step_ops<B>;
   using stream_t = typename B::stream_type;
+  // Whether the backend's step ops have the attention sink forms (bind_sinks).
+  static constexpr bool has_sink_ops =
+      requires(B& be, stream_t& s, partial_view const& acc, tensor_view<T, 3> const& o, tensor_view<float, 2> const& l,
+               tensor_view<float const, 2> const& c, float const* p, double* g) {
+        ops::finalize(be, s, acc, o, l, p);
+        ops::sink_gradient(be, s, c, c, p, g);
+      };
   static constexpr auto forms =
       runs_host_tasks_in_order<B> ? detail::layer::callback_forms::either : detail::layer::callback_forms::stream;
 
@@ -532,6 +545,7 @@ private:
   template <class Source, class Sink>
   [[nodiscard]] status run_forward(attention_context& ctx, Source const& source, Sink& sink) {
     ctx = attention_context{}; // frees the previous forward's state before this one allocates
+    FPDT_TRY(take_sinks(ctx));
     FPDT_TRY(make_executor()); // before any buffer, so a failure here leaves nothing allocated
     ctx.store_.emplace(be_->pinned_memory(), prob_.chunks(), host_tensor_bytes(prob_), host_tensor_names());
     cx_ = &ctx;
@@ -726,11 +740,16 @@ private:
       return backward_step(st, s, dout, sink);
     };
     started = true;
+    sink_acc_.assign(ctx.sinks_.size(), 0.0);
+    sink_taken_.assign(static_cast<std::size_t>(chunks()), 0);
     status st = lanes().run(bwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     bwd_rings_ = {};
     bwd_fixed_ = {};
     release_workspace();
+    if (st.ok() && !sink_grad_.empty()) // 0 for a forward without sinks
+      for (index_t h = 0; h < sink_grad_.extent(0); ++h)
+        sink_grad_(h) = sink_acc_.empty() ? 0.0f : static_cast<float>(sink_acc_[static_cast<std::size_t>(h)]);
     return st;
   }
 
@@ -745,6 +764,41 @@ public:
   void run_on(executor<B>& lanes) noexcept {
     lanes_ = &lanes;
     ex_.reset(); // streams the layer made for earlier passes are released
+  }
+
+  //! Attention sinks (GPT-OSS's learnable per-head sink; docs/design.md 3.4a): one logit per query
+  //! head that enters each row's softmax denominator once, as a key of value 0, however many chunk
+  //! pairs the row's keys span: lse = log(exp(sink_h) + sum over visible keys of exp(score)), and
+  //! out = sum of p v with the sink's share p_sink = exp(sink_h - lse) left out. A row that sees no
+  //! key gives out 0 and lse = sink_h. The lse the layer returns includes the sink.
+  //!
+  //! `logits [H]` fp32 (this layer's query heads), read by every later forward, which copies the
+  //! values into its context so its backward uses the same ones; `grad [H]` fp32, when not empty,
+  //! overwritten by every later backward with dL/dsink_h = -sum over rows of p_sink delta (delta =
+  //! rowsum(dout * out)), summed in fp64 in chunk order. Both in host memory, kept alive by the
+  //! caller while bound; an empty `logits` unbinds (and `grad` with it). A logit may be -inf (no
+  //! sink for that head), never NaN or +inf: the forward refuses those with
+  //! `errc::invalid_argument` naming the head. Errors: `errc::shape_mismatch` naming an extent
+  //! that is not H; `errc::invalid_argument` when grad overlaps logits; `errc::not_supported` on a
+  //! backend whose step ops have no sink forms (cuda_backend, for now).
+  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {}) {
+    if (logits.empty()) {
+      sink_logits_ = {};
+      sink_grad_ = {};
+      return {};
+    }
+    if constexpr (!has_sink_ops)
+      return make_error(errc::not_supported, "fpdt_attention bind_sinks: this backend's attention_step_ops have no "
+                                             "finalize(..., sinks) and sink_gradient (host-task backends have them)");
+    index_t const h = prob_.local_heads();
+    if (logits.extent(0) != h || (!grad.empty() && grad.extent(0) != h))
+      return make_error(errc::shape_mismatch, "fpdt_attention bind_sinks: logits [", logits.extent(0), "] and grad [",
+                        grad.extent(0), "] must be [H] = [", h, "] (grad may be empty), one sink per query head");
+    FPDT_TRY(detail::check_no_alias("fpdt_attention bind_sinks", {detail::range_of("grad", grad)},
+                                    {detail::range_of("logits", logits)}));
+    sink_logits_ = logits;
+    sink_grad_ = grad;
+    return {};
   }
 
   //! The forward schedule.
@@ -1046,6 +1100,8 @@ private:
       std::byte* os = cx_->rings_.out.slot(slot(ring::out));
       auto ov = q_view(os + out_at);
       auto lv = lse_view(os + lse_at);
+      if constexpr (has_sink_ops)
+        if (!cx_->sinks_.empty()) return ops::finalize(*be_, s, acc, ov, lv, cx_->sinks_.data());
       return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
@@ -1191,7 +1247,14 @@ private:
     }
     case step_kind::delta: {
       bwd_parts const p = parts(st.slot_of(ring::q));
-      return ops::delta(*be_, s, tensor_view<T const, 3>(p.out), tensor_view<T const, 3>(p.dout), p.delta);
+      FPDT_TRY(ops::delta(*be_, s, tensor_view<T const, 3>(p.out), tensor_view<T const, 3>(p.dout), p.delta));
+      // Once per query chunk (with offload delta is recomputed at every fetch of the chunk), on
+      // the compute lane in schedule order: the same bits every run.
+      if constexpr (has_sink_ops)
+        if (!cx_->sinks_.empty() && !std::exchange(sink_taken_[static_cast<std::size_t>(st.i)], char{1}))
+          return ops::sink_gradient(*be_, s, tensor_view<float const, 2>(p.lse), tensor_view<float const, 2>(p.delta),
+                                    cx_->sinks_.data(), sink_acc_.data());
+      return {};
     }
     case step_kind::compute: {
       bwd_parts const p = parts(st.slot_of(ring::q));
@@ -1248,6 +1311,22 @@ private:
     }
   }
 
+  // Copies the bound sink logits into the forward's context (none bound: none).
+  [[nodiscard]] status take_sinks(attention_context& ctx) const {
+    if (sink_logits_.empty()) return {};
+    ctx.sinks_.resize(static_cast<std::size_t>(sink_logits_.extent(0)));
+    for (index_t h = 0; h < sink_logits_.extent(0); ++h) {
+      float const x = sink_logits_(h);
+      if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
+        ctx.sinks_.clear();
+        return make_error(errc::invalid_argument, "fpdt_attention forward: attention sink logit of head ", h, " is ", x,
+                          " (sinks must be finite or -inf)");
+      }
+      ctx.sinks_[static_cast<std::size_t>(h)] = x;
+    }
+    return {};
+  }
+
   B* be_;
   attention_problem prob_;
   fpdt_attention_options opt_;
@@ -1263,6 +1342,10 @@ private:
   attention_context saved_{};      // the forward kept by the forms without a context
   attention_context* cx_ = nullptr; // the context of the pass running now
   std::shared_ptr<std::byte const> id_; // the layer's identity, which its contexts carry (kept by moves)
+  tensor_view<float const, 1> sink_logits_{}; // bind_sinks: read by each forward
+  tensor_view<float, 1> sink_grad_{};         // bind_sinks: written by each backward
+  std::vector<double> sink_acc_{};            // the backward's sink gradients [H], fp64
+  std::vector<char> sink_taken_{};            // per query chunk: its sink gradients are in sink_acc_
 };
 
 FPDT_NAMESPACE_END

@@ -287,11 +287,11 @@ public:
     if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
       return make_error(errc::internal, "rejected at compile time");
     else
-      return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
-      dout_adapter<Dout> src{this, &dout};
-      grad_adapter<Sink> snk{this, &sink};
-      return ctx_ ? inner_.backward(*ctx_, src, snk) : inner_.backward(src, snk);
-    });
+      return zero_other_sink_grads(run_pass(&sequence_parallel_attention::allocate_backward, [&] {
+        dout_adapter<Dout> src{this, &dout};
+        grad_adapter<Sink> snk{this, &sink};
+        return ctx_ ? inner_.backward(*ctx_, src, snk) : inner_.backward(src, snk);
+      }));
   }
 
   //! Backward from a local dout `[S/P, H, D]` into local fp32 dq `[S/P, H, D]`, dk, dv
@@ -327,6 +327,30 @@ public:
     inner_.run_on(lanes);
     lane_->shared = &lanes.stream(lane::comm);
     lane_->own.reset(); // a stream made for earlier passes is released
+  }
+
+  //! Attention sinks (see `fpdt_attention::bind_sinks`): `logits [H]` fp32 for all H query
+  //! heads, the same values on every rank (a replicated parameter). Each head's sink follows the
+  //! head through the Ulysses scatter: rank r applies those of its heads [r H/P, (r + 1) H/P), and
+  //! the lse the sink receives includes them. `grad [H]` fp32, when not empty, is overwritten by
+  //! every backward with this rank's share: the full gradient of its own heads (every token of the
+  //! sequence is on this rank for them), 0 for the others. The sum over the ranks of the grads is
+  //! the gradient, as for any weight the ranks share (all-reduce it with the other gradients).
+  //! Errors: those of `fpdt_attention::bind_sinks`, with H the global head count.
+  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {}) {
+    index_t const h = shape_.heads;
+    if (!logits.empty() && (logits.extent(0) != h || (!grad.empty() && grad.extent(0) != h)))
+      return make_error(errc::shape_mismatch, "sequence_parallel_attention bind_sinks: logits [", logits.extent(0),
+                        "] and grad [", grad.extent(0), "] must be [H] = [", h,
+                        "] (grad may be empty), one sink per query head of the whole layer");
+    index_t const local = layout_.heads_per_rank(head_kind::query), first = comm_->rank() * local;
+    auto part = [&](auto const& v) {
+      using V = std::remove_cvref_t<decltype(v)>;
+      return v.empty() ? V{} : V(v.data() + first * v.stride(0), {local}, {v.stride(0)});
+    };
+    FPDT_TRY(inner_.bind_sinks(part(logits), part(grad)));
+    sink_grad_ = logits.empty() ? tensor_view<float, 1>{} : grad;
+    return {};
   }
 
   //! The per-rank one-rank layer (its schedules, trace, predicted bytes).
@@ -620,6 +644,14 @@ private:
     detail::layer::reset_on_exit scope{ctx_};
     return f();
   }
+  // After a backward: the bound sink grad's entries for other ranks' heads are 0 (bind_sinks).
+  [[nodiscard]] status zero_other_sink_grads(status st) {
+    if (!st.ok() || sink_grad_.empty()) return st;
+    index_t const local = layout_.heads_per_rank(head_kind::query), first = comm_->rank() * local;
+    for (index_t h = 0; h < sink_grad_.extent(0); ++h)
+      if (h < first || h >= first + local) sink_grad_(h) = 0.0f;
+    return st;
+  }
   // A backward that failed before the per-rank layer consumed its context frees it all the same.
   [[nodiscard]] static status consumed(attention_context& ctx, bool mine, status st) {
     if (mine && ctx.ready()) ctx.clear();
@@ -648,12 +680,9 @@ private:
   // One gather of those values names the difference at once, on every rank.
   [[nodiscard]] status check_ranks_agree() {
     constexpr std::size_t n = 12;
-    attention_mask mask = inner_.problem().mask();
-    // The same mask spelled two ways agrees: a causal right extent of 0 is unbounded, and a
-    // window of S or more is no window.
-    index_t const s = shape_.sequence;
-    if (mask.kind == mask_kind::causal || mask.window_right >= s) mask.window_right = unbounded_window;
-    if (mask.window_left >= s) mask.window_left = unbounded_window;
+    // The same mask spelled two ways agrees (a causal right extent of 0 is unbounded, a window
+    // of S or more is no window).
+    attention_mask const mask = inner_.problem().mask().canonical(shape_.sequence);
     std::uint64_t hash = 1469598103934665603ull; // FNV-1a of the document offsets, 52 bits kept
     for (index_t d = 0; d <= (mask.documents > 0 ? mask.documents : -1); ++d)
       for (int b = 0; b < 8; ++b)
@@ -1210,6 +1239,7 @@ private:
   std::unique_ptr<comm_lane> lane_;
   std::vector<index_t> dout_order_; // device path: see take_dout
   bool agreed_ = false;              // check_ranks_agree has passed
+  tensor_view<float, 1> sink_grad_{}; // bind_sinks' grad: other ranks' heads zeroed after a backward
 };
 
 FPDT_NAMESPACE_END

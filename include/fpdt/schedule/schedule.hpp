@@ -348,9 +348,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     return make_error(errc::invalid_argument, who, ": ring_slots = ", p.ring_slots,
                       " must be in [2, 64] (2 is double buffering)");
   FPDT_TRY(check_mask(p.mask, who));
-  bool const by_position = p.mask.window_left != unbounded_window || p.mask.documents > 0 ||
-                           (p.mask.kind == mask_kind::full && p.mask.window_right != unbounded_window);
-  if (by_position && p.chunk_tokens < 1)
+  if (p.mask.limits_by_position() && p.chunk_tokens < 1)
     return make_error(errc::invalid_argument, who, ": the mask (", to_string(p.mask),
                       ") has a window or documents, so chunk_tokens (C) must be >= 1, not ", p.chunk_tokens);
   if (p.chunk_tokens < 0 || (p.chunk_tokens > 0 && p.chunk_tokens > (index_t{1} << 62) / p.chunks))

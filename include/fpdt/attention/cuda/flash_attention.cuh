@@ -483,8 +483,7 @@ template <class T, class Args>
   if (a.q.extent(0) > max_int || a.k.extent(0) > max_int || a.q.extent(1) > 65535)
     return make_error(errc::not_supported, who, ": Sq = ", a.q.extent(0), ", Sk = ", a.k.extent(0),
                       ", H = ", a.q.extent(1), " must be below 2^31, 2^31 and 65536");
-  if (a.mask.window_left != unbounded_window || a.mask.documents > 0 ||
-      (a.mask.kind == mask_kind::full && a.mask.window_right != unbounded_window))
+  if (a.mask.limits_by_position())
     return make_error(errc::not_supported, who, ": the mask (", to_string(a.mask),
                       ") has a sliding window or documents, which this kernel does not apply yet (use "
                       "cuda_reference_chunk_kernel or the host kernel)");
