@@ -25,12 +25,14 @@ void usage(std::FILE* to) {
                "usage: fpdt-plan --model NAME --gpus P --gpu NAME [--method fpdt|ulysses|megatron_sp]\n"
                "                 [--seq N] [--chunk C] [--zero 0-3] [--checkpointing on|off]\n"
                "                 [--checkpoint-offload on|off] [--offload on|off] [--dtype-bytes 1|2|4]\n"
-               "                 [--window W] [--coarse] [--csv] [--sweep] [--config FILE]\n"
+               "                 [--window W] [--documents L1[,L2,...]] [--coarse] [--csv] [--sweep] [--config FILE]\n"
                "  Without --seq: the longest sequence that fits (device and host), the per-rank memory\n"
                "  there, the recommended chunk size and the predicted MFU. --seq N (suffix K = 1024,\n"
                "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --window W\n"
                "  prices causal sliding-window attention of W tokens (FPDT skips the chunk pairs outside it,\n"
-               "  and MFU counts only the window's FLOPs); --coarse\n"
+               "  and MFU counts only the window's FLOPs); --documents L1,L2,... prices packed documents of\n"
+               "  these lengths (a sample of the training set's, K and M allowed), repeated to fill S, each\n"
+               "  token attending within its document (FPDT skips the pairs across documents); --coarse\n"
                "  searches powers of two only; --csv prints a header and one row (the limit columns\n"
                "  are empty with --seq, which searches nothing); --sweep prints per-rank device\n"
                "  GiB of the three methods for S = 4K .. 16M (CSV, for scripts/plot-plan.sh).\n"
@@ -67,6 +69,15 @@ fpdt::result<fpdt::index_t> parse_tokens(std::string_view a, std::string_view wh
   return static_cast<fpdt::index_t>(v);
 }
 
+// ", packed documents of 1024, 4096 tokens (repeated to fill S)" or "".
+std::string documents_note(fpdt::training_config const& t) {
+  if (t.document_lengths.empty()) return {};
+  std::string s = ", packed documents of ";
+  for (std::size_t i = 0; i < t.document_lengths.size(); ++i)
+    s += (i > 0 ? ", " : "") + std::to_string(t.document_lengths[i]);
+  return s + " tokens (repeated to fill S)";
+}
+
 fpdt::result<bool> parse_on_off(std::string_view a, std::string_view what) {
   if (a == "on") return true;
   if (a == "off") return false;
@@ -87,7 +98,7 @@ fpdt::result<options> parse(int argc, char** argv) {
     if (a == "--coarse") { o.finer = false; continue; }
     constexpr std::string_view with_value[] = {"--model", "--gpu", "--config", "--method", "--gpus", "--seq",
                                                "--chunk", "--zero", "--dtype-bytes", "--checkpointing",
-                                               "--checkpoint-offload", "--offload", "--window"};
+                                               "--checkpoint-offload", "--offload", "--window", "--documents"};
     bool known = false;
     for (auto k : with_value) known = known || a == k;
     if (!known) return fpdt::make_error(fpdt::errc::invalid_argument, "unknown option ", a);
@@ -105,6 +116,15 @@ fpdt::result<options> parse(int argc, char** argv) {
       auto x = parse_tokens(v, a);
       if (!x) return x.error();
       o.t.mask = fpdt::causal_window_mask(*x);
+    } else if (a == "--documents") {
+      o.t.document_lengths.clear();
+      for (std::string_view rest = v; !rest.empty();) {
+        std::size_t const comma = rest.find(',');
+        auto x = parse_tokens(rest.substr(0, comma), "--documents length");
+        if (!x) return x.error();
+        o.t.document_lengths.push_back(*x);
+        rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
+      }
     } else if (a == "--gpus" || a == "--seq" || a == "--chunk") {
       auto x = parse_tokens(v, a);
       if (!x) return x.error();
@@ -274,12 +294,12 @@ int run(options const& o) {
   }
   if (!o.csv)
     std::printf("fpdt-plan: %s on %lld x %s (%.1f GiB device, %.0f GiB host per GPU), method %s, ZeRO-%d, "
-                "checkpointing %s%s, mask %s\n",
+                "checkpointing %s%s, mask %s%s\n",
                 model->name.c_str(), static_cast<long long>(o.t.gpus), gpu->name.c_str(), gib(gpu->device_bytes),
                 gib(gpu->host_bytes_per_gpu), std::string(fpdt::to_string(o.t.method)).c_str(), o.t.zero_stage,
                 o.t.checkpointing ? "on" : "off",
                 o.t.checkpointing ? (o.t.checkpoint_offload ? " (offloaded to host)" : " (on device)") : "",
-                fpdt::to_string(o.t.mask).c_str());
+                fpdt::to_string(o.t.mask).c_str(), documents_note(o.t).c_str());
   if (o.t.sequence > 0) {
     auto p = fpdt::evaluate_plan(*model, o.t, *gpu, true);
     if (!p) {

@@ -8,6 +8,7 @@
 
 #include <limits>
 #include <optional>
+#include <vector>
 
 using fpdt::index_t;
 
@@ -211,4 +212,45 @@ TEST_CASE("cost model: a sliding window prices only its visible pairs, in FPDT's
   auto bad = fpdt::estimate_step(m, t, hw);
   REQUIRE_FALSE(bad.ok());
   CHECK(bad.error().to_string().find("window (-7") != std::string::npos);
+}
+
+TEST_CASE("cost model: a document-length distribution packed into S prices only the pairs inside documents") {
+  fpdt::model_config const m = fpdt::find_model_preset("llama3-8b").value();
+  fpdt::hardware_config const hw = fpdt::find_gpu_preset("h100-sxm").value();
+  fpdt::training_config t;
+  t.gpus = 4;
+  t.sequence = index_t{1} << 18;
+  t.chunk = index_t{1} << 14;
+  auto causal = fpdt::estimate_step(m, t, hw).value();
+  // 16K and 48K tokens, repeated: 4 pairs of documents fill 256K exactly.
+  t.document_lengths = {index_t{1} << 14, 3 * (index_t{1} << 14)};
+  std::vector<index_t> offsets;
+  fpdt::attention_mask const mask = fpdt::training_mask(t, offsets);
+  CHECK(offsets == std::vector<index_t>{0, 16384, 65536, 81920, 131072, 147456, 196608, 212992, 262144});
+  REQUIRE(mask.documents == 8);
+  // Causal pairs inside the documents, written out: n (n + 1) / 2 per document of n tokens.
+  auto tri = [](double n) { return n * (n + 1) / 2; };
+  double const s = static_cast<double>(t.sequence);
+  double const want = 4 * (tri(16384) + tri(49152)) / tri(s);
+  CHECK(fpdt::attention_work_vs_causal(mask, t.sequence) == doctest::Approx(want).epsilon(1e-12));
+  auto packed = fpdt::estimate_step(m, t, hw).value();
+  CHECK(packed.step_seconds < 0.6 * causal.step_seconds);
+  CHECK(packed.model_flops < causal.model_flops);
+  // The schedule it prices: the 16 chunks of 16K fall 1 | 3 | 1 | 3 ...: per pair of documents
+  // 1 + 6 compute pairs (a 3-chunk document's causal triangle).
+  auto problem = fpdt::fpdt_attention_problem(m, t).value();
+  CHECK(problem.forward_schedule().value().count(fpdt::step_kind::compute) == 4 * (1 + 6));
+  // A last document cut at S: one length of 100K fills 256K as 100K, 100K, 56K.
+  t.document_lengths = {100 * 1024};
+  (void)fpdt::training_mask(t, offsets);
+  CHECK(offsets == std::vector<index_t>{0, 102400, 204800, 262144});
+  // Errors name the values: a negative length, all zero, documents given twice.
+  t.document_lengths = {4096, -3};
+  auto bad = fpdt::estimate_step(m, t, hw);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().to_string().find("document length 1 is -3") != std::string::npos);
+  t.document_lengths = {0, 0};
+  bad = fpdt::estimate_step(m, t, hw);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().to_string().find("all 0") != std::string::npos);
 }

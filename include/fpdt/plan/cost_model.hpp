@@ -299,7 +299,9 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   }
   // Ulysses and Megatron-SP: whole-sequence attention, collectives not overlapped with compute.
   double const s = static_cast<double>(t.sequence);
-  double const attn_flops = 2 * s * s * h / p * attention_work_vs_causal(t.mask, t.sequence); // this rank's share
+  std::vector<index_t> offsets;
+  double const attn_flops =
+      2 * s * s * h / p * attention_work_vs_causal(training_mask(t, offsets), t.sequence); // this rank's share
   double const gemm_fwd = s_local * (qkv_flops_tok + rest_flops_tok) / mm;
   double comm_fwd = 0;
   if (t.method == parallel_method::ulysses) // q, k, v to heads and the output back
@@ -346,7 +348,8 @@ inline result<layer_time> time_layer(model_config const& m, training_config cons
   auto ideal = run(true);
   if (!ideal) return ideal.error();
   step_estimate e;
-  e.model_flops = model_flops(m, t.sequence, t.mask);
+  std::vector<index_t> offsets;
+  e.model_flops = model_flops(m, t.sequence, training_mask(t, offsets));
   e.step_seconds = real->first;
   e.no_copy_seconds = ideal->first;
   e.exposed_copy_seconds = std::max(0.0, real->first - ideal->first);

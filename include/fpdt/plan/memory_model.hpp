@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 FPDT_NAMESPACE_BEGIN
 
@@ -97,7 +98,25 @@ struct training_config {
   //! The attention mask (causal, optionally a sliding window): FPDT's schedules skip the chunk
   //! pairs it leaves empty, and every method's attention FLOPs count only its visible pairs.
   attention_mask mask = causal_mask;
+  //! Packed documents, as a length distribution: these lengths (tokens, >= 0, not all 0) repeated
+  //! in order until S is filled, the last document cut at S (`training_mask`); empty: no documents.
+  //! The schedules skip the chunk pairs across documents and the FLOPs count only visible pairs,
+  //! so the planner prices a training set's document lengths at any S.
+  std::vector<index_t> document_lengths{};
 };
+
+//! The mask the attention of layout `t` runs: `t.mask`, with `t.document_lengths` packed into
+//! S when given (their cu_seqlens offsets written to `offsets`, which the mask points at).
+[[nodiscard]] inline attention_mask training_mask(training_config const& t, std::vector<index_t>& offsets) {
+  offsets.clear();
+  index_t total = 0;
+  for (index_t l : t.document_lengths) total += l > 0 ? l : 0;
+  if (t.document_lengths.empty() || total <= 0 || t.sequence < 1) return t.mask;
+  offsets.push_back(0);
+  for (std::size_t i = 0; offsets.back() < t.sequence; i = (i + 1) % t.document_lengths.size())
+    if (t.document_lengths[i] > 0) offsets.push_back(std::min(t.sequence, offsets.back() + t.document_lengths[i]));
+  return with_documents(t.mask, offsets);
+}
 
 //! Per-rank bytes of one training step, split by what holds them.
 struct memory_breakdown {
@@ -196,8 +215,9 @@ namespace detail::plan {
                                                                       training_config const& t) {
   auto type = detail::plan::attention_dtype(t.dtype_bytes);
   if (!type) return type.error();
+  std::vector<index_t> offsets; // the problem keeps a copy
   return attention_problem::create({t.sequence, t.gpus, t.chunk, m.heads, m.kv_heads,
-                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, t.mask, t.offload,
+                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, training_mask(t, offsets), t.offload,
                                     t.ring_slots},
                                    "fpdt");
 }
@@ -220,6 +240,20 @@ namespace detail::plan {
   if (auto heads = ulysses_layout::make(t.gpus, m.heads, m.kv_heads, m.hidden / m.heads, t.gpus); !heads)
     return heads.error().with_context(detail::concat("model ", m.name));
   FPDT_TRY(check_mask(t.mask, "training_config"));
+  if (!t.document_lengths.empty()) {
+    index_t total = 0;
+    for (std::size_t i = 0; i < t.document_lengths.size(); ++i) {
+      if (t.document_lengths[i] < 0)
+        return make_error(errc::invalid_argument, "training_config: document length ", i, " is ", t.document_lengths[i],
+                          " (lengths must be >= 0)");
+      total += std::min(t.document_lengths[i], t.sequence);
+    }
+    if (total == 0)
+      return make_error(errc::invalid_argument, "training_config: the document lengths are all 0");
+    if (t.mask.documents > 0)
+      return make_error(errc::invalid_argument, "training_config: the mask has ", t.mask.documents,
+                        " documents and document_lengths are given too (give one of them)");
+  }
   if (t.zero_stage < 0 || t.zero_stage > 3)
     return make_error(errc::invalid_argument, "ZeRO stage ", t.zero_stage, " must be 0, 1, 2 or 3");
   if (t.dtype_bytes != 1 && t.dtype_bytes != 2 && t.dtype_bytes != 4)
