@@ -17,11 +17,20 @@
 
 #include <cstddef>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
 
 using fpdt::index_t;
+
+#if defined(FPDT_HAVE_CBLAS)
+// Said once, in the benchmark's context header, when OpenBLAS runs kernels older than the CPU.
+[[maybe_unused]] bool const blas_noted = [] {
+  if (std::string const note = fpdt::cblas_kernel_note(); !note.empty()) benchmark::AddCustomContext("cblas", note);
+  return true;
+}();
+#endif
 
 // Arguments: M, N, K, trans_a, trans_b. C = op(A) op(B), beta = 0.
 template <class Gemm> void bm_gemm(benchmark::State& state, Gemm gemm) {

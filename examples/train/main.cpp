@@ -418,6 +418,9 @@ int main(int argc, char** argv) {
 #endif
   index_t const p = o->ranks;
   blas_threads(p);
+#if defined(FPDT_TRAIN_WITH_CBLAS)
+  if (std::string const note = fpdt::cblas_kernel_note(); !note.empty()) std::fprintf(stderr, "fpdt-train: %s\n", note.c_str());
+#endif
   fpdt::local_world world(static_cast<int>(p), std::chrono::seconds(600));
   std::vector<rank_report> rep(static_cast<std::size_t>(p));
   std::vector<fpdt::status> st(rep.size());
