@@ -428,8 +428,8 @@ public:
     return m;
   }
 
-  //! (Re)builds the attention layers with `mask` (attention has no parameters: a new document
-  //! layout per step is a new layer per step). Errors: those of the layer's `create`.
+  //! Builds the attention layers with `mask` (a step with other documents sets its mask on them:
+  //! `set_mask`). Errors: those of the layer's `create`.
   status make_attention([[maybe_unused]] fpdt::attention_mask const& mask) {
     if constexpr (has_fpdt) {
       if (ro_.kind != pieces::fpdt) return {};
@@ -492,7 +492,9 @@ public:
         FPDT_TRY(tl_.mask_document_ends(r, documents, fpdt::tensor_view<std::int32_t, 1>(labels_.data(), {n}, {1}),
                                         std::int32_t{-100}));
       }
-      FPDT_TRY(make_attention(documents.empty() ? ro_.mask() : fpdt::with_documents(ro_.mask(), documents)));
+      // The layers' masks follow the batch (set_mask: schedules rebuilt, lanes and sinks kept).
+      if constexpr (has_fpdt)
+        for (auto& a : attn_) FPDT_TRY(a.set_mask(documents.empty() ? ro_.mask() : fpdt::with_documents(ro_.mask(), documents)));
       documented_ = !documents.empty();
     }
     std::memset(g_.data(), 0, layout_.total * sizeof(T));

@@ -259,3 +259,36 @@ TEST_CASE("mask: documents (cu_seqlens) with and without windows match their def
   CHECK(fpdt::check_documents(fpdt::with_documents(causal_mask, offsets), 17).to_string().find("hold 16 tokens, not S = 17") !=
         std::string::npos);
 }
+
+TEST_CASE("mask: canonical spells masks that see the same keys alike, and only those; limits_by_position") {
+  index_t const s = 6;
+  std::vector<attention_mask> all;
+  for (auto kind : {fpdt::mask_kind::full, fpdt::mask_kind::causal})
+    for (index_t left : {index_t{-1}, index_t{0}, index_t{1}, s - 2, s - 1, s, s + 5})
+      for (index_t right : {index_t{-1}, index_t{0}, index_t{1}, s - 2, s - 1, s}) {
+        attention_mask const m{kind, left, right};
+        if (fpdt::check_mask(m).ok()) all.push_back(m);
+      }
+  auto seen = [&](attention_mask const& m) {
+    std::vector<char> v;
+    for (index_t q = 0; q < s; ++q)
+      for (index_t k = 0; k < s; ++k) v.push_back(m.visible(q, k) ? 1 : 0);
+    return v;
+  };
+  auto same = [](attention_mask const& a, attention_mask const& b) {
+    return a.kind == b.kind && a.window_left == b.window_left && a.window_right == b.window_right;
+  };
+  for (auto const& a : all)
+    for (auto const& b : all) {
+      CAPTURE(fpdt::to_string(a));
+      CAPTURE(fpdt::to_string(b));
+      CHECK(same(a.canonical(s), b.canonical(s)) == (seen(a) == seen(b)));
+    }
+  CHECK_FALSE(fpdt::causal_mask.limits_by_position());
+  CHECK_FALSE(fpdt::full_mask.limits_by_position());
+  CHECK_FALSE((attention_mask{fpdt::mask_kind::causal, -1, 0}).limits_by_position());
+  CHECK(fpdt::causal_window_mask(4).limits_by_position());
+  CHECK((attention_mask{fpdt::mask_kind::full, -1, 3}).limits_by_position());
+  std::vector<index_t> const offsets{0, 2, 6};
+  CHECK(fpdt::with_documents(fpdt::causal_mask, offsets).limits_by_position());
+}

@@ -493,7 +493,7 @@ TEST_CASE("attention sinks: one rank equals float64 attention with a sink in eac
       }
 }
 
-TEST_CASE("attention sinks: bf16, the same inputs twice give the same bits, and unbinding restores plain attention") {
+TEST_CASE("attention sinks: bf16, the same inputs twice give the same bits, and -inf sinks are plain attention") {
   index_t const c = 16, u = 4;
   attn_shape const s{c * u, c * u, 4, 2, 16};
   auto p = random_problem<fpdt::bfloat16>(s, 78);
@@ -512,7 +512,7 @@ TEST_CASE("attention sinks: bf16, the same inputs twice give the same bits, and 
   std::vector<float> gn;
   run_result const n = run_one_rank(p, c, true, w.mask(), none, &gn);
   run_result const plain = run_one_rank(p, c, true, w.mask());
-  for (auto [x, y] : {std::pair{&n.out, &plain.out}, {&n.lse, &plain.lse}, {&n.dq, &plain.dq}, {&n.dk, &plain.dk}})
+  for (auto [x, y] : {std::pair{&n.out, &plain.out}, {&n.lse, &plain.lse}, {&n.dq, &plain.dq}, {&n.dk, &plain.dk}, {&n.dv, &plain.dv}})
     CHECK(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)) == 0);
   for (float g : gn) CHECK(g == 0.0f);
 }
@@ -542,6 +542,56 @@ TEST_CASE("attention sinks: P ranks, each sink on its head's rank, lse and the s
     }
 }
 
+TEST_CASE("attention sinks: contexts in flight accumulate, a backward writes where its forward's binding said, unbinding restores plain attention") {
+  index_t const c = 8, u = 3;
+  attn_shape const s{c * u, c * u, 4, 2, 8};
+  auto p1 = random_problem<float>(s, 31), p2 = random_problem<float>(s, 32);
+  std::vector<float> const sinks = test_sinks(s.h);
+  fpdt::attention_mask const m = fpdt::causal_mask;
+  // Each forward alone (fresh layers): out and dsink.
+  std::vector<float> g1, g2;
+  run_result const r1 = run_one_rank(p1, c, true, m, sinks, &g1);
+  run_result const r2 = run_one_rank(p2, c, true, m, sinks, &g2);
+  run_result const plain1 = run_one_rank(p1, c, true, m);
+  fpdt::host_backend be;
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = true}).value();
+  auto cv = [](std::vector<float> const& v, std::array<index_t, 3> e) { return fpdt::contiguous_view<float const>(v.data(), e).value(); };
+  auto vv = [](std::vector<float>& v, std::array<index_t, 3> e) { return fpdt::contiguous_view(v.data(), e).value(); };
+  auto v1 = [](auto& x) { return fpdt::contiguous_view(x.data(), std::array<index_t, 1>{static_cast<index_t>(x.size())}).value(); };
+  std::vector<float> grad(sinks.size(), 100.0f); // accumulated into: starts at 100
+  REQUIRE(layer.bind_sinks(v1(sinks), v1(grad), {.accumulate = true}).ok());
+  std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  fpdt::attention_context c1, c2;
+  REQUIRE(layer.forward(c1, cv(p1.q, s.q_ext()), cv(p1.k, s.kv_ext()), cv(p1.v, s.kv_ext()), vv(out, s.q_ext())).ok());
+  for (std::size_t i = 0; i < out.size(); ++i) REQUIRE(out[i] == r1.out[i]);
+  REQUIRE(layer.forward(c2, cv(p2.q, s.q_ext()), cv(p2.k, s.kv_ext()), cv(p2.v, s.kv_ext()), vv(out, s.q_ext())).ok());
+  REQUIRE(layer.bind_sinks({}).ok()); // unbound before the backwards: they still write where their forwards said
+  REQUIRE(layer.backward(c1, cv(p1.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext())).ok());
+  for (std::size_t i = 0; i < dq.size(); ++i) REQUIRE(dq[i] == r1.dq[i]);
+  REQUIRE(layer.backward(c2, cv(p2.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext())).ok());
+  for (std::size_t h = 0; h < grad.size(); ++h) {
+    CAPTURE(h);
+    CHECK(grad[h] == doctest::Approx(100.0 + double{g1[h]} + double{g2[h]}).epsilon(1e-6));
+  }
+  // Unbound: the next passes are plain attention, bit for bit, and write no grad.
+  std::vector<float> const before = grad;
+  REQUIRE(layer.forward(cv(p1.q, s.q_ext()), cv(p1.k, s.kv_ext()), cv(p1.v, s.kv_ext()), vv(out, s.q_ext())).ok());
+  REQUIRE(layer.backward(cv(p1.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext())).ok());
+  CHECK(std::memcmp(out.data(), std::vector<float>(plain1.out.begin(), plain1.out.end()).data(), out.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(dk.data(), plain1.dk.data(), dk.size() * sizeof(float)) == 0);
+  CHECK(grad == before);
+  // Overwriting (the default) with first_head: the layer's heads are entries [2, 6) of 8; the
+  // others become 0.
+  std::vector<float> wide(8, 0.0f), wide_grad(8, 5.0f);
+  std::copy(sinks.begin(), sinks.end(), wide.begin() + 2);
+  REQUIRE(layer.bind_sinks(v1(wide), v1(wide_grad), {.first_head = 2}).ok());
+  REQUIRE(layer.forward(cv(p1.q, s.q_ext()), cv(p1.k, s.kv_ext()), cv(p1.v, s.kv_ext()), vv(out, s.q_ext())).ok());
+  REQUIRE(layer.backward(cv(p1.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext())).ok());
+  for (std::size_t h = 0; h < 8; ++h)
+    CHECK(wide_grad[h] == (h >= 2 && h < 6 ? g1[h - 2] : 0.0f));
+  CHECK(layer.bind_sinks(v1(wide), v1(wide_grad), {.first_head = 5}).code() == fpdt::errc::shape_mismatch);
+}
+
 TEST_CASE("attention sinks: wrong counts, NaN and +inf are refused, naming the values") {
   fpdt::host_backend be;
   auto layer = fpdt::fpdt_attention<float>::create(be, {16, 4, 2, 8}, {.chunk = 4}).value();
@@ -549,7 +599,7 @@ TEST_CASE("attention sinks: wrong counts, NaN and +inf are refused, naming the v
   auto v1 = [](std::vector<float>& x) { return fpdt::contiguous_view(x.data(), std::array<index_t, 1>{static_cast<index_t>(x.size())}).value(); };
   auto st = layer.bind_sinks(v1(three));
   CHECK(st.code() == fpdt::errc::shape_mismatch);
-  CHECK(contains(st.to_string(), "logits [3] and grad [0] must be [H] = [4]"));
+  CHECK(contains(st.to_string(), "logits [3] and grad [0] must be the same length (grad may be empty) and hold this layer's H = 4 heads"));
   st = layer.bind_sinks(v1(four), v1(three));
   CHECK(st.code() == fpdt::errc::shape_mismatch);
   st = layer.bind_sinks(v1(four), v1(four));
@@ -668,4 +718,87 @@ TEST_CASE("field case A26: per-head and per-document values on every rank equal 
       run_result const r = run_p_ranks(p, ranks, 4, ranks == 2, m);
       check_against_reference(r, masked_reference(p, allowed_matrix(s, w)), p, 1e-4);
     }
+}
+
+TEST_CASE("set_mask: a new batch's documents on the same layer equal a layer made with them; old contexts and bad masks are refused") {
+  index_t const c = 8, u = 4;
+  attn_shape const s{c * u, c * u, 4, 2, 8};
+  auto p = random_problem<float>(s, 41);
+  window docs{true, -1, -1, {5, 0, 19, 8}};
+  fpdt::attention_mask const dm = docs.mask();
+  run_result const want = run_one_rank(p, c, true, dm);
+  run_result const causal = run_one_rank(p, c, true, fpdt::causal_mask);
+  fpdt::host_backend be;
+  auto layer = fpdt::fpdt_attention<float>::create(be, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = true},
+                                                   fpdt::host_chunk_kernel{2}).value();
+  auto cv = [](std::vector<float> const& v, std::array<index_t, 3> e) { return fpdt::contiguous_view<float const>(v.data(), e).value(); };
+  auto vv = [](std::vector<float>& v, std::array<index_t, 3> e) { return fpdt::contiguous_view(v.data(), e).value(); };
+  std::vector<float> out(s.q_size()), dq(s.q_size()), dk(s.kv_size()), dv(s.kv_size());
+  auto pass = [&](fpdt::attention_context* ctx) {
+    auto st = ctx ? layer.forward(*ctx, cv(p.q, s.q_ext()), cv(p.k, s.kv_ext()), cv(p.v, s.kv_ext()), vv(out, s.q_ext()))
+                  : layer.forward(cv(p.q, s.q_ext()), cv(p.k, s.kv_ext()), cv(p.v, s.kv_ext()), vv(out, s.q_ext()));
+    REQUIRE(st.ok());
+    if (!ctx) REQUIRE(layer.backward(cv(p.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext())).ok());
+  };
+  fpdt::attention_context old;
+  pass(&old);
+  REQUIRE(layer.set_mask(dm).ok());
+  std::fill(docs.offsets.begin(), docs.offsets.end(), index_t{-1}); // the layer copied them
+  auto st = layer.backward(old, cv(p.dout, s.q_ext()), vv(dq, s.q_ext()), vv(dk, s.kv_ext()), vv(dv, s.kv_ext()));
+  CHECK(st.code() == fpdt::errc::invalid_argument); // made under the old mask
+  pass(nullptr);
+  CHECK(std::memcmp(out.data(), want.out.data(), out.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(dq.data(), want.dq.data(), dq.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(dv.data(), want.dv.data(), dv.size() * sizeof(float)) == 0);
+  CHECK(layer.forward_plan().count(fpdt::step_kind::compute) < static_cast<std::size_t>(u * (u + 1) / 2));
+  // A bad mask leaves the layer as it was (still the documents).
+  std::vector<index_t> const bad{0, 7, 30};
+  st = layer.set_mask(fpdt::with_documents(fpdt::causal_mask, bad));
+  CHECK(st.code() == fpdt::errc::invalid_argument);
+  CHECK(contains(st.to_string(), "hold 30 tokens, not S = 32"));
+  pass(nullptr);
+  CHECK(std::memcmp(out.data(), want.out.data(), out.size() * sizeof(float)) == 0);
+  // Back to causal.
+  REQUIRE(layer.set_mask(fpdt::causal_mask).ok());
+  pass(nullptr);
+  CHECK(std::memcmp(out.data(), causal.out.data(), out.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(dk.data(), causal.dk.data(), dk.size() * sizeof(float)) == 0);
+}
+
+TEST_CASE("set_mask on P ranks: the same new documents give the layer made with them; ranks that set different ones fail") {
+  index_t const ranks = 2, c = 4, u = 4;
+  attn_shape const s{c * u, c * u, 2, 2, 8};
+  auto p = random_problem<float>(s, 43);
+  window w{true, -1, -1, {3, 9, 4}};
+  fpdt::attention_mask const m = w.mask();
+  ref_result const ref = masked_reference(p, allowed_matrix(s.sq, w));
+  std::vector<fpdt::status> st;
+  run_result const r = run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t,
+                                                  rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = true}, 0, fpdt::host_chunk_kernel{1});
+    if (!layer) return layer.error();
+    FPDT_TRY(run_one(*layer, x, s, tl.local_tokens())); // causal first
+    FPDT_TRY(layer->set_mask(m));
+    return run_one(*layer, x, s, tl.local_tokens());
+  }, &st);
+  for (auto const& x : st) REQUIRE_MESSAGE(x.ok(), x.to_string());
+  run_result got = r;
+  got.lse.assign(ref.lse.begin(), ref.lse.end()); // the tensor form returns no lse (run_p_ranks checks it)
+  check_against_reference(got, ref, p, 1e-4);
+  // Rank 1 sets other documents: the next pass names the disagreement on every rank.
+  std::vector<std::vector<index_t>> offs{{0, 8, 16}, {0, 4, 16}};
+  (void)run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t rank,
+                                   rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
+    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
+        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = true}, 0, fpdt::host_chunk_kernel{1});
+    if (!layer) return layer.error();
+    FPDT_TRY(run_one(*layer, x, s, tl.local_tokens()));
+    FPDT_TRY(layer->set_mask(fpdt::with_documents(fpdt::causal_mask, offs[static_cast<std::size_t>(rank)])));
+    return run_one(*layer, x, s, tl.local_tokens());
+  }, &st);
+  for (auto const& x : st) {
+    CHECK(x.code() == fpdt::errc::invalid_argument);
+    CHECK(contains(x.to_string(), "ranks disagree"));
+  }
 }

@@ -116,14 +116,16 @@ struct attention_mask {
            (kind == mask_kind::full && window_right != unbounded_window);
   }
 
-  //! The same mask for a sequence of `sequence` tokens with one spelling per meaning: a causal
-  //! right extent (0 or unbounded) and any extent >= S become `unbounded_window`. Two masks that
-  //! see the same keys at every position compare equal field by field after this (offsets by
-  //! pointer: compare their values separately).
+  //! The same mask for a sequence of `sequence` tokens with one spelling per meaning: a full
+  //! mask with right extent 0 is causal; a causal right extent (0 or unbounded) and any extent
+  //! >= S - 1 (which reaches every key) become `unbounded_window`. Two masks that see the same
+  //! keys at every position compare equal field by field after this (offsets by pointer: compare
+  //! their values separately).
   [[nodiscard]] constexpr attention_mask canonical(index_t sequence) const noexcept {
     attention_mask m = *this;
-    if (m.kind == mask_kind::causal || m.window_right >= sequence) m.window_right = unbounded_window;
-    if (m.window_left >= sequence) m.window_left = unbounded_window;
+    if (m.kind == mask_kind::full && m.window_right == 0) m.kind = mask_kind::causal;
+    if (m.kind == mask_kind::causal || m.window_right >= sequence - 1) m.window_right = unbounded_window;
+    if (m.window_left >= sequence - 1) m.window_left = unbounded_window;
     return m;
   }
 

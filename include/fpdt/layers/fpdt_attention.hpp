@@ -362,6 +362,14 @@ template <class P> struct reset_on_exit {
   reset_on_exit& operator=(reset_on_exit const&) = delete;
   ~reset_on_exit() { p = nullptr; }
 };
+// What a forward with attention sinks leaves its backward: the logits of the layer's heads, as
+// they were, and where the gradient goes (the binding at the forward).
+struct sink_state {
+  std::vector<float> logits{}; // [H] of the layer's heads; empty: no sinks
+  tensor_view<float, 1> grad{};
+  index_t first_head = 0;
+  bool accumulate = false;
+};
 // The forward's device rings (q, kv, out), kept in the context without offload.
 struct forward_rings {
   staging_ring q, kv, out;
@@ -371,6 +379,12 @@ struct forward_rings {
 template <class T, class B, class Kernel>
   requires chunk_kernel<Kernel, T>
 class fpdt_attention;
+
+//! How a layer's attention sinks are bound (`fpdt_attention::bind_sinks`).
+struct sink_options {
+  index_t first_head = 0;  //!< the layer's query heads are entries [first_head, first_head + H) of the logits
+  bool accumulate = false; //!< each backward adds to grad (zero it before the first) instead of overwriting it
+};
 
 //! What a forward leaves for its backward (docs/design.md 4.3a): with offload, the pinned host
 //! copies of every chunk's q, k, v, out and lse (and room for the backward's dq and dout); without,
@@ -389,16 +403,14 @@ public:
   //! Takes over the state; `other` becomes empty.
   attention_context(attention_context&& other) noexcept
       : state_(std::exchange(other.state_, state::empty)), owner_(std::move(other.owner_)),
-        store_(std::move(other.store_)), rings_(std::move(other.rings_)), sinks_(std::move(other.sinks_)) {
+        store_(std::move(other.store_)), rings_(std::move(other.rings_)), sink_(std::exchange(other.sink_, {})) {
     other.store_.reset();
-    other.sinks_.clear();
   }
   //! Frees what it held and takes over `other`'s state; `other` becomes empty.
   attention_context& operator=(attention_context&& other) noexcept {
     if (this != &other) {
       rings_ = std::move(other.rings_);
-      sinks_ = std::move(other.sinks_);
-      other.sinks_.clear();
+      sink_ = std::exchange(other.sink_, {});
       store_ = std::move(other.store_);
       other.store_.reset();
       owner_ = std::move(other.owner_);
@@ -433,7 +445,7 @@ private:
   std::weak_ptr<std::byte const> owner_{};
   std::optional<chunk_store> store_{};
   detail::layer::forward_rings rings_{};
-  std::vector<float> sinks_{}; // the forward's attention sink logits [H] (empty: none)
+  detail::layer::sink_state sink_{}; // the forward's attention sinks (bind_sinks)
 };
 
 //! FPDT attention on one rank (see the file comment).
@@ -545,8 +557,8 @@ private:
   template <class Source, class Sink>
   [[nodiscard]] status run_forward(attention_context& ctx, Source const& source, Sink& sink) {
     ctx = attention_context{}; // frees the previous forward's state before this one allocates
-    FPDT_TRY(take_sinks(ctx));
     FPDT_TRY(make_executor()); // before any buffer, so a failure here leaves nothing allocated
+    FPDT_TRY(take_sinks(ctx));
     ctx.store_.emplace(be_->pinned_memory(), prob_.chunks(), host_tensor_bytes(prob_), host_tensor_names());
     cx_ = &ctx;
     detail::layer::reset_on_exit pass_scope{cx_};
@@ -740,16 +752,14 @@ private:
       return backward_step(st, s, dout, sink);
     };
     started = true;
-    sink_acc_.assign(ctx.sinks_.size(), 0.0);
+    sink_acc_.assign(ctx.sink_.logits.size(), 0.0);
     sink_taken_.assign(static_cast<std::size_t>(chunks()), 0);
     status st = lanes().run(bwd_, work, &trace_);
     ctx.store_->settle(chunk_place::in_flight, chunk_place::host);
     bwd_rings_ = {};
     bwd_fixed_ = {};
     release_workspace();
-    if (st.ok() && !sink_grad_.empty()) // 0 for a forward without sinks
-      for (index_t h = 0; h < sink_grad_.extent(0); ++h)
-        sink_grad_(h) = sink_acc_.empty() ? 0.0f : static_cast<float>(sink_acc_[static_cast<std::size_t>(h)]);
+    if (st.ok()) write_sink_grad(ctx.sink_);
     return st;
   }
 
@@ -766,38 +776,70 @@ public:
     ex_.reset(); // streams the layer made for earlier passes are released
   }
 
+  //! Replaces the layer's mask, for a batch packed with other documents (or another window),
+  //! keeping its lanes, kernel, options and sink binding: the mask is checked as `create` checks it
+  //! (the offsets copied, and checked against S) and both schedules are rebuilt; no buffer is
+  //! allocated. Every context filled before (and the saved forward) belongs to the old mask, so
+  //! `backward` refuses it as another layer's. Not during a pass. Errors: those of `create` for the
+  //! mask (`errc::invalid_argument` naming the values; documents on a device backend:
+  //! `errc::not_supported`); on error the layer is unchanged.
+  [[nodiscard]] status set_mask(attention_mask const& mask) {
+    attention_problem_args a = prob_.args();
+    a.mask = mask;
+    auto problem = attention_problem::create(a, "fpdt_attention set_mask");
+    if (!problem) return problem.error();
+    if constexpr (!runs_host_tasks_in_order<B>)
+      if (mask.documents > 0)
+        return make_error(errc::not_supported, "fpdt_attention set_mask: document masks (", to_string(mask),
+                          ") run on the host backend only for now");
+    attention_problem old = std::exchange(prob_, std::move(*problem));
+    if (status st = build_schedules(); !st.ok()) { // replaces fwd_, bwd_ only on success
+      prob_ = std::move(old);
+      return st;
+    }
+    opt_.mask = prob_.mask();
+    saved_ = attention_context{};
+    id_ = std::make_shared<std::byte const>(); // contexts of the old mask are another layer's now
+    return {};
+  }
+
   //! Attention sinks (GPT-OSS's learnable per-head sink; docs/design.md 3.4a): one logit per query
   //! head that enters each row's softmax denominator once, as a key of value 0, however many chunk
   //! pairs the row's keys span: lse = log(exp(sink_h) + sum over visible keys of exp(score)), and
   //! out = sum of p v with the sink's share p_sink = exp(sink_h - lse) left out. A row that sees no
   //! key gives out 0 and lse = sink_h. The lse the layer returns includes the sink.
   //!
-  //! `logits [H]` fp32 (this layer's query heads), read by every later forward, which copies the
-  //! values into its context so its backward uses the same ones; `grad [H]` fp32, when not empty,
-  //! overwritten by every later backward with dL/dsink_h = -sum over rows of p_sink delta (delta =
-  //! rowsum(dout * out)), summed in fp64 in chunk order. Both in host memory, kept alive by the
-  //! caller while bound; an empty `logits` unbinds (and `grad` with it). A logit may be -inf (no
-  //! sink for that head), never NaN or +inf: the forward refuses those with
-  //! `errc::invalid_argument` naming the head. Errors: `errc::shape_mismatch` naming an extent
-  //! that is not H; `errc::invalid_argument` when grad overlaps logits; `errc::not_supported` on a
-  //! backend whose step ops have no sink forms (cuda_backend, for now).
-  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {}) {
+  //! `logits` fp32, in host memory: entries [first_head, first_head + H) are this layer's query
+  //! heads' (first_head = 0 and H entries for a layer of its own). Every later forward copies them
+  //! into its context (so its backward uses the same values) and records `grad` and the options;
+  //! that backward, when it succeeds, writes dL/dsink_h = -sum over rows of p_sink delta (delta =
+  //! rowsum(dout * out), summed in fp64 in chunk order) into entries [first_head, first_head + H)
+  //! of the grad recorded at its forward, and 0 into the other entries, or with `accumulate` adds
+  //! to those entries and leaves the others (micro-batches, several contexts in flight: zero grad
+  //! before the first). A failed backward leaves grad unchanged; a forward without sinks bound
+  //! writes no grad. The caller keeps both alive while bound and until the backwards of the
+  //! forwards that recorded them; an empty `logits` unbinds. A logit may be -inf (no sink for that
+  //! head), never NaN or +inf: the forward refuses those with `errc::invalid_argument` naming the
+  //! head. Errors: `errc::shape_mismatch` naming extents that differ or do not hold the heads;
+  //! `errc::invalid_argument` when grad overlaps logits; `errc::not_supported` on a backend whose
+  //! step ops have no sink forms (cuda_backend, for now).
+  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {},
+                                  sink_options const& options = {}) {
     if (logits.empty()) {
-      sink_logits_ = {};
-      sink_grad_ = {};
+      sink_ = {};
       return {};
     }
     if constexpr (!has_sink_ops)
       return make_error(errc::not_supported, "fpdt_attention bind_sinks: this backend's attention_step_ops have no "
                                              "finalize(..., sinks) and sink_gradient (host-task backends have them)");
-    index_t const h = prob_.local_heads();
-    if (logits.extent(0) != h || (!grad.empty() && grad.extent(0) != h))
-      return make_error(errc::shape_mismatch, "fpdt_attention bind_sinks: logits [", logits.extent(0), "] and grad [",
-                        grad.extent(0), "] must be [H] = [", h, "] (grad may be empty), one sink per query head");
+    index_t const h = prob_.local_heads(), n = logits.extent(0);
+    if (options.first_head < 0 || options.first_head + h > n || (!grad.empty() && grad.extent(0) != n))
+      return make_error(errc::shape_mismatch, "fpdt_attention bind_sinks: logits [", n, "] and grad [", grad.extent(0),
+                        "] must be the same length (grad may be empty) and hold this layer's H = ", h,
+                        " heads from first_head = ", options.first_head, ", one sink per query head");
     FPDT_TRY(detail::check_no_alias("fpdt_attention bind_sinks", {detail::range_of("grad", grad)},
                                     {detail::range_of("logits", logits)}));
-    sink_logits_ = logits;
-    sink_grad_ = grad;
+    sink_ = {logits, grad, options.first_head, options.accumulate};
     return {};
   }
 
@@ -1101,7 +1143,7 @@ private:
       auto ov = q_view(os + out_at);
       auto lv = lse_view(os + lse_at);
       if constexpr (has_sink_ops)
-        if (!cx_->sinks_.empty()) return ops::finalize(*be_, s, acc, ov, lv, cx_->sinks_.data());
+        if (!cx_->sink_.logits.empty()) return ops::finalize(*be_, s, acc, ov, lv, cx_->sink_.logits.data());
       return ops::finalize(*be_, s, acc, ov, lv); // fp32 -> model dtype
     }
     case step_kind::sink: {
@@ -1251,9 +1293,9 @@ private:
       // Once per query chunk (with offload delta is recomputed at every fetch of the chunk), on
       // the compute lane in schedule order: the same bits every run.
       if constexpr (has_sink_ops)
-        if (!cx_->sinks_.empty() && !std::exchange(sink_taken_[static_cast<std::size_t>(st.i)], char{1}))
+        if (!cx_->sink_.logits.empty() && !std::exchange(sink_taken_[static_cast<std::size_t>(st.i)], char{1}))
           return ops::sink_gradient(*be_, s, tensor_view<float const, 2>(p.lse), tensor_view<float const, 2>(p.delta),
-                                    cx_->sinks_.data(), sink_acc_.data());
+                                    cx_->sink_.logits.data(), sink_acc_.data());
       return {};
     }
     case step_kind::compute: {
@@ -1313,18 +1355,29 @@ private:
 
   // Copies the bound sink logits into the forward's context (none bound: none).
   [[nodiscard]] status take_sinks(attention_context& ctx) const {
-    if (sink_logits_.empty()) return {};
-    ctx.sinks_.resize(static_cast<std::size_t>(sink_logits_.extent(0)));
-    for (index_t h = 0; h < sink_logits_.extent(0); ++h) {
-      float const x = sink_logits_(h);
-      if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
-        ctx.sinks_.clear();
-        return make_error(errc::invalid_argument, "fpdt_attention forward: attention sink logit of head ", h, " is ", x,
-                          " (sinks must be finite or -inf)");
-      }
-      ctx.sinks_[static_cast<std::size_t>(h)] = x;
+    if (sink_.logits.empty()) return {};
+    index_t const h = prob_.local_heads();
+    std::vector<float> v(static_cast<std::size_t>(h));
+    for (index_t i = 0; i < h; ++i) {
+      float const x = sink_.logits(sink_.first_head + i);
+      if (std::isnan(x) || x == std::numeric_limits<float>::infinity())
+        return make_error(errc::invalid_argument, "fpdt_attention forward: attention sink logit of head ",
+                          sink_.first_head + i, " is ", x, " (sinks must be finite or -inf)");
+      v[static_cast<std::size_t>(i)] = x;
     }
+    ctx.sink_ = {std::move(v), sink_.grad, sink_.first_head, sink_.accumulate};
     return {};
+  }
+  // After a successful backward: the layer's heads' sink gradients into the grad bound at the
+  // forward, the other entries 0 (overwriting) or unchanged (accumulating).
+  void write_sink_grad(detail::layer::sink_state const& b) const {
+    if (b.grad.empty() || b.logits.empty()) return;
+    for (index_t h = 0; h < b.grad.extent(0); ++h) {
+      index_t const l = h - b.first_head;
+      float const g = l >= 0 && l < static_cast<index_t>(sink_acc_.size()) ? static_cast<float>(sink_acc_[static_cast<std::size_t>(l)]) : 0.0f;
+      if (b.accumulate) b.grad(h) += g;
+      else b.grad(h) = g;
+    }
   }
 
   B* be_;
@@ -1342,8 +1395,12 @@ private:
   attention_context saved_{};      // the forward kept by the forms without a context
   attention_context* cx_ = nullptr; // the context of the pass running now
   std::shared_ptr<std::byte const> id_; // the layer's identity, which its contexts carry (kept by moves)
-  tensor_view<float const, 1> sink_logits_{}; // bind_sinks: read by each forward
-  tensor_view<float, 1> sink_grad_{};         // bind_sinks: written by each backward
+  struct sink_binding { // bind_sinks
+    tensor_view<float const, 1> logits{};
+    tensor_view<float, 1> grad{};
+    index_t first_head = 0;
+    bool accumulate = false;
+  } sink_{};
   std::vector<double> sink_acc_{};            // the backward's sink gradients [H], fp64
   std::vector<char> sink_taken_{};            // per query chunk: its sink gradients are in sink_acc_
 };

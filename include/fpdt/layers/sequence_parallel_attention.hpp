@@ -287,11 +287,11 @@ public:
     if constexpr (!detail::layer::check_backward_callbacks<Dout, Sink, T, stream_t, forms>())
       return make_error(errc::internal, "rejected at compile time");
     else
-      return zero_other_sink_grads(run_pass(&sequence_parallel_attention::allocate_backward, [&] {
-        dout_adapter<Dout> src{this, &dout};
-        grad_adapter<Sink> snk{this, &sink};
-        return ctx_ ? inner_.backward(*ctx_, src, snk) : inner_.backward(src, snk);
-      }));
+      return run_pass(&sequence_parallel_attention::allocate_backward, [&] {
+      dout_adapter<Dout> src{this, &dout};
+      grad_adapter<Sink> snk{this, &sink};
+      return ctx_ ? inner_.backward(*ctx_, src, snk) : inner_.backward(src, snk);
+    });
   }
 
   //! Backward from a local dout `[S/P, H, D]` into local fp32 dq `[S/P, H, D]`, dk, dv
@@ -329,28 +329,39 @@ public:
     lane_->own.reset(); // a stream made for earlier passes is released
   }
 
+  //! Replaces the layer's mask on this rank (see `fpdt_attention::set_mask`): a new batch's packed
+  //! documents, say. Every rank must set the same mask before the next pass, which checks that
+  //! they agree again (one gather, as the first pass does). Errors: as `fpdt_attention::set_mask`,
+  //! with the P-rank problem's rules; on error the layer is unchanged.
+  [[nodiscard]] status set_mask(attention_mask const& mask) {
+    attention_problem_args a = problem_.args();
+    a.mask = mask;
+    auto problem = attention_problem::create(a, "sequence_parallel_attention set_mask");
+    if (!problem) return problem.error();
+    FPDT_TRY(inner_.set_mask(mask));
+    problem_ = std::move(*problem);
+    agreed_ = false;
+    return {};
+  }
+
   //! Attention sinks (see `fpdt_attention::bind_sinks`): `logits [H]` fp32 for all H query
   //! heads, the same values on every rank (a replicated parameter). Each head's sink follows the
   //! head through the Ulysses scatter: rank r applies those of its heads [r H/P, (r + 1) H/P), and
-  //! the lse the sink receives includes them. `grad [H]` fp32, when not empty, is overwritten by
-  //! every backward with this rank's share: the full gradient of its own heads (every token of the
-  //! sequence is on this rank for them), 0 for the others. The sum over the ranks of the grads is
-  //! the gradient, as for any weight the ranks share (all-reduce it with the other gradients).
-  //! Errors: those of `fpdt_attention::bind_sinks`, with H the global head count.
-  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {}) {
+  //! the lse the sink receives includes them. `grad [H]` fp32, when not empty, gets this rank's
+  //! share from every backward: the full gradient of its own heads (every token of the sequence is
+  //! on this rank for them), 0 for the others (with `accumulate`: added to its heads' entries, the
+  //! others left). The sum over the ranks of the grads is the gradient, as for any weight the ranks
+  //! share (all-reduce it with the other gradients). Errors: those of `fpdt_attention::bind_sinks`,
+  //! with H the global head count.
+  [[nodiscard]] status bind_sinks(tensor_view<float const, 1> const& logits, tensor_view<float, 1> const& grad = {},
+                                  bool accumulate = false) {
     index_t const h = shape_.heads;
     if (!logits.empty() && (logits.extent(0) != h || (!grad.empty() && grad.extent(0) != h)))
       return make_error(errc::shape_mismatch, "sequence_parallel_attention bind_sinks: logits [", logits.extent(0),
                         "] and grad [", grad.extent(0), "] must be [H] = [", h,
                         "] (grad may be empty), one sink per query head of the whole layer");
-    index_t const local = layout_.heads_per_rank(head_kind::query), first = comm_->rank() * local;
-    auto part = [&](auto const& v) {
-      using V = std::remove_cvref_t<decltype(v)>;
-      return v.empty() ? V{} : V(v.data() + first * v.stride(0), {local}, {v.stride(0)});
-    };
-    FPDT_TRY(inner_.bind_sinks(part(logits), part(grad)));
-    sink_grad_ = logits.empty() ? tensor_view<float, 1>{} : grad;
-    return {};
+    index_t const local = layout_.heads_per_rank(head_kind::query);
+    return inner_.bind_sinks(logits, grad, {comm_->rank() * local, accumulate});
   }
 
   //! The per-rank one-rank layer (its schedules, trace, predicted bytes).
@@ -643,14 +654,6 @@ private:
     ctx_ = &ctx;
     detail::layer::reset_on_exit scope{ctx_};
     return f();
-  }
-  // After a backward: the bound sink grad's entries for other ranks' heads are 0 (bind_sinks).
-  [[nodiscard]] status zero_other_sink_grads(status st) {
-    if (!st.ok() || sink_grad_.empty()) return st;
-    index_t const local = layout_.heads_per_rank(head_kind::query), first = comm_->rank() * local;
-    for (index_t h = 0; h < sink_grad_.extent(0); ++h)
-      if (h < first || h >= first + local) sink_grad_(h) = 0.0f;
-    return st;
   }
   // A backward that failed before the per-rank layer consumed its context frees it all the same.
   [[nodiscard]] static status consumed(attention_context& ctx, bool mine, status st) {
@@ -1239,7 +1242,6 @@ private:
   std::unique_ptr<comm_lane> lane_;
   std::vector<index_t> dout_order_; // device path: see take_dout
   bool agreed_ = false;              // check_ranks_agree has passed
-  tensor_view<float, 1> sink_grad_{}; // bind_sinks' grad: other ranks' heads zeroed after a backward
 };
 
 FPDT_NAMESPACE_END

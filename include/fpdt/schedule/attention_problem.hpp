@@ -312,8 +312,7 @@ public:
   //! pairs on P > 1 ranks, which alternate while one is exchanged: `backward_schedule`) and the
   //! kernel's workspace.
   [[nodiscard]] std::size_t backward_device_bytes(std::size_t workspace = 0) const noexcept {
-    std::size_t const pairs = a_.ranks > 1 ? 2 : 1;
-    std::size_t const fixed = pairs * slot(slot_kind::backward_dkv).bytes + rounded(workspace);
+    std::size_t const fixed = dkv_accumulator_pairs(a_.ranks) * slot(slot_kind::backward_dkv).bytes + rounded(workspace);
     if (a_.offload) return ring_bytes(pass::backward) + fixed;
     return ring_bytes(pass::forward) +
            static_cast<std::size_t>(chunks()) * slot(slot_kind::backward_grad).bytes + fixed;

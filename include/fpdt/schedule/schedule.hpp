@@ -518,6 +518,12 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! the comm lane, each followed there by its sink; dk_j, dv_j then alternate between two
 //! accumulator pairs (j % 2), so zeroing the next pair waits for the exchange of j - 1, not of j.
 //! Errors: as `forward_schedule`.
+[[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p);
+
+//! dk/dv accumulator pairs one rank's backward holds: on P > 1 ranks two, which key chunks use in
+//! turn (j % 2) while the other is exchanged (`backward_schedule`); one on a single rank.
+[[nodiscard]] constexpr std::size_t dkv_accumulator_pairs(index_t ranks) noexcept { return ranks > 1 ? 2 : 1; }
+
 [[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "backward_schedule"));
   using detail::sched::make;
@@ -529,7 +535,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   bool const spread = p.ranks > 1;
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
-  std::array<std::int64_t, 2> dkv_exchanged{-1, -1}; // P > 1: the last exchange out of each pair
+  constexpr std::size_t pairs = dkv_accumulator_pairs(2);
+  std::array<std::int64_t, pairs> dkv_exchanged{-1, -1}; // P > 1: the last exchange out of each pair
   for (std::int32_t j = 0; j < u; ++j) {
     auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, j);
     std::int64_t kv_ready = -1;
@@ -539,7 +546,7 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
       kv_ready = b.add(f, {k_free});
     }
     auto z = make(step_kind::zero, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
-    std::int64_t const zeroed = b.add(z, {spread ? dkv_exchanged[static_cast<std::size_t>(j % 2)] : prev_dkv_sink});
+    std::int64_t const zeroed = b.add(z, {spread ? dkv_exchanged[static_cast<std::size_t>(j) % pairs] : prev_dkv_sink});
     std::int64_t last_compute = -1;
     chunk_span const seen_by = query_chunks_of(p, j);
     for (std::int32_t i = seen_by.first; i <= seen_by.last; ++i) {
@@ -604,9 +611,9 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
     }
     if (spread) { // the next zero of the accumulators waits for the exchange that reads them
       auto ex = make(step_kind::exchange, lane::comm, payload::dkv, -1, j, p.dkv_bytes);
-      dkv_exchanged[static_cast<std::size_t>(j % 2)] = b.add(ex, {last_compute, zeroed});
+      dkv_exchanged[static_cast<std::size_t>(j) % pairs] = b.add(ex, {last_compute, zeroed});
       b.add(make(step_kind::sink, lane::comm, payload::dkv, -1, j, p.dkv_bytes),
-            {dkv_exchanged[static_cast<std::size_t>(j % 2)]});
+            {dkv_exchanged[static_cast<std::size_t>(j) % pairs]});
     } else {
       auto snk = make(step_kind::sink, lane::compute, payload::dkv, -1, j, p.dkv_bytes);
       prev_dkv_sink = b.add(snk, {last_compute, zeroed});
