@@ -31,7 +31,8 @@ void usage(std::FILE* to) {
                "  M = 1048576) evaluates one length; --chunk fixes FPDT's chunk (global tokens); --window W\n"
                "  prices causal sliding-window attention of W tokens (FPDT skips the chunk pairs outside it,\n"
                "  and MFU counts only the window's FLOPs); --documents L1,L2,... prices packed documents of\n"
-               "  these lengths (a sample of the training set's, K and M allowed), repeated to fill S, each\n"
+               "  these lengths (a sample of the training set's, K and M allowed; a prefix of them when S is\n"
+               "  shorter than their sum, so mix the order), repeated to fill S, each\n"
                "  token attending within its document (FPDT skips the pairs across documents); --coarse\n"
                "  searches powers of two only; --csv prints a header and one row (the limit columns\n"
                "  are empty with --seq, which searches nothing); --sweep prints per-rank device\n"
@@ -118,12 +119,13 @@ fpdt::result<options> parse(int argc, char** argv) {
       o.t.mask = fpdt::causal_window_mask(*x);
     } else if (a == "--documents") {
       o.t.document_lengths.clear();
-      for (std::string_view rest = v; !rest.empty();) {
-        std::size_t const comma = rest.find(',');
-        auto x = parse_tokens(rest.substr(0, comma), "--documents length");
+      for (std::size_t at = 0;;) { // L1,L2,...: every field a length (no empty one)
+        std::size_t const comma = v.find(',', at);
+        auto x = parse_tokens(v.substr(at, comma == std::string_view::npos ? comma : comma - at), "--documents length");
         if (!x) return x.error();
         o.t.document_lengths.push_back(*x);
-        rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
+        if (comma == std::string_view::npos) break;
+        at = comma + 1;
       }
     } else if (a == "--gpus" || a == "--seq" || a == "--chunk") {
       auto x = parse_tokens(v, a);

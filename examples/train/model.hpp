@@ -493,8 +493,11 @@ public:
                                         std::int32_t{-100}));
       }
       // The layers' masks follow the batch (set_mask: schedules rebuilt, lanes and sinks kept).
-      if constexpr (has_fpdt)
-        for (auto& a : attn_) FPDT_TRY(a.set_mask(documents.empty() ? ro_.mask() : fpdt::with_documents(ro_.mask(), documents)));
+      if constexpr (has_fpdt) {
+        fpdt::attention_mask const m = documents.empty() ? ro_.mask() : fpdt::with_documents(ro_.mask(), documents);
+        FPDT_TRY(fpdt::check_documents(m, tl_.sequence(), "model")); // before any layer changes
+        for (auto& a : attn_) FPDT_TRY(a.set_mask(m));
+      }
       documented_ = !documents.empty();
     }
     std::memset(g_.data(), 0, layout_.total * sizeof(T));

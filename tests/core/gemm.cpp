@@ -150,13 +150,9 @@ TEST_CASE("cblas_kernel_note: empty, or naming OpenBLAS's kernel and the remedy"
   // Which it is depends on the machine (and OPENBLAS_CORETYPE, which the test does not set).
   std::string const note = fpdt::cblas_kernel_note();
   INFO(note);
-#if defined(OPENBLAS_VERSION)
   if (!note.empty()) {
-    CHECK(note.find(openblas_get_corename()) != std::string::npos);
-    CHECK(note.find("OPENBLAS_CORETYPE=") != std::string::npos);
+    CHECK(note.find("OpenBLAS runs its ") != std::string::npos);
+    CHECK(note.find("OPENBLAS_CORETYPE=Haswell") != std::string::npos);
   }
-#else
-  CHECK(note.empty());
-#endif
 }
 #endif

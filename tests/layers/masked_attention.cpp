@@ -183,28 +183,43 @@ run_result run_one_rank(problem<T> const& p, index_t chunk, bool offload, fpdt::
   return r;
 }
 
+// Options of run_p_ranks beyond the mask: a mask to make the layer with and run one pass under
+// before `set_mask(m)` (null: made with m), and sink gradients accumulated onto 7.0 instead of
+// overwritten.
+struct p_run_options {
+  fpdt::attention_mask const* first = nullptr;
+  bool accumulate = false;
+};
+
 // sequence_parallel_attention on P ranks: out, lse (through a tensor_sink and token_layout),
 // dq, dk, dv; with `sinks` ([H] fp32, every rank the same) bound, `dsink` gets the sum over the
-// ranks of their sink gradients, and each rank's is checked to be 0 outside its own heads.
+// ranks of their sink gradients, and each rank's is checked to be 0 (accumulating: unchanged)
+// outside its own heads.
 run_result run_p_ranks(problem<float> const& p, index_t ranks, index_t c, bool offload, fpdt::attention_mask const& m,
-                       std::vector<float> const& sinks = {}, std::vector<float>* dsink = nullptr) {
+                       std::vector<float> const& sinks = {}, std::vector<float>* dsink = nullptr, p_run_options o = {}) {
+  float const g0 = o.accumulate ? 7.0f : fnan; // the sink grads' values before the backward
   attn_shape const& s = p.s;
   std::vector<std::vector<float>> lse(static_cast<std::size_t>(ranks)), grad(static_cast<std::size_t>(ranks));
   std::vector<fpdt::status> st;
   run_result r = run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t rank,
                                             rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
     auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
-        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = offload, .mask = m}, 0, fpdt::host_chunk_kernel{1});
+        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = offload, .mask = o.first ? *o.first : m}, 0,
+        fpdt::host_chunk_kernel{1});
     if (!layer) return layer.error();
     index_t const local = tl.local_tokens();
     auto& l = lse[static_cast<std::size_t>(rank)];
     auto& g = grad[static_cast<std::size_t>(rank)];
     l.assign(static_cast<std::size_t>(s.h * local), fnan);
+    if (o.first) { // one pass under the first mask, then the mask under test
+      FPDT_TRY(run_one(*layer, x, s, local));
+      FPDT_TRY(layer->set_mask(m));
+    }
     if (!sinks.empty()) {
-      g.assign(sinks.size(), fnan);
+      g.assign(sinks.size(), g0);
       auto const e = std::array<index_t, 1>{s.h};
       FPDT_TRY(layer->bind_sinks(fpdt::contiguous_view<float const>(sinks.data(), e).value(),
-                                 fpdt::contiguous_view(g.data(), e).value()));
+                                 fpdt::contiguous_view(g.data(), e).value(), o.accumulate));
     }
     std::array<index_t, 3> const qe{local, s.h, s.d}, ke{local, s.hkv, s.d};
     fpdt::tensor_source<float> src{fpdt::contiguous_view<float const>(x.q.data(), qe).value(),
@@ -239,8 +254,8 @@ run_result run_p_ranks(problem<float> const& p, index_t ranks, index_t c, bool o
     for (index_t rank = 0; rank < ranks; ++rank)
       for (index_t hh = 0; hh < s.h; ++hh) {
         float const x = grad[static_cast<std::size_t>(rank)][static_cast<std::size_t>(hh)];
-        if (hh / per != rank) CHECK(x == 0.0f); // another rank's head
-        (*dsink)[static_cast<std::size_t>(hh)] += x;
+        if (hh / per != rank) CHECK(x == (o.accumulate ? g0 : 0.0f)); // another rank's head
+        else (*dsink)[static_cast<std::size_t>(hh)] += o.accumulate ? x - g0 : x;
       }
   }
   return r;
@@ -534,7 +549,9 @@ TEST_CASE("attention sinks: P ranks, each sink on its head's rank, lse and the s
         std::rotate(sinks.begin(), sinks.begin() + 1, sinks.end()); // a head's sink is not its rank's
         std::vector<float> dsink;
         fpdt::attention_mask const m = w.mask();
-        run_result const r = run_p_ranks(p, ranks, c, (hkv + ranks) % 2 == 0, m, sinks, &dsink);
+        // Accumulating on some, and on others made with causal and given this mask by set_mask.
+        p_run_options const o{hkv == 1 ? &fpdt::causal_mask : nullptr, hkv == 2};
+        run_result const r = run_p_ranks(p, ranks, c, (hkv + ranks) % 2 == 0, m, sinks, &dsink, o);
         std::vector<double> ref_dsink;
         check_against_reference(r, masked_reference(p, allowed_matrix(s.sq, w), as_double(sinks), &ref_dsink), p, 1e-4);
         check_sink_grad(dsink, ref_dsink, 1e-4);
@@ -772,20 +789,9 @@ TEST_CASE("set_mask on P ranks: the same new documents give the layer made with 
   window w{true, -1, -1, {3, 9, 4}};
   fpdt::attention_mask const m = w.mask();
   ref_result const ref = masked_reference(p, allowed_matrix(s.sq, w));
+  run_result const r = run_p_ranks(p, ranks, c, true, m, {}, nullptr, {&fpdt::causal_mask, false}); // causal first
+  check_against_reference(r, ref, p, 1e-4);
   std::vector<fpdt::status> st;
-  run_result const r = run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t,
-                                                  rank_io& x, fpdt::token_layout const& tl) -> fpdt::status {
-    auto layer = fpdt::sequence_parallel_attention<float, fpdt::local_communicator>::create(
-        be, comm, {s.sq, s.h, s.hkv, s.d}, {.chunk = c, .offload = true}, 0, fpdt::host_chunk_kernel{1});
-    if (!layer) return layer.error();
-    FPDT_TRY(run_one(*layer, x, s, tl.local_tokens())); // causal first
-    FPDT_TRY(layer->set_mask(m));
-    return run_one(*layer, x, s, tl.local_tokens());
-  }, &st);
-  for (auto const& x : st) REQUIRE_MESSAGE(x.ok(), x.to_string());
-  run_result got = r;
-  got.lse.assign(ref.lse.begin(), ref.lse.end()); // the tensor form returns no lse (run_p_ranks checks it)
-  check_against_reference(got, ref, p, 1e-4);
   // Rank 1 sets other documents: the next pass names the disagreement on every rank.
   std::vector<std::vector<index_t>> offs{{0, 8, 16}, {0, 4, 16}};
   (void)run_ranks(p, ranks, c, [&](fpdt::host_backend& be, fpdt::local_communicator& comm, index_t rank,

@@ -254,3 +254,20 @@ TEST_CASE("cost model: a document-length distribution packed into S prices only 
   REQUIRE_FALSE(bad.ok());
   CHECK(bad.error().to_string().find("all 0") != std::string::npos);
 }
+
+TEST_CASE("cost model: many tiny documents are refused naming the count, and memory ignores the documents") {
+  fpdt::model_config const m = fpdt::find_model_preset("llama3-8b").value();
+  fpdt::hardware_config const hw = fpdt::find_gpu_preset("h100-sxm").value();
+  fpdt::training_config t;
+  t.gpus = 8;
+  t.sequence = index_t{1} << 24;
+  t.chunk = index_t{1} << 20;
+  auto const plain = fpdt::estimate_memory(m, t, hw.reserved_bytes).value();
+  t.document_lengths = {1};
+  auto bad = fpdt::estimate_step(m, t, hw);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().to_string().find("pack about 16777216 documents into S = 16777216; at most 4194304") != std::string::npos);
+  t.document_lengths = {4096};
+  auto const docs = fpdt::estimate_memory(m, t, hw.reserved_bytes).value();
+  CHECK(docs.device_total() == plain.device_total());
+}

@@ -118,9 +118,10 @@ struct attention_mask {
 
   //! The same mask for a sequence of `sequence` tokens with one spelling per meaning: a full
   //! mask with right extent 0 is causal; a causal right extent (0 or unbounded) and any extent
-  //! >= S - 1 (which reaches every key) become `unbounded_window`. Two masks that see the same
-  //! keys at every position compare equal field by field after this (offsets by pointer: compare
-  //! their values separately).
+  //! >= S - 1 (which reaches every key) become `unbounded_window`. Two masks without documents
+  //! that see the same keys at every position compare equal field by field after this. With
+  //! documents it is a sufficient test, not a necessary one (a window wider than every document
+  //! is no window), and offsets compare by pointer: compare their values separately.
   [[nodiscard]] constexpr attention_mask canonical(index_t sequence) const noexcept {
     attention_mask m = *this;
     if (m.kind == mask_kind::full && m.window_right == 0) m.kind = mask_kind::causal;

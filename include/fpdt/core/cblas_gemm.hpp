@@ -15,6 +15,9 @@
 #include <cblas.h>
 
 #include <climits>
+#if __has_include(<dlfcn.h>)
+#include <dlfcn.h>
+#endif
 #include <string>
 #include <type_traits>
 
@@ -57,25 +60,29 @@ static_assert(gemm_policy<cblas_gemm, float> && gemm_policy<cblas_gemm, double>)
 //! Why `cblas_gemm` may run far below this CPU's rate, or "" when there is no known reason: an
 //! OpenBLAS built for many CPUs (DYNAMIC_ARCH) that does not recognise the processor (some virtual
 //! machines hide its model) falls back to kernels older than AVX2 (Prescott, Core2, ...), several
-//! times slower. On an x86-64 CPU with AVX2 that has such a kernel, the note names it and the remedy
-//! (`OPENBLAS_CORETYPE=Haswell`, or `SkylakeX` with AVX-512), to print once; nothing in the
-//! environment is changed. Other BLAS libraries and CPUs: "".
+//! times slower. On an x86-64 CPU with AVX2 whose DYNAMIC_ARCH OpenBLAS chose such a kernel, the
+//! note names it and the remedy (`OPENBLAS_CORETYPE=Haswell`), to print once; nothing in the
+//! environment is changed. OpenBLAS is asked at run time (`dlsym`), so any other CBLAS links and
+//! gets "", as do other CPUs.
 [[nodiscard]] inline std::string cblas_kernel_note() {
-#if defined(OPENBLAS_VERSION) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  char const* name = openblas_get_corename();
-  if (name == nullptr || !__builtin_cpu_supports("avx2")) return {};
-  std::string core(name);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && __has_include(<dlfcn.h>)
+  using query = char* (*)();
+  auto const corename = reinterpret_cast<query>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  auto const config = reinterpret_cast<query>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
+  if (corename == nullptr || config == nullptr || corename() == nullptr || config() == nullptr) return {};
+  if (std::string(config()).find("DYNAMIC_ARCH") == std::string::npos || !__builtin_cpu_supports("avx2")) return {};
+  std::string const core(corename());
   std::string lower = core;
   for (char& c : lower) c = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
-  constexpr char const* before_avx2[] = {"prescott", "core2",   "penryn",  "dunnington", "nehalem", "atom",
-                                         "katmai",   "coppermine", "northwood", "banias", "barcelona",
-                                         "opteron",  "opteron_sse3", "bobcat", "sandybridge", "bulldozer"};
+  constexpr char const* before_avx2[] = {"prescott", "core2",     "penryn",   "dunnington", "nehalem",  "atom",
+                                         "katmai",   "coppermine", "northwood", "banias",    "barcelona", "opteron",
+                                         "opteron_sse3", "bobcat", "sandybridge", "bulldozer", "piledriver",
+                                         "steamroller", "excavator", "nano", "athlon"};
   for (char const* k : before_avx2)
     if (lower == k)
-      return "OpenBLAS runs its " + core + " kernels on this AVX2 CPU (it did not recognise the processor, or OPENBLAS_CORETYPE chose them), several "
-             "times slower than it could: set OPENBLAS_CORETYPE=" +
-             std::string(__builtin_cpu_supports("avx512f") ? "SkylakeX" : "Haswell") +
-             " in the environment to choose a matching kernel (OPENBLAS_VERBOSE=2 prints the one chosen)";
+      return "OpenBLAS runs its " + core + " kernels on this AVX2 CPU (it did not recognise the processor, or "
+             "OPENBLAS_CORETYPE chose them), slower than it could: set OPENBLAS_CORETYPE=Haswell in the environment "
+             "for AVX2 kernels (OPENBLAS_VERBOSE=2 prints the one chosen)";
 #endif
   return {};
 }

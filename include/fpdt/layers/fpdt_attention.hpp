@@ -780,10 +780,14 @@ public:
   //! keeping its lanes, kernel, options and sink binding: the mask is checked as `create` checks it
   //! (the offsets copied, and checked against S) and both schedules are rebuilt; no buffer is
   //! allocated. Every context filled before (and the saved forward) belongs to the old mask, so
-  //! `backward` refuses it as another layer's. Not during a pass. Errors: those of `create` for the
-  //! mask (`errc::invalid_argument` naming the values; documents on a device backend:
-  //! `errc::not_supported`); on error the layer is unchanged.
+  //! `backward` refuses it as another layer's: run the backwards of earlier forwards first (with
+  //! micro-batches of different documents in flight at once, use a layer per micro-batch). Errors:
+  //! those of `create` for the mask (`errc::invalid_argument` naming the values; documents on a
+  //! device backend: `errc::not_supported`); `errc::invalid_argument` during a pass (from a
+  //! source or sink); on error the layer is unchanged.
   [[nodiscard]] status set_mask(attention_mask const& mask) {
+    if (cx_ != nullptr)
+      return make_error(errc::invalid_argument, "fpdt_attention set_mask: called during a pass (from a source or sink)");
     attention_problem_args a = prob_.args();
     a.mask = mask;
     auto problem = attention_problem::create(a, "fpdt_attention set_mask");
@@ -799,6 +803,7 @@ public:
     }
     opt_.mask = prob_.mask();
     saved_ = attention_context{};
+    trace_ = {}; // it indexed the old schedules
     id_ = std::make_shared<std::byte const>(); // contexts of the old mask are another layer's now
     return {};
   }

@@ -331,8 +331,10 @@ public:
 
   //! Replaces the layer's mask on this rank (see `fpdt_attention::set_mask`): a new batch's packed
   //! documents, say. Every rank must set the same mask before the next pass, which checks that
-  //! they agree again (one gather, as the first pass does). Errors: as `fpdt_attention::set_mask`,
-  //! with the P-rank problem's rules; on error the layer is unchanged.
+  //! they agree again (one gather, as the first pass does). Run the backwards of earlier forwards
+  //! first: a context filled before is refused, and like any error of a pass that aborts the
+  //! communicator. Errors: as `fpdt_attention::set_mask`, with the P-rank problem's rules; on
+  //! error the layer is unchanged.
   [[nodiscard]] status set_mask(attention_mask const& mask) {
     attention_problem_args a = problem_.args();
     a.mask = mask;
@@ -340,6 +342,7 @@ public:
     if (!problem) return problem.error();
     FPDT_TRY(inner_.set_mask(mask));
     problem_ = std::move(*problem);
+    note_dout_order();
     agreed_ = false;
     return {};
   }
@@ -641,7 +644,12 @@ private:
                               std::unique_ptr<comm_lane> cl)
       : comm_(&comm), problem_(problem), layout_(problem.heads_layout()), shape_(global), salt_(salt),
         inner_(std::move(inner)), lane_(std::move(cl)) {
-    if constexpr (!host_path) // the chunks of the backward's dout fetches, in schedule order
+    note_dout_order();
+  }
+  // Device path: the chunks of the backward's dout fetches, in schedule order.
+  void note_dout_order() {
+    dout_order_.clear();
+    if constexpr (!host_path)
       for (schedule_step const& st : inner_.backward_plan().steps)
         if (st.kind == step_kind::fetch && st.what == payload::q_side) dout_order_.push_back(st.i);
   }

@@ -99,22 +99,28 @@ struct training_config {
   //! pairs it leaves empty, and every method's attention FLOPs count only its visible pairs.
   attention_mask mask = causal_mask;
   //! Packed documents, as a length distribution: these lengths (tokens, >= 0, not all 0) repeated
-  //! in order until S is filled, the last document cut at S (`training_mask`); empty: no documents.
-  //! The schedules skip the chunk pairs across documents and the FLOPs count only visible pairs,
-  //! so the planner prices a training set's document lengths at any S.
+  //! in order until S is filled, the last document cut at S (`training_mask`; when S is shorter
+  //! than their sum only a prefix is priced, so give a sample in a mixed order); empty: no
+  //! documents. The schedules skip the chunk pairs across documents and the FLOPs count only
+  //! visible pairs, so the planner prices a training set's document lengths at any S; memory does
+  //! not depend on them. At most `max_planned_documents` documents in S.
   std::vector<index_t> document_lengths{};
 };
+
+//! The most documents `training_config::document_lengths` may pack into S (the planner keeps
+//! their offsets, 8 bytes each).
+inline constexpr index_t max_planned_documents = index_t{1} << 22;
 
 //! The mask the attention of layout `t` runs: `t.mask`, with `t.document_lengths` packed into
 //! S when given (their cu_seqlens offsets written to `offsets`, which the mask points at).
 [[nodiscard]] inline attention_mask training_mask(training_config const& t, std::vector<index_t>& offsets) {
   offsets.clear();
   index_t total = 0;
-  for (index_t l : t.document_lengths) total += l > 0 ? l : 0;
+  for (index_t l : t.document_lengths) total += l > 0 ? std::min(l, t.sequence) : 0;
   if (t.document_lengths.empty() || total <= 0 || t.sequence < 1) return t.mask;
   offsets.push_back(0);
   for (std::size_t i = 0; offsets.back() < t.sequence; i = (i + 1) % t.document_lengths.size())
-    if (t.document_lengths[i] > 0) offsets.push_back(std::min(t.sequence, offsets.back() + t.document_lengths[i]));
+    if (t.document_lengths[i] > 0) offsets.push_back(offsets.back() + std::min(t.document_lengths[i], t.sequence - offsets.back()));
   return with_documents(t.mask, offsets);
 }
 
@@ -210,14 +216,17 @@ namespace detail::plan {
 //! The attention problem one FPDT layer of model `m` solves under training layout `t` (P = gpus,
 //! S, C = chunk or S, H, H_kv, D = hidden / heads, mask, offload, ring slots): the same value
 //! `sequence_parallel_attention` validates and sizes itself by. Errors: `attention_problem::create`'s,
-//! naming the values; `dtype_bytes` other than 2 or 4.
+//! naming the values; `dtype_bytes` other than 2 or 4. `with_documents` false leaves out
+//! `document_lengths` (for sizes, which no mask changes: cheaper with many documents).
 [[nodiscard]] inline result<attention_problem> fpdt_attention_problem(model_config const& m,
-                                                                      training_config const& t) {
+                                                                      training_config const& t,
+                                                                      bool with_documents = true) {
   auto type = detail::plan::attention_dtype(t.dtype_bytes);
   if (!type) return type.error();
   std::vector<index_t> offsets; // the problem keeps a copy
   return attention_problem::create({t.sequence, t.gpus, t.chunk, m.heads, m.kv_heads,
-                                    m.heads > 0 ? m.hidden / m.heads : 0, *type, training_mask(t, offsets), t.offload,
+                                    m.heads > 0 ? m.hidden / m.heads : 0, *type,
+                                    with_documents ? training_mask(t, offsets) : t.mask, t.offload,
                                     t.ring_slots},
                                    "fpdt");
 }
@@ -250,6 +259,14 @@ namespace detail::plan {
     }
     if (total == 0)
       return make_error(errc::invalid_argument, "training_config: the document lengths are all 0");
+    // Documents in S: whole passes over the lengths, then the prefix of one more.
+    index_t docs = 0, positive = 0;
+    for (index_t l : t.document_lengths) positive += l > 0 ? 1 : 0;
+    if (total < t.sequence) docs = t.sequence / total * positive;
+    if (docs > max_planned_documents)
+      return make_error(errc::invalid_argument, "training_config: document lengths summing to ", total, " pack about ",
+                        docs, " documents into S = ", t.sequence, "; at most ", max_planned_documents,
+                        " (price a sample of longer documents)");
     if (t.mask.documents > 0)
       return make_error(errc::invalid_argument, "training_config: the mask has ", t.mask.documents,
                         " documents and document_lengths are given too (give one of them)");
@@ -259,7 +276,7 @@ namespace detail::plan {
   if (t.dtype_bytes != 1 && t.dtype_bytes != 2 && t.dtype_bytes != 4)
     return make_error(errc::invalid_argument, "dtype_bytes ", t.dtype_bytes, " must be 1, 2 or 4");
   if (t.method == parallel_method::fpdt) {
-    auto problem = fpdt_attention_problem(m, t); // S % C, C % P, u <= 2^20, ring slots, dtype
+    auto problem = fpdt_attention_problem(m, t, false); // S % C, C % P, u <= 2^20, ring slots, dtype
     if (!problem) return problem.error();
     if (t.mlp_chunk < 0 || t.loss_chunk < 0)
       return make_error(errc::invalid_argument, "mlp_chunk ", t.mlp_chunk, " and loss_chunk ",
@@ -373,7 +390,7 @@ inline constexpr std::uint64_t layer_gradient_bytes_per_token(model_config const
     r.checkpoints = kept;
   // One layer's backward.
   if (fpdt_method) {
-    auto problem = fpdt_attention_problem(m, t);
+    auto problem = fpdt_attention_problem(m, t, false); // every mask has the same buffers
     if (!problem) return problem.error();
     attention_working_set const a = fpdt_attention_memory(*problem);
     std::uint64_t const c_local = u64(problem->chunk()) / p;

@@ -536,7 +536,8 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
   constexpr std::size_t pairs = dkv_accumulator_pairs(2);
-  std::array<std::int64_t, pairs> dkv_exchanged{-1, -1}; // P > 1: the last exchange out of each pair
+  std::array<std::int64_t, pairs> dkv_exchanged{}; // P > 1: the last exchange out of each pair
+  dkv_exchanged.fill(-1);
   for (std::int32_t j = 0; j < u; ++j) {
     auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, j);
     std::int64_t kv_ready = -1;
