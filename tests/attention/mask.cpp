@@ -260,7 +260,7 @@ TEST_CASE("mask: documents (cu_seqlens) with and without windows match their def
         std::string::npos);
 }
 
-TEST_CASE("mask: canonical spells masks that see the same keys alike, and only those; limits_by_position") {
+TEST_CASE("mask: canonical spells masks that see the same keys alike, and only those, and limits_by_position") {
   index_t const s = 6;
   std::vector<attention_mask> all;
   for (auto kind : {fpdt::mask_kind::full, fpdt::mask_kind::causal})

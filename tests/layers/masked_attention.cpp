@@ -737,7 +737,7 @@ TEST_CASE("field case A26: per-head and per-document values on every rank equal 
     }
 }
 
-TEST_CASE("set_mask: a new batch's documents on the same layer equal a layer made with them; old contexts and bad masks are refused") {
+TEST_CASE("set_mask: a new batch's documents on the same layer equal a layer made with them, and old contexts and bad masks are refused") {
   index_t const c = 8, u = 4;
   attn_shape const s{c * u, c * u, 4, 2, 8};
   auto p = random_problem<float>(s, 41);
@@ -782,7 +782,7 @@ TEST_CASE("set_mask: a new batch's documents on the same layer equal a layer mad
   CHECK(std::memcmp(dk.data(), causal.dk.data(), dk.size() * sizeof(float)) == 0);
 }
 
-TEST_CASE("set_mask on P ranks: the same new documents give the layer made with them; ranks that set different ones fail") {
+TEST_CASE("set_mask on P ranks: the same new documents give the layer made with them, and ranks that set different ones fail") {
   index_t const ranks = 2, c = 4, u = 4;
   attn_shape const s{c * u, c * u, 2, 2, 8};
   auto p = random_problem<float>(s, 43);
