@@ -501,6 +501,10 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   return std::move(b.s);
 }
 
+//! dk/dv accumulator pairs one rank's backward holds: on P > 1 ranks two, which key chunks use in
+//! turn (j % 2) while the other is exchanged (`backward_schedule`); one on a single rank.
+[[nodiscard]] constexpr std::size_t dkv_accumulator_pairs(index_t ranks) noexcept { return ranks > 1 ? 2 : 1; }
+
 //! The backward schedule of FPDT attention on one rank (docs/design.md 2.3).
 //!
 //! Per key/value chunk j (outer loop): fetch k_j, v_j into the 2-slot kv ring (k_{j+1} is fetched
@@ -518,12 +522,6 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
 //! the comm lane, each followed there by its sink; dk_j, dv_j then alternate between two
 //! accumulator pairs (j % 2), so zeroing the next pair waits for the exchange of j - 1, not of j.
 //! Errors: as `forward_schedule`.
-[[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p);
-
-//! dk/dv accumulator pairs one rank's backward holds: on P > 1 ranks two, which key chunks use in
-//! turn (j % 2) while the other is exchanged (`backward_schedule`); one on a single rank.
-[[nodiscard]] constexpr std::size_t dkv_accumulator_pairs(index_t ranks) noexcept { return ranks > 1 ? 2 : 1; }
-
 [[nodiscard]] inline result<schedule> backward_schedule(schedule_params const& p) {
   FPDT_TRY(detail::sched::check_params(p, "backward_schedule"));
   using detail::sched::make;
@@ -535,9 +533,11 @@ inline schedule_step make(step_kind k, lane on, payload what, std::int32_t i, st
   bool const spread = p.ranks > 1;
   std::vector<std::int64_t> dq_written(static_cast<std::size_t>(u), -1);
   std::int64_t prev_dkv_sink = -1;
-  constexpr std::size_t pairs = dkv_accumulator_pairs(2);
-  std::array<std::int64_t, pairs> dkv_exchanged{}; // P > 1: the last exchange out of each pair
+  // P > 1: the last exchange out of each pair. (Sized by the call: with a constexpr local as the
+  // size, nvcc 13 failed on the next std::array in a header included after this one.)
+  std::array<std::int64_t, dkv_accumulator_pairs(2)> dkv_exchanged{};
   dkv_exchanged.fill(-1);
+  std::size_t const pairs = dkv_exchanged.size();
   for (std::int32_t j = 0; j < u; ++j) {
     auto [ks, k_free] = b.take_or_resident(ring::kv, p.offload, j);
     std::int64_t kv_ready = -1;
